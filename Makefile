@@ -1,0 +1,27 @@
+# The two commands: `make serve` (the all-in-one server on the demo zoo) and `make test`.
+# Both create or update the virtual environment in .venv first.
+PY ?= python3.11
+VENV ?= .venv
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	# torch first and alone: the pinned CPU wheel, never the CUDA build.
+	$(VENV)/bin/pip install --quiet torch==2.13.0
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+.PHONY: venv serve test bench
+venv: $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/python -m launch.serve --demo $(ARGS)
+
+test: $(STAMP)
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(VENV)/bin/python -m pytest -q tests $(ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/python -m tools.bench $(ARGS)
