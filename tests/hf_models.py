@@ -1,0 +1,44 @@
+"""Tiny Hugging Face models built offline from configs (prime dimensions, fixed seeds)."""
+
+import os
+
+import torch
+import transformers
+
+# Wide init so greedy argmax has clear margins (no near-ties between implementations).
+INIT_RANGE = 0.2
+
+BASE = dict(vocab_size=97, hidden_size=40, intermediate_size=53, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            initializer_range=INIT_RANGE, eos_token_id=None, bos_token_id=None, pad_token_id=None)
+
+CONFIGS = {
+    "llama": ("LlamaConfig", dict(BASE)),
+    "llama_tied_mha": ("LlamaConfig", dict(BASE, num_key_value_heads=4, tie_word_embeddings=True,
+                                           rms_norm_eps=1e-5)),
+    "llama_linear_bias": ("LlamaConfig", dict(BASE, attention_bias=True, mlp_bias=True,
+                                              rope_parameters={"rope_type": "linear", "factor": 2.0,
+                                                               "rope_theta": 500.0})),
+    "llama3_rope_head_dim": ("LlamaConfig", dict(BASE, head_dim=14, rope_parameters={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16, "rope_theta": 10000.0})),
+    "mistral_window": ("MistralConfig", dict(BASE, sliding_window=5)),
+    "qwen2": ("Qwen2Config", dict(BASE, tie_word_embeddings=True)),
+    "gpt2": ("GPT2Config", dict(vocab_size=97, n_embd=40, n_layer=3, n_head=5, n_positions=128,
+                                initializer_range=INIT_RANGE, eos_token_id=None, bos_token_id=None)),
+    "gpt2_inner_relu": ("GPT2Config", dict(vocab_size=97, n_embd=40, n_layer=2, n_head=4,
+                                           n_inner=59, activation_function="relu", n_positions=128,
+                                           initializer_range=INIT_RANGE, eos_token_id=None,
+                                           bos_token_id=None)),
+}
+
+
+def build(name: str, out_dir: str, seed: int = 0) -> tuple[str, "transformers.PreTrainedModel"]:
+  """Saves a tiny random model `name` into out_dir; returns (dir, the torch model in eval mode)."""
+  cls_name, kwargs = CONFIGS[name]
+  config = getattr(transformers, cls_name)(**kwargs)
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+  os.makedirs(out_dir, exist_ok=True)
+  model.save_pretrained(out_dir)
+  return out_dir, model
