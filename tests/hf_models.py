@@ -24,6 +24,8 @@ CONFIGS = {
         "original_max_position_embeddings": 16, "rope_theta": 10000.0})),
     "mistral_window": ("MistralConfig", dict(BASE, sliding_window=5)),
     "qwen2": ("Qwen2Config", dict(BASE, tie_word_embeddings=True)),
+    "qwen2_sliding": ("Qwen2Config", dict(BASE, use_sliding_window=True, sliding_window=4,
+                                          max_window_layers=1)),
     "gpt2": ("GPT2Config", dict(vocab_size=97, n_embd=40, n_layer=3, n_head=5, n_positions=128,
                                 initializer_range=INIT_RANGE, eos_token_id=None, bos_token_id=None)),
     "gpt2_inner_relu": ("GPT2Config", dict(vocab_size=97, n_embd=40, n_layer=2, n_head=4,

@@ -86,7 +86,7 @@ def abstract_params(kind: str, block_config: dict[str, Any], max_positions: int)
       LAYERS: lambda: LayersBlock(block_config),
       HEAD: lambda: HeadBlock(block_config),
   }[kind]
-  state = nnx.state(nnx.eval_shape(make)).to_pure_dict()
+  state = nnx.to_pure_dict(nnx.state(nnx.eval_shape(make)))
   if kind == HEAD and block_config["tied_to"] is not None:
     del state["embedding"]  # the embed block's table, not stored in the head
   return state

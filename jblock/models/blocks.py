@@ -98,7 +98,7 @@ def apply_fn(kind: str, config: dict[str, Any]):
   graphdef = _graphdef(kind, json.dumps(config, sort_keys=True))
 
   def apply(params, kv, x, meta):
-    module = nnx.merge(graphdef, nnx.State(_as_params(params)))
+    module = nnx.merge(graphdef, _as_params(params))
     return module(x, kv, meta)
 
   return apply

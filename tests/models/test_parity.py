@@ -1,0 +1,65 @@
+"""Converted models compute what transformers computes: logits within 1e-4, equal greedy tokens."""
+
+import numpy as np
+import pytest
+import torch
+
+import jblock
+from tests import hf_models
+
+LOGIT_TOL = 1e-4
+# bfloat16 keeps 8 mantissa bits: errors of ~1% of the logit scale are expected.
+BF16_REL_TOL = 0.05
+
+PROMPTS = [[5, 17, 3, 88, 41, 2, 9, 60, 33, 71, 12], [13, 7, 96, 4, 50, 22], [90, 1, 45]]
+
+
+@pytest.fixture(scope="module", params=sorted(hf_models.CONFIGS))
+def pair(request, tmp_path_factory):
+  hf_dir, torch_model = hf_models.build(request.param, str(tmp_path_factory.mktemp(request.param)))
+  return request.param, hf_dir, torch_model
+
+
+def _torch_logits(model, prompt):
+  with torch.no_grad():
+    return model(torch.tensor([prompt])).logits[0].numpy()
+
+
+def test_logits_match_transformers_on_mixed_lengths(pair):
+  name, hf_dir, torch_model = pair
+  model = jblock.from_hf(hf_dir)
+  ours = model.logits(PROMPTS)
+  assert ours.dtype == np.float32 and ours.shape == (3, 11, 97)
+  for row, prompt in enumerate(PROMPTS):
+    ref = _torch_logits(torch_model, prompt)
+    np.testing.assert_allclose(ours[row, :len(prompt)], ref, atol=LOGIT_TOL, rtol=0, err_msg=name)
+
+
+def test_greedy_generate_matches_transformers(pair):
+  name, hf_dir, torch_model = pair
+  model = jblock.from_hf(hf_dir)
+  ours = model.generate(PROMPTS, max_new_tokens=32)
+  assert ours.shape == (3, 32)
+  for row, prompt in enumerate(PROMPTS):
+    with torch.no_grad():
+      ref = torch_model.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32,
+                                 do_sample=False)[0, len(prompt):].numpy()
+    assert ours[row].tolist() == ref.tolist(), name
+
+
+def test_layers_per_block_does_not_change_logits(pair):
+  _, hf_dir, _ = pair
+  one = jblock.from_hf(hf_dir, layers_per_block=1)
+  two = jblock.from_hf(hf_dir, layers_per_block=2)
+  assert len(two.blocks) == 2 + (one.config.num_layers + 1) // 2
+  np.testing.assert_allclose(two.logits(PROMPTS[:1]), one.logits(PROMPTS[:1]), atol=1e-6, rtol=0)
+
+
+def test_bfloat16_conversion_within_documented_tolerance(pair):
+  name, hf_dir, torch_model = pair
+  model = jblock.from_hf(hf_dir, dtype="bfloat16")
+  assert str(model.dtype) == "bfloat16"
+  ours = model.logits(PROMPTS[:1])[0]
+  ref = _torch_logits(torch_model, PROMPTS[0])
+  scale = np.abs(ref).max()
+  assert np.abs(ours - ref).max() <= BF16_REL_TOL * scale, name
