@@ -35,6 +35,33 @@ CONFIGS = {
 }
 
 
+# Even MLP width and vocab so a 2-way model axis splits every projection (engine mesh tests).
+ENGINE_BASE = ("LlamaConfig", dict(BASE, intermediate_size=64, vocab_size=128, num_hidden_layers=4))
+
+
+def partial_variants(base_dir: str, out_root: str, n: int, top_layers: int, seed: int = 1) -> list[str]:
+  """n HF checkpoints that differ from the base only in their top `top_layers` layers."""
+  import json
+  import shutil
+  import numpy as np
+  from safetensors.numpy import load_file, save_file
+  with open(os.path.join(base_dir, "config.json")) as f:
+    num_layers = json.load(f)["num_hidden_layers"]
+  trained = {f"model.layers.{i}." for i in range(num_layers - top_layers, num_layers)}
+  dirs = []
+  for v in range(n):
+    out = os.path.join(out_root, f"variant_{v}")
+    shutil.copytree(base_dir, out)
+    tensors = load_file(os.path.join(base_dir, "model.safetensors"))
+    rng = np.random.default_rng(seed + v)
+    for name, t in tensors.items():
+      if any(name.startswith(p) for p in trained):
+        tensors[name] = (t + rng.normal(0, 0.05, t.shape)).astype(t.dtype)
+    save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    dirs.append(out)
+  return dirs
+
+
 def build(name: str, out_dir: str, seed: int = 0) -> tuple[str, "transformers.PreTrainedModel"]:
   """Saves a tiny random model `name` into out_dir; returns (dir, the torch model in eval mode)."""
   cls_name, kwargs = CONFIGS[name]

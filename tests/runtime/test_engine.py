@@ -1,0 +1,184 @@
+"""The block engine serves many variants at once and gives each request what it would get alone."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import jblock
+from jblock.convert import convert
+from jblock.errors import InvalidRequestError, NotFoundError, OverloadedError
+from jblock.runtime.engine import Engine, EngineConfig, ModelSpec
+from tests import hf_models
+
+NEW_TOKENS = 16
+CONFIG = EngineConfig(batch_size=4, batch_size_by_kind=(("head", 8),), kv_slots=12, max_seq_len=64,
+                      prefill_chunk=16, length_buckets=(8, 16))
+# 12 requests over 3 variants; lengths 3..21 so some prompts take two prefill chunks.
+PROMPTS = [list(np.random.default_rng(i).integers(0, 128, 3 + (i * 7) % 19)) for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory):
+  root = tmp_path_factory.mktemp("engine")
+  cls_name, kwargs = hf_models.ENGINE_BASE
+  base = str(root / "base")
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**kwargs)).eval()
+  model.save_pretrained(base)
+  dirs = hf_models.partial_variants(base, str(root), n=3, top_layers=1)
+  specs = []
+  for i, d in enumerate(dirs):
+    c = convert(d)
+    specs.append(ModelSpec(f"v{i}", c.config, c.blocks))
+  return dirs, specs
+
+
+@pytest.fixture(scope="module")
+def expected(variants):
+  """Greedy tokens per request from transformers, checked equal to jblock's reference path."""
+  dirs, specs = variants
+  out = {}
+  for v in range(3):
+    torch_model = transformers.AutoModelForCausalLM.from_pretrained(dirs[v], dtype=torch.float32).eval()
+    rows = [i for i in range(len(PROMPTS)) if i % 3 == v]
+    ours = jblock.Model(specs[v].config, specs[v].chain).generate([PROMPTS[i] for i in rows], NEW_TOKENS)
+    for row, i in enumerate(rows):
+      with torch.no_grad():
+        ref = torch_model.generate(torch.tensor([PROMPTS[i]]), max_new_tokens=NEW_TOKENS,
+                                   min_new_tokens=NEW_TOKENS, do_sample=False)[0, len(PROMPTS[i]):]
+      assert ours[row].tolist() == ref.tolist()
+      out[i] = ref.tolist()
+  return [out[i] for i in range(len(PROMPTS))]
+
+
+@pytest.fixture(scope="module")
+def shared_engine(variants):
+  engine = Engine(variants[1], sharing=True, mesh_shape=(1, 1), config=CONFIG)
+  yield engine
+  engine.close()
+
+
+def _run_all(engine):
+  handles = [engine.submit(f"v{i % 3}", p, max_new_tokens=NEW_TOKENS) for i, p in enumerate(PROMPTS)]
+  return [h.result(timeout=300) for h in handles]
+
+
+def test_concurrent_mixed_requests_match_transformers(shared_engine, expected):
+  assert _run_all(shared_engine) == expected
+
+
+def test_shared_blocks_resident_once_and_batched_across_models(shared_engine, variants, expected):
+  stats = shared_engine.stats()
+  chains = [[b.id for b in spec.chain] for spec in variants[1]]
+  distinct = {b.id: b.nbytes for spec in variants[1] for b in spec.chain}
+  assert len(stats["blocks"]) == len(distinct) == 1 + 3 + 1 + 3  # embed, 3 shared layers, head, 3 tops
+  assert stats["resident_bytes"] == sum(distinct.values())
+  shared_ids = set(chains[0]) & set(chains[1]) & set(chains[2])
+  for block in stats["blocks"]:
+    assert block["models"] == (["v0", "v1", "v2"] if block["block_id"] in shared_ids else
+                               [f"v{next(i for i, c in enumerate(chains) if block['block_id'] in c)}"])
+  trace = shared_engine.trace()
+  mixed = [t for t in trace if len(t["models"]) > 1]
+  assert mixed and all(t["block"] in {i[:12] for i in shared_ids} for t in mixed)
+  sizes = {b["block_id"][:12]: b["batch_size"] for b in stats["blocks"]}
+  assert all(t["items"] <= sizes[t["block"]] for t in trace)
+  assert {b["kind"]: b["batch_size"] for b in stats["blocks"]} == {"embed": 4, "layers": 4, "head": 8}
+
+
+def test_request_alone_matches(shared_engine, expected):
+  for i in (0, 5):
+    assert shared_engine.submit(f"v{i % 3}", PROMPTS[i], max_new_tokens=NEW_TOKENS).result(300) == expected[i]
+
+
+def test_per_model_baseline_gives_same_tokens_and_shares_nothing(variants, expected):
+  with Engine(variants[1], sharing=False, mesh_shape=(1, 1), config=CONFIG) as engine:
+    assert _run_all(engine) == expected
+    stats = engine.stats()
+    assert len(stats["blocks"]) == 3 * 6
+    assert all(len(b["models"]) == 1 for b in stats["blocks"])
+    assert all(len(t["models"]) == 1 for t in engine.trace())
+
+
+def test_eight_device_mesh_gives_same_tokens(variants, expected):
+  assert jax.device_count() >= 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+  with Engine(variants[1], sharing=True, mesh_shape=(4, 2), config=CONFIG) as engine:
+    assert _run_all(engine) == expected
+    layers = next(i for i in engine._instances.values() if i.kind == "layers")
+    q = layers.params["layer_0"]["attn"]["q"]["kernel"]
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "model")
+    assert layers.kv["k"].sharding.spec == jax.sharding.PartitionSpec(None, "data", None, "model", None)
+
+
+def test_kv_buffers_are_donated_not_copied(shared_engine):
+  inst = next(i for i in shared_engine._instances.values() if i.kind == "layers")
+  before = inst.kv["k"]
+  assert shared_engine.submit("v0", PROMPTS[0], max_new_tokens=2).result(60)
+  assert before.is_deleted()  # the call consumed the buffer: updated in place, never copied whole
+
+
+def test_seeded_sampling_is_reproducible_across_batch_compositions(shared_engine):
+  kw = dict(max_new_tokens=NEW_TOKENS, temperature=0.9, top_k=20, top_p=0.9, seed=1234)
+  alone = shared_engine.submit("v1", PROMPTS[3], **kw).result(60)
+  crowd = [shared_engine.submit(f"v{i % 3}", p, max_new_tokens=NEW_TOKENS, temperature=1.0, seed=i)
+           for i, p in enumerate(PROMPTS[:6])]
+  together = shared_engine.submit("v1", PROMPTS[3], **kw).result(60)
+  for h in crowd:
+    h.result(60)
+  assert alone == together
+  other_seed = shared_engine.submit("v1", PROMPTS[3], **dict(kw, seed=99)).result(60)
+  assert other_seed != alone
+  greedy = shared_engine.submit("v1", PROMPTS[3], max_new_tokens=NEW_TOKENS).result(60)
+  assert alone != greedy
+
+
+def test_top_k_one_is_greedy(shared_engine, expected):
+  out = shared_engine.submit("v0", PROMPTS[0], max_new_tokens=NEW_TOKENS, temperature=2.0, top_k=1,
+                             seed=5).result(60)
+  assert out == expected[0]
+
+
+def test_stop_tokens_end_the_request(shared_engine, expected):
+  stop = expected[0][4]
+  h = shared_engine.submit("v0", PROMPTS[0], max_new_tokens=NEW_TOKENS, stop_token_ids=[stop])
+  out = h.result(60)
+  assert out == expected[0][:expected[0].index(stop)] and h.finish_reason == "stop"
+
+
+def test_kv_exhaustion_queues_and_cancel_frees_every_slot(variants):
+  cfg = EngineConfig(batch_size=2, kv_slots=2, max_seq_len=64, prefill_chunk=16, length_buckets=(16,),
+                     max_waiting=2, warmup=False)
+  with Engine(variants[1][:1], sharing=True, mesh_shape=(1, 1), config=cfg) as engine:
+    running = [engine.submit("v0", PROMPTS[0], max_new_tokens=40) for _ in range(2)]
+    queued = [engine.submit("v0", PROMPTS[1], max_new_tokens=4) for _ in range(2)]
+    with pytest.raises(OverloadedError, match="admission queue is full"):
+      engine.submit("v0", PROMPTS[1], max_new_tokens=4)
+    next(iter(running[0]))  # running for sure
+    assert all(b["kv_slots_free"] == 0 for b in engine.stats()["blocks"] if b["kind"] == "layers")
+    for h in running:
+      h.cancel()
+    assert [len(h.result(120)) for h in queued] == [4, 4]  # the queued ones got the freed slots
+    assert all(h.finish_reason == "cancelled" for h in running)
+    stats = engine.stats()
+    assert all(b["kv_slots_used"] == 0 and b["kv_slots_free"] == 2
+               for b in stats["blocks"] if b["kind"] == "layers")
+    assert stats["requests"]["active"] == 0
+
+
+def test_bad_requests_are_rejected(shared_engine):
+  with pytest.raises(NotFoundError):
+    shared_engine.submit("nope", [1, 2])
+  with pytest.raises(InvalidRequestError, match="max_tokens"):
+    shared_engine.submit("v0", [1, 2], max_new_tokens=63)
+  with pytest.raises(InvalidRequestError, match="prompt"):
+    shared_engine.submit("v0", [])
+
+
+def test_trace_text_names_blocks_and_models(shared_engine):
+  text = shared_engine.trace_text(last=5)
+  assert text.splitlines()[0].split()[:3] == ["batch", "kind", "block"]
+  assert len(text.splitlines()) == 6
