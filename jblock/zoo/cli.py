@@ -1,0 +1,134 @@
+"""What tools/convert.py and tools/zoo.py print: one-line errors, progress, reports and tables."""
+
+import sys
+import time
+from collections import Counter
+from typing import Callable, NoReturn
+
+from absl import flags, logging
+
+from jblock.zoo.store import ConvertReport, GcReport, Zoo, ZooStats
+
+
+def fail(prog: str, message: str, code: int = 2) -> NoReturn:
+  """One line on stderr, no traceback (2: bad usage, 1: the operation failed)."""
+  sys.stderr.write(f"{prog}: error: {message}\n")
+  sys.exit(code)
+
+
+def flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
+  """An absl flags_parser printing one line naming the flag instead of absl's usage dump."""
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      fail(prog, str(e).splitlines()[0])
+  return parse
+
+
+def quiet_libraries() -> None:
+  """orbax logs every save and restore at INFO; show warnings only, unless --verbosity was given."""
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+
+def progress_printer(stream=None) -> Callable[[str], None]:
+  start = time.monotonic()
+  out = stream or sys.stderr
+
+  def say(message: str) -> None:
+    out.write(f"[{time.monotonic() - start:6.1f}s] {message}\n")
+    out.flush()
+  return say
+
+
+def human_bytes(n: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if abs(n) < 1024 or unit == "GiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+  raise AssertionError("unreachable")
+
+
+def convert_lines(zoo: Zoo, report: ConvertReport) -> list[str]:
+  written = set(report.written)
+  lines = [f"model {report.name} in {zoo.root}",
+           f"  chain: {len(report.chain)} blocks"]
+  for i, block_id in enumerate(report.chain):
+    rec = zoo.block_record(block_id)
+    state = "written" if block_id in written else "reused"
+    lines.append(f"    {i:3d} {rec['kind']:<6} {block_id[:16]}  "
+                 f"{human_bytes(rec['nbytes']):>10}  {state}")
+  share = report.bytes_written / report.model_bytes if report.model_bytes else 0.0
+  lines += [
+      f"  blocks written: {len(report.written)}",
+      f"  blocks reused:  {len(report.reused)}",
+      f"  bytes written:  {human_bytes(report.bytes_written)} of {human_bytes(report.model_bytes)} "
+      f"model bytes ({share:.1%})",
+      "  manifest: " + ("written" if report.manifest_written
+                        else "unchanged (same chain already in the zoo)"),
+  ]
+  return lines
+
+
+def list_lines(zoo: Zoo) -> list[str]:
+  rows = [("NAME", "FAMILY", "BLOCKS", "BYTES", "BASE")]
+  for name in zoo.models():
+    m = zoo.manifest(name)
+    rows.append((name, m.get("family", "?"), str(len(m["chain"])),
+                 human_bytes(sum(m["block_bytes"])),
+                 str(m.get("lineage", {}).get("base_model") or "-")))
+  if len(rows) == 1:
+    return [f"no models in {zoo.root}"]
+  widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+  return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def show_lines(zoo: Zoo, name: str) -> list[str]:
+  m = zoo.manifest(name)
+  config = m["config"]
+  lineage = m.get("lineage", {})
+  conversion = lineage.get("conversion", {})
+  users = Counter(i for other in zoo.models() for i in set(zoo.manifest(other)["chain"]))
+  lines = [
+      f"model {name} ({m.get('family')}, {m.get('architecture')}), created {m.get('created')}",
+      f"  config: vocab {config['vocab_size']}, hidden {config['hidden_size']}, "
+      f"layers {config['num_layers']}, heads {config['num_heads']} ({config['num_kv_heads']} kv), "
+      f"tied embeddings {config['tie_word_embeddings']}",
+      f"  conversion: dtype {conversion.get('dtype')}, layers_per_block "
+      f"{conversion.get('layers_per_block')}, from {lineage.get('source_dir')}",
+      f"  base model: {lineage.get('base_model') or '-'}",
+      f"  tokenizer: {m.get('tokenizer') or 'none'}",
+      f"  chain: {len(m['chain'])} blocks, {human_bytes(sum(m['block_bytes']))}",
+  ]
+  for i, (block_id, nbytes) in enumerate(zip(m["chain"], m["block_bytes"])):
+    kind = zoo.block_record(block_id)["kind"] if zoo.has_block(block_id) else "MISSING"
+    lines.append(f"    {i:3d} {kind:<6} {block_id[:16]}  {human_bytes(nbytes):>10}  "
+                 f"used by {users[block_id]} model{'s' if users[block_id] != 1 else ''}")
+  extra = {k: v for k, v in lineage.items() if k not in ("base_model", "source_dir", "conversion")}
+  if extra:
+    lines.append("  lineage: " + ", ".join(f"{k}={v}" for k, v in sorted(extra.items())))
+  return lines
+
+
+def stats_lines(zoo: Zoo, stats: ZooStats) -> list[str]:
+  return [
+      f"zoo {zoo.root}",
+      f"  models: {stats.models}",
+      f"  blocks: {stats.stored_blocks} stored ({stats.referenced_blocks} referenced, "
+      f"{stats.orphan_blocks} orphan, {stats.missing_blocks} missing)",
+      f"  logical bytes: {human_bytes(stats.logical_bytes):>10}  ({stats.logical_bytes} B: every "
+      "model's chain, as if stored separately)",
+      f"  stored bytes:  {human_bytes(stats.stored_bytes):>10}  ({stats.stored_bytes} B: distinct "
+      "blocks)",
+      f"  dedup ratio:   {stats.dedup_ratio:.2f}x",
+      f"  on disk:       {human_bytes(stats.disk_bytes):>10}  (blocks/, compressed by orbax)",
+  ]
+
+
+def gc_lines(report: GcReport) -> list[str]:
+  lines = [f"removed block {block_id}" for block_id in report.removed]
+  lines.append(f"removed {len(report.removed)} unreferenced blocks, freed "
+               f"{human_bytes(report.freed_bytes)} on disk; cleared {report.stale_tmp} stale "
+               "temp entries")
+  return lines

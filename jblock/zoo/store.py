@@ -1,0 +1,422 @@
+"""The block zoo: content-addressed blocks on orbax-checkpoint, and model manifests over them.
+
+Layout under the zoo root:
+  blocks/<id>/              orbax checkpoint of the block's params, plus block.json
+  models/<name>.json        manifest: config, chain of block ids, hf_config, lineage
+  models/<name>.tokenizer/  tokenizer files copied from the HF directory (when it has any)
+  tmp/                      staging: everything is written here first, then renamed into place
+  zoo.lock                  flock: conversions hold it shared, gc exclusively
+
+Concurrency: blocks and manifests appear by atomic rename, so readers never see partial
+files, and two conversions may write into one zoo at once (a block both write is the same
+content; the second rename loses and its copy is dropped). gc takes the lock exclusively, so
+it never deletes a block a running conversion has written or chosen to reuse but not yet
+referenced from a manifest. Readers (load_*) take no lock: gc only removes unreferenced blocks.
+"""
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from typing import Any, Callable
+
+from jblock.blocks import EMBED, HEAD, Block
+from jblock.convert import hf
+from jblock.errors import CorruptedBlockError, JBlockError, NotFoundError
+from jblock.model import Model
+from jblock.models.config import ModelConfig
+from jblock.zoo import atomic, blockio
+from jblock.zoo import manifest as manifests
+
+_BLOCK_ID = re.compile(r"[0-9a-f]{64}")
+
+
+class ModelExistsError(JBlockError):
+  """A model name is taken by a different chain (convert with overwrite=True to replace it)."""
+
+  grpc_code = "ALREADY_EXISTS"
+
+
+class CorruptedManifestError(JBlockError):
+  """A manifest file is unreadable or lacks what loading the model needs."""
+
+  grpc_code = "DATA_LOSS"
+
+
+@dataclasses.dataclass
+class ConvertReport:
+  name: str
+  chain: list[str]  # block ids, embed first, head last
+  written: list[str]  # ids newly stored by this conversion
+  reused: list[str]  # ids already in the zoo (or stored concurrently by another writer)
+  bytes_written: int  # param bytes of `written`
+  model_bytes: int  # param bytes of the whole chain
+  manifest_written: bool  # False when the same model was already there
+
+
+@dataclasses.dataclass
+class ZooStats:
+  models: int
+  stored_blocks: int
+  referenced_blocks: int  # distinct ids in some chain
+  orphan_blocks: int  # stored, referenced by no manifest (gc removes them)
+  missing_blocks: int  # referenced, not stored (verify reports them)
+  logical_bytes: int  # sum over models of their chain's param bytes: storage without sharing
+  stored_bytes: int  # sum over distinct stored blocks of their param bytes
+  disk_bytes: int  # what blocks/ takes on disk (orbax compresses)
+
+  @property
+  def dedup_ratio(self) -> float:
+    return self.logical_bytes / self.stored_bytes if self.stored_bytes else 1.0
+
+
+@dataclasses.dataclass
+class GcReport:
+  removed: list[str]  # block ids
+  freed_bytes: int  # on-disk bytes of the removed blocks
+  stale_tmp: int  # leftovers of crashed writes removed from tmp/
+
+
+class Zoo:
+  """A block zoo rooted at a directory (created on first write)."""
+
+  def __init__(self, root: str):
+    self.root = os.path.abspath(root)
+    self.blocks_dir = os.path.join(self.root, "blocks")
+    self.models_dir = os.path.join(self.root, "models")
+    self.tmp_dir = os.path.join(self.root, "tmp")
+    self._lock = atomic.ZooLock(self.root)
+
+  # ---- blocks
+
+  def _block_dir(self, block_id: str) -> str:
+    if not isinstance(block_id, str) or not _BLOCK_ID.fullmatch(block_id):
+      raise NotFoundError(f"{block_id!r} is not a block id (64 hex digits)")
+    return os.path.join(self.blocks_dir, block_id)
+
+  def has_block(self, block_id: str) -> bool:
+    try:
+      return os.path.isfile(os.path.join(self._block_dir(block_id), blockio.RECORD_FILE))
+    except NotFoundError:
+      return False
+
+  def block_ids(self) -> list[str]:
+    """Ids of every stored block (directories under blocks/ named like an id)."""
+    if not os.path.isdir(self.blocks_dir):
+      return []
+    return sorted(e for e in os.listdir(self.blocks_dir) if _BLOCK_ID.fullmatch(e))
+
+  def block_record(self, block_id: str) -> dict[str, Any]:
+    """block.json: id, kind, config, nbytes, leaves {path: {dtype, shape}}."""
+    directory = self._block_dir(block_id)
+    if not self.has_block(block_id):
+      raise NotFoundError(f"no block {block_id} in the zoo at {self.root}")
+    try:
+      record = blockio.read_record(directory)
+    except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
+      raise CorruptedBlockError(f"corrupted block {block_id}: unreadable "
+                                f"{blockio.RECORD_FILE}: {e}") from e
+    if record["id"] != block_id:
+      raise CorruptedBlockError(f"corrupted block {block_id}: {blockio.RECORD_FILE} names "
+                                f"id {record['id']}")
+    return record
+
+  def load_block(self, block_id: str, sharding: blockio.ShardingSpec = None) -> Block:
+    """Restores a block and checks that it hashes to its id.
+
+    sharding: None (numpy params), a pytree of jax Shardings shaped like the params, or a
+    function '/'-joined param path -> Sharding; then params are jax Arrays restored straight
+    onto the devices, and the hash is still checked over their bytes.
+    """
+    record = self.block_record(block_id)
+    args = blockio.restore_args(record["leaves"], sharding)  # a misfit sharding is a ValueError
+    try:
+      params = blockio.restore(self._block_dir(block_id), args)
+    except Exception as e:  # orbax/tensorstore raise many types for damaged files
+      raise CorruptedBlockError(f"corrupted block {block_id}: unreadable params: "
+                                f"{type(e).__name__}: {_first_line(e)}") from e
+    block = Block(record["kind"], record["config"], params)
+    actual = block.id
+    if actual != block_id:
+      raise CorruptedBlockError(f"corrupted block {block_id}: its stored kind, config and "
+                                f"params hash to {actual}")
+    described = blockio.record(block, block_id)
+    for key in ("leaves", "nbytes"):  # the hash does not cover these descriptive fields
+      if record[key] != described[key]:
+        raise CorruptedBlockError(f"corrupted block {block_id}: {blockio.RECORD_FILE} "
+                                  f"'{key}' disagrees with the stored params")
+    return block
+
+  def _write_block(self, block: Block, block_id: str) -> bool:
+    """Stores one block; False if another writer stored the same id first."""
+    os.makedirs(self.blocks_dir, exist_ok=True)
+    with atomic.temp_dir(self.tmp_dir) as tmp:
+      staged = os.path.join(tmp, "block")
+      blockio.save(staged, block.params)
+      atomic.write_json(os.path.join(staged, blockio.RECORD_FILE), blockio.record(block, block_id))
+      return atomic.publish_dir(staged, os.path.join(self.blocks_dir, block_id))
+
+  # ---- models
+
+  def _manifest_path(self, name: str) -> str:
+    return os.path.join(self.models_dir, f"{manifests.check_name(name)}.json")
+
+  def models(self) -> list[str]:
+    """Names of the models in the zoo, sorted."""
+    if not os.path.isdir(self.models_dir):
+      return []
+    return sorted(e[:-len(".json")] for e in os.listdir(self.models_dir) if e.endswith(".json"))
+
+  list_models = models  # the name jblock.demo uses
+
+  def manifest(self, name: str) -> dict[str, Any]:
+    path = self._manifest_path(name)
+    try:
+      with open(path) as f:
+        data = json.load(f)
+      manifests.validate(data)
+    except FileNotFoundError:
+      raise NotFoundError(f"no model {name!r} in the zoo at {self.root}; "
+                          f"known: {', '.join(self.models()) or 'none'}") from None
+    except (OSError, ValueError) as e:
+      raise CorruptedManifestError(f"corrupted manifest of model {name!r} ({path}): {e}") from e
+    return data
+
+  def tokenizer_dir(self, name: str) -> str | None:
+    """Absolute path of the model's tokenizer files, or None when it was converted without any."""
+    rel = self.manifest(name).get("tokenizer")
+    path = os.path.join(self.root, rel) if rel else None
+    return path if path and os.path.isdir(path) else None
+
+  def load_model(self, name: str) -> Model:
+    """The model with every block loaded (and hash-checked) from the zoo."""
+    data = self.manifest(name)
+    loaded: dict[str, Block] = {}
+    for block_id in data["chain"]:
+      if block_id not in loaded:  # a block repeated in one chain is loaded once
+        loaded[block_id] = self.load_block(block_id)
+    return Model(ModelConfig.from_dict(data["config"]), [loaded[i] for i in data["chain"]],
+                 name=name)
+
+  def remove_model(self, name: str) -> None:
+    """Removes the manifest and tokenizer files; its blocks stay until gc()."""
+    path = self._manifest_path(name)
+    if not os.path.isfile(path):
+      raise NotFoundError(f"no model {name!r} in the zoo at {self.root}")
+    os.remove(path)  # the model disappears here, atomically
+    tokenizer = self._tokenizer_path(name)
+    if os.path.isdir(tokenizer):
+      atomic.remove_dir(tokenizer, self.tmp_dir)
+
+  def _tokenizer_path(self, name: str) -> str:
+    return os.path.join(self.models_dir, f"{name}.tokenizer")
+
+  # ---- conversion
+
+  def convert(self, hf_dir: str, name: str, dtype: str = "float32", layers_per_block: int = 1,
+              overwrite: bool = False, lineage: dict[str, Any] | None = None,
+              progress: Callable[[str], None] | None = None) -> ConvertReport:
+    """Converts an HF checkpoint into the zoo: stores the blocks it lacks, then the manifest.
+
+    lineage: recorded in the manifest (e.g. {"base_model": "llama-base"}); default: the HF
+    dir's lineage.json when present. Converting the same model again writes nothing. A name
+    held by a different chain raises ModelExistsError unless overwrite.
+    """
+    manifests.check_name(name)
+    say = progress or (lambda _: None)
+    converted = hf.convert(hf_dir, dtype=dtype, layers_per_block=layers_per_block,
+                           progress=progress)
+    chain = [b.id for b in converted.blocks]
+    previous = self._chain_of(name)
+    if previous is not None and previous != chain and not overwrite:
+      raise ModelExistsError(f"model {name!r} already exists with a different chain; "
+                             "pass overwrite=True (--overwrite) to replace it")
+
+    written, reused = [], []
+    with self._lock.shared():
+      for i, (block, block_id) in enumerate(zip(converted.blocks, chain)):
+        if block_id in written or block_id in reused:
+          continue
+        if not self.has_block(block_id):
+          say(f"block {i + 1}/{len(chain)} {block.kind} {block_id[:12]}: writing "
+              f"{block.nbytes} bytes")
+          if self._write_block(block, block_id):
+            written.append(block_id)
+            continue
+        say(f"block {i + 1}/{len(chain)} {block.kind} {block_id[:12]}: already stored")
+        reused.append(block_id)
+      manifest_written = False
+      if overwrite or previous is None:
+        data = manifests.build(
+            name, converted.config, converted.hf_config, converted.blocks, chain, hf_dir, dtype,
+            layers_per_block, lineage if lineage is not None else manifests.source_lineage(hf_dir),
+            tokenizer=None)
+        manifest_written = self._publish_model(name, data, hf_dir, overwrite)
+        say(f"manifest models/{name}.json " + ("written" if manifest_written else "already there"))
+
+    by_id = dict(zip(chain, converted.blocks))
+    return ConvertReport(name=name, chain=chain, written=written, reused=reused,
+                         bytes_written=sum(by_id[i].nbytes for i in written),
+                         model_bytes=sum(b.nbytes for b in converted.blocks),
+                         manifest_written=manifest_written)
+
+  def _chain_of(self, name: str) -> list[str] | None:
+    try:
+      return self.manifest(name)["chain"]
+    except NotFoundError:
+      return None
+
+  def _publish_model(self, name: str, data: dict[str, Any], hf_dir: str, overwrite: bool) -> bool:
+    """Tokenizer dir first, then the manifest, so a visible manifest has its tokenizer."""
+    os.makedirs(self.models_dir, exist_ok=True)
+    files = manifests.tokenizer_files(hf_dir)
+    with atomic.temp_dir(self.tmp_dir) as tmp:
+      tokenizer = self._tokenizer_path(name)
+      if files:
+        staged_tokenizer = os.path.join(tmp, "tokenizer")
+        os.mkdir(staged_tokenizer)
+        for f in files:
+          shutil.copy2(os.path.join(hf_dir, f), staged_tokenizer)
+        data["tokenizer"] = os.path.relpath(tokenizer, self.root)
+      staged = os.path.join(tmp, "manifest.json")
+      atomic.write_json(staged, data)
+      final = self._manifest_path(name)
+      if not overwrite and os.path.exists(final):
+        return self._same_chain_or_raise(name, data["chain"])
+      if files:
+        atomic.replace_dir(staged_tokenizer, tokenizer, tmp)
+      elif os.path.isdir(tokenizer):
+        atomic.remove_dir(tokenizer, tmp)  # left over from an older model of this name
+      if atomic.publish_file(staged, final, overwrite):
+        return True
+      # Another process created this name between our check and our link.
+      return self._same_chain_or_raise(name, data["chain"])
+
+  def _same_chain_or_raise(self, name: str, chain: list[str]) -> bool:
+    if self._chain_of(name) != chain:
+      raise ModelExistsError(f"model {name!r} was just created with a different chain by "
+                             "another conversion; pass overwrite=True to replace it")
+    return False
+
+  # ---- accounting and integrity
+
+  def _readable_manifests(self) -> dict[str, dict[str, Any]]:
+    out = {}
+    for name in self.models():
+      try:
+        out[name] = self.manifest(name)
+      except (CorruptedManifestError, NotFoundError):
+        continue  # unreadable (verify reports it) or removed meanwhile
+    return out
+
+  def stats(self) -> ZooStats:
+    models = self._readable_manifests()
+    stored = set(self.block_ids())
+    referenced = {i for m in models.values() for i in m["chain"]}
+    stored_bytes = 0
+    for block_id in stored:
+      try:
+        stored_bytes += int(self.block_record(block_id)["nbytes"])
+      except JBlockError:
+        continue  # unreadable record: verify reports it
+    return ZooStats(
+        models=len(models), stored_blocks=len(stored), referenced_blocks=len(referenced),
+        orphan_blocks=len(stored - referenced), missing_blocks=len(referenced - stored),
+        logical_bytes=sum(sum(m["block_bytes"]) for m in models.values()),
+        stored_bytes=stored_bytes, disk_bytes=_dir_size(self.blocks_dir))
+
+  def verify(self, progress: Callable[[str], None] | None = None) -> list[str]:
+    """Re-hashes every stored block and checks every manifest; returns the problems found."""
+    say = progress or (lambda _: None)
+    problems = []
+    entries = sorted(os.listdir(self.blocks_dir)) if os.path.isdir(self.blocks_dir) else []
+    for n, entry in enumerate(entries):
+      if not _BLOCK_ID.fullmatch(entry):
+        problems.append(f"blocks/{entry}: not a block id (stray entry)")
+      elif not self.has_block(entry):
+        problems.append(f"block {entry}: no {blockio.RECORD_FILE} (incomplete block)")
+      else:
+        say(f"checking block {n + 1}/{len(entries)} {entry[:12]}")
+        try:
+          self.load_block(entry)
+        except JBlockError as e:
+          problems.append(str(e))
+    for name in self.models():
+      try:
+        data = self.manifest(name)
+      except JBlockError as e:
+        problems.append(str(e))
+        continue
+      problems += self._manifest_problems(name, data)
+    return problems
+
+  def _manifest_problems(self, name: str, data: dict[str, Any]) -> list[str]:
+    problems = []
+    chain = data["chain"]
+    for i, block_id in enumerate(chain):
+      if not self.has_block(block_id):
+        problems.append(f"model {name!r}: chain[{i}] block {block_id} is missing")
+    if self.has_block(chain[0]) and self.has_block(chain[-1]):
+      try:
+        embed, head = self.block_record(chain[0]), self.block_record(chain[-1])
+      except JBlockError:
+        return problems  # already reported with the blocks
+      if embed["kind"] != EMBED or head["kind"] != HEAD:
+        problems.append(f"model {name!r}: chain does not run from an embed to a head block")
+      elif head["config"].get("tied_to") not in (None, chain[0]):
+        problems.append(f"model {name!r}: head is tied to {head['config']['tied_to']}, "
+                        f"not to the chain's embed block {chain[0]}")
+    if data.get("tokenizer") and not os.path.isdir(os.path.join(self.root, data["tokenizer"])):
+      problems.append(f"model {name!r}: tokenizer directory {data['tokenizer']} is missing")
+    return problems
+
+  def gc(self) -> GcReport:
+    """Removes blocks no manifest references, and leftovers of crashed writes in tmp/.
+
+    Holds the zoo lock exclusively, so it waits for running conversions to finish. Refuses
+    to run while some manifest is unreadable: it cannot know what that model references.
+    """
+    if not os.path.isdir(self.root):
+      return GcReport([], 0, 0)
+    with self._lock.exclusive():
+      referenced = set()
+      for name in self.models():
+        try:
+          referenced.update(self.manifest(name)["chain"])
+        except CorruptedManifestError as e:
+          raise JBlockError(f"gc refused: {e}") from e
+        except NotFoundError:
+          continue
+      removed, freed = [], 0
+      for block_id in self.block_ids():
+        if block_id not in referenced:
+          directory = self._block_dir(block_id)
+          freed += _dir_size(directory)
+          atomic.remove_dir(directory, self.tmp_dir)
+          removed.append(block_id)
+      stale = 0
+      for entry in os.listdir(self.tmp_dir) if os.path.isdir(self.tmp_dir) else []:
+        path = os.path.join(self.tmp_dir, entry)
+        if os.path.isdir(path):
+          shutil.rmtree(path, ignore_errors=True)
+        else:
+          os.remove(path)
+        stale += 1
+    return GcReport(removed, freed, stale)
+
+
+def _dir_size(path: str) -> int:
+  total = 0
+  for parent, _, files in os.walk(path):
+    for f in files:
+      try:
+        total += os.path.getsize(os.path.join(parent, f))
+      except OSError:
+        continue
+  return total
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0] if text else ""
