@@ -11,7 +11,7 @@ import dataclasses
 import itertools
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,10 @@ from jblock.models.config import ModelConfig
 from jblock.runtime import mesh as mesh_lib
 from jblock.runtime.engine_api import ModelInfo, RequestHandle, SamplingParams, validate_request
 from jblock.runtime.instance import BlockInstance
+
+# A block instance is anything with BlockInstance's surface: key, block_id, kind, batch_size,
+# models, slots, run(x, meta, sampling), stats() and, for embed, embed_table. Local instances
+# run on this process's mesh; remote ones (jblock.serving.worker) on a worker over gRPC.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +62,17 @@ class ModelSpec:
   """A model the engine can serve: its config, block chain and tokenizer location."""
   name: str
   config: ModelConfig
-  chain: list[Block]
+  chain: list[Block]  # params may be empty when the blocks are hosted elsewhere
   tokenizer_dir: str | None = None
+  block_ids: list[str] | None = None  # the chain's ids (from a manifest); hashed from params if None
+
+  def __post_init__(self):
+    if self.block_ids is None:
+      self.block_ids = [b.id for b in self.chain]
+
+
+# (key, block, block_id, batch_size, tied embedding table or None) -> a block instance.
+InstanceFactory = Callable[[str, Block, str, int, Any], Any]
 
 
 @dataclasses.dataclass(eq=False)
@@ -94,11 +107,12 @@ class Engine:
 
   def __init__(self, models: Sequence[ModelSpec], sharing: bool = True,
                mesh_shape: Sequence[int] | None = None, config: EngineConfig | None = None,
-               zoo=None):
+               zoo=None, instance_factory: InstanceFactory | None = None):
     self.config = config or EngineConfig()
     self.sharing = sharing
     self.mesh = mesh_lib.make_mesh(mesh_shape)
     self.zoo = zoo
+    self._new_instance = instance_factory or self._local_instance
     if self.config.compilation_cache_dir:
       jax.config.update("jax_compilation_cache_dir", self.config.compilation_cache_dir)
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -130,23 +144,24 @@ class Engine:
 
   # ---- model management -------------------------------------------------------------------
 
-  def _instance_key(self, model: str, block: Block) -> str:
-    return block.id if self.sharing else f"{model}/{block.id}"
+  def _local_instance(self, key: str, block: Block, block_id: str, batch_size: int, table):
+    cfg = self.config
+    inst = BlockInstance(key, block, self.mesh, batch_size, cfg.kv_slots, cfg.max_seq_len,
+                         shared_table=table, block_id=block_id)
+    if cfg.warmup:
+      inst.warmup(cfg.batch_buckets(batch_size), [1] + cfg.prefill_buckets(),
+                  block.config["hidden_size"], _param_dtype(block))
+    return inst
 
   def _add_model(self, spec: ModelSpec) -> ModelInfo:
-    cfg = self.config
-    chain: list[BlockInstance] = []
+    chain = []
     table = None
-    for block in spec.chain:
-      key = self._instance_key(spec.name, block)
+    for block, block_id in zip(spec.chain, spec.block_ids):
+      key = block_id if self.sharing else f"{spec.name}/{block_id}"
       inst = self._instances.get(key)
       if inst is None:
-        inst = BlockInstance(key, block, self.mesh, cfg.batch_size_for(block.id, block.kind),
-                             cfg.kv_slots, cfg.max_seq_len, shared_table=table)
-        if cfg.warmup:
-          length_buckets = [1] + cfg.prefill_buckets()
-          inst.warmup(cfg.batch_buckets(inst.batch_size), length_buckets,
-                      spec.config.hidden_size, _param_dtype(block))
+        inst = self._new_instance(key, block, block_id,
+                                  self.config.batch_size_for(block_id, block.kind), table)
         self._instances[key] = inst
         self._queues[key] = collections.deque()
       if block.kind == EMBED:
@@ -160,7 +175,7 @@ class Engine:
     c = spec.config
     return ModelInfo(name=spec.name, family=c.family, vocab_size=c.vocab_size,
                      max_seq_len=min(c.max_position_embeddings, self.config.max_seq_len),
-                     chain=tuple(b.id for b in spec.chain), tokenizer_dir=spec.tokenizer_dir,
+                     chain=tuple(spec.block_ids), tokenizer_dir=spec.tokenizer_dir,
                      eos_token_ids=tuple(c.eos_token_ids))
 
   def list_models(self) -> list[ModelInfo]:
@@ -444,27 +459,40 @@ class Engine:
     self.close()
 
 
-def _gather_rows(refs: list[tuple[jax.Array, int]], b_pad: int) -> jax.Array:
-  """Stacks items' hidden rows into one [b_pad, T, D] batch, reusing the array when it already is one."""
+def _gather_rows(refs: list[tuple[Any, int]], b_pad: int):
+  """Stacks items' hidden rows into one [b_pad, T, D] batch, reusing the array when it already is one.
+
+  Rows are jax arrays on this process's devices, or numpy arrays that came back from a worker.
+  """
   first = refs[0][0]
   if (all(a is first for a, _ in refs) and [r for _, r in refs] == list(range(len(refs)))
       and first.shape[0] == b_pad):
     return first  # the whole batch moved on together: no copy
+  xp = np if all(isinstance(a, np.ndarray) for a, _ in refs) else jnp
   rows = [a[r:r + 1] for a, r in refs]
   if b_pad > len(rows):
-    rows.append(jnp.zeros((b_pad - len(rows),) + first.shape[1:], first.dtype))
-  return jnp.concatenate(rows, axis=0)
+    rows.append(xp.zeros((b_pad - len(rows),) + first.shape[1:], first.dtype))
+  return xp.concatenate(rows, axis=0)
 
 
 def _param_dtype(block: Block):
   return np.asarray(flat_leaves(block.params)[0][1]).dtype
 
 
-def _spec_from_zoo(zoo, name: str, cache: dict[str, Block]) -> ModelSpec:
+def _spec_from_zoo(zoo, name: str, cache: dict[str, Block], load_params: bool = True) -> ModelSpec:
+  """A model's spec from its manifest; each block read (and hash-checked) once via `cache`.
+
+  Without params (blocks hosted by workers) only each block's kind and config are read.
+  """
   manifest = zoo.manifest(name)
   chain = []
   for block_id in manifest["chain"]:
     if block_id not in cache:
-      cache[block_id] = zoo.load_block(block_id)
+      if load_params:
+        cache[block_id] = zoo.load_block(block_id)
+      else:
+        record = zoo.block_record(block_id)
+        cache[block_id] = Block(record["kind"], record["config"], {})
     chain.append(cache[block_id])
-  return ModelSpec(name, ModelConfig.from_dict(manifest["config"]), chain, zoo.tokenizer_dir(name))
+  return ModelSpec(name, ModelConfig.from_dict(manifest["config"]), chain, zoo.tokenizer_dir(name),
+                   block_ids=list(manifest["chain"]))

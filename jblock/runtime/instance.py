@@ -70,9 +70,9 @@ class BlockInstance:
   """A block resident on a mesh: params, KV cache (layers), step function, batch size, stats."""
 
   def __init__(self, key: str, block: Block, mesh: Mesh, batch_size: int, kv_slots: int,
-               max_len: int, shared_table=None):
+               max_len: int, shared_table=None, block_id: str | None = None):
     self.key = key
-    self.block_id = block.id
+    self.block_id = block_id or block.id
     self.kind = block.kind
     self.config = block.config
     self.mesh = mesh

@@ -1,0 +1,257 @@
+"""The engine interface the serving layer talks to.
+
+The gRPC server knows engines only through `Engine` (submit, catalog, stats) and the
+`RequestHandle` every submit returns, so the serving layer runs the same over the real
+block engine and over `MockEngine` (tests, CPU-only demos). JetStream splits its server
+the same way.
+
+Conventions every engine follows:
+- Tokens stream through the handle as they are produced; a stop token (a requested stop id
+  or one of the model's EOS ids) ends the request with "stop" and is not emitted.
+- `max_new_tokens` tokens, or reaching the model's maximum length, ends it with "length".
+- Cancelling (client gone, deadline) ends it with "cancelled" and frees its KV slots.
+- A failure inside the engine ends it with "error"; iterating the handle raises it.
+"""
+
+import dataclasses
+import math
+import operator
+import threading
+import time
+import uuid
+from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
+
+from jblock.errors import InvalidRequestError
+
+STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
+FINISH_REASONS = (STOP, LENGTH, CANCELLED, ERROR)
+
+# How long an idle wait sleeps before re-checking its condition; keeps every wait bounded.
+WAIT_POLL_S = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  max_new_tokens: int = 32
+  temperature: float = 0.0  # 0 = greedy
+  top_k: int = 0  # 0 = off
+  top_p: float = 1.0  # 1 = off
+  seed: int = 0
+  stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+  name: str
+  family: str
+  vocab_size: int
+  max_seq_len: int
+  chain: tuple[str, ...]  # block ids, embedding first
+  tokenizer_dir: str | None = None  # holds tokenizer.json; None: token ids only
+  eos_token_ids: tuple[int, ...] = ()
+
+
+def new_request_id() -> str:
+  return uuid.uuid4().hex
+
+
+def _as_token_ids(values, field: str) -> list[int]:
+  try:
+    return [operator.index(v) for v in values]
+  except TypeError:
+    raise InvalidRequestError(field, "token ids must be integers") from None
+
+
+def validate_request(info: ModelInfo, prompt_tokens: Sequence[int], params: SamplingParams) -> None:
+  """Raises InvalidRequestError naming the first field of the request that is out of range."""
+  prompt = _as_token_ids(prompt_tokens, "prompt")
+  if not prompt:
+    raise InvalidRequestError("prompt", "is empty; send at least one token")
+  for position, token in enumerate(prompt):
+    if not 0 <= token < info.vocab_size:
+      raise InvalidRequestError(
+          "prompt", f"token id {token} at position {position} is outside the vocabulary "
+          f"[0, {info.vocab_size}) of model {info.name!r}")
+  if params.max_new_tokens <= 0:
+    raise InvalidRequestError("max_tokens", f"must be positive, got {params.max_new_tokens}")
+  if len(prompt) + params.max_new_tokens > info.max_seq_len:
+    raise InvalidRequestError(
+        "max_tokens", f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_new_tokens}) "
+        f"exceeds the maximum sequence length {info.max_seq_len} of model {info.name!r}")
+  # `not x >= 0` also rejects NaN.
+  if not params.temperature >= 0 or math.isinf(params.temperature):
+    raise InvalidRequestError("temperature",
+                              f"must be a finite number >= 0, got {params.temperature}")
+  if not 0 < params.top_p <= 1:
+    raise InvalidRequestError("top_p", f"must be in (0, 1], got {params.top_p}")
+  if params.top_k < 0:
+    raise InvalidRequestError("top_k", f"must be >= 0 (0 = off), got {params.top_k}")
+  for token in _as_token_ids(params.stop_token_ids, "stop_token_ids"):
+    if not 0 <= token < info.vocab_size:
+      raise InvalidRequestError(
+          "stop_token_ids", f"token id {token} is outside the vocabulary [0, {info.vocab_size})")
+
+
+class RequestHandle:
+  """One submitted request: a thread-safe stream of its new tokens.
+
+  The consumer side iterates, waits for the result or cancels. The engine side calls
+  `_emit` per token and `_finish` once; both are no-ops after the request finished, so an
+  engine racing a cancel never needs extra locking.
+  """
+
+  def __init__(self, request_id: str, model: str, prompt_len: int,
+               params: SamplingParams = SamplingParams(),
+               on_cancel: Callable[["RequestHandle"], None] | None = None):
+    self.request_id = request_id
+    self.model = model
+    self.prompt_len = prompt_len
+    self.params = params
+    self.finish_reason: str | None = None
+    self.error: BaseException | None = None
+    # time.monotonic() stamps, for TTFT / TPOT.
+    self.submitted_at = time.monotonic()
+    self.first_token_at: float | None = None
+    self.finished_at: float | None = None
+    self._on_cancel = on_cancel
+    self._cond = threading.Condition()
+    self._tokens: list[int] = []
+    self._cancel_requested = False
+
+  # --- consumer side
+
+  def iter_chunks(self) -> Iterator[list[int]]:
+    """Yields lists of the tokens produced since the previous yield (never empty)."""
+    sent = 0
+    while True:
+      with self._cond:
+        while sent == len(self._tokens) and self.finish_reason is None:
+          self._cond.wait(WAIT_POLL_S)
+        chunk = self._tokens[sent:]
+        finished = self.finish_reason is not None
+      if chunk:
+        sent += len(chunk)
+        yield chunk
+      elif finished:
+        if self.error is not None:
+          raise self.error
+        return
+
+  def __iter__(self) -> Iterator[int]:
+    for chunk in self.iter_chunks():
+      yield from chunk
+
+  def wait(self, timeout: float | None = None) -> bool:
+    """Blocks until the request finished; False if `timeout` passed first."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with self._cond:
+      while self.finish_reason is None:
+        remaining = WAIT_POLL_S
+        if deadline is not None:
+          remaining = min(remaining, deadline - time.monotonic())
+        if remaining <= 0:
+          return False
+        self._cond.wait(remaining)
+    return True
+
+  def result(self, timeout: float | None = None) -> list[int]:
+    """All new tokens once finished; raises the engine's error, TimeoutError on timeout."""
+    if not self.wait(timeout):
+      raise TimeoutError(f"request {self.request_id} not finished after {timeout}s")
+    if self.error is not None:
+      raise self.error
+    return self.tokens
+
+  def cancel(self) -> None:
+    """Stops generation; the engine frees the request's KV slots. Idempotent."""
+    with self._cond:
+      if self._cancel_requested:
+        return
+      self._cancel_requested = True
+      finished = self.finish_reason is not None
+    if not finished and self._on_cancel is not None:
+      self._on_cancel(self)
+    # An engine that only polls `cancelled` frees the slots at its next step; the consumer
+    # must not wait for that.
+    self._finish(CANCELLED)
+
+  @property
+  def tokens(self) -> list[int]:
+    with self._cond:
+      return list(self._tokens)
+
+  @property
+  def done(self) -> bool:
+    return self.finish_reason is not None
+
+  @property
+  def cancelled(self) -> bool:
+    """True once cancel() was called; engines check it at step boundaries."""
+    return self._cancel_requested
+
+  # --- engine side
+
+  def _emit(self, token: int) -> bool:
+    """Appends a produced token; False (and dropped) if the request already finished."""
+    with self._cond:
+      if self.finish_reason is not None:
+        return False
+      if self.first_token_at is None:
+        self.first_token_at = time.monotonic()
+      self._tokens.append(int(token))
+      self._cond.notify_all()
+    return True
+
+  def _finish(self, reason: str, error: BaseException | None = None) -> bool:
+    """Ends the request; the first call wins. False if it had already finished."""
+    if reason not in FINISH_REASONS:
+      raise ValueError(f"unknown finish reason {reason!r}; expected one of {FINISH_REASONS}")
+    if (reason == ERROR) != (error is not None):
+      raise ValueError("an error is given exactly when the finish reason is 'error'")
+    with self._cond:
+      if self.finish_reason is not None:
+        return False
+      self.finish_reason = reason
+      self.error = error
+      self.finished_at = time.monotonic()
+      self._cond.notify_all()
+    return True
+
+  def __repr__(self):
+    return (f"RequestHandle({self.request_id!r}, model={self.model!r}, "
+            f"tokens={len(self._tokens)}, finish_reason={self.finish_reason!r})")
+
+
+@runtime_checkable
+class Engine(Protocol):
+  """What the serving layer needs from an engine. Every method is thread-safe."""
+
+  def submit(self, model: str, prompt_tokens: Sequence[int], *, max_new_tokens: int = 32,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             stop_token_ids: Sequence[int] = (), request_id: str | None = None) -> RequestHandle:
+    """Admits a request. Raises NotFoundError (unknown model), InvalidRequestError
+    (validate_request), OverloadedError (the bounded queue is full)."""
+    ...
+
+  def list_models(self) -> list[ModelInfo]:
+    """The models that admit requests now."""
+    ...
+
+  def load_model(self, name: str) -> ModelInfo:
+    """Loads a model from the engine's zoo (NotFoundError if the zoo lacks it)."""
+    ...
+
+  def unload_model(self, name: str) -> None:
+    """Stops admitting the model, drains its in-flight requests, then frees the blocks no
+    other model uses."""
+    ...
+
+  def stats(self) -> dict:
+    """JSON-able: {"blocks": [{"block_id", "kind", "models", "resident_bytes", "batch_size",
+    "batches_run", "mean_occupancy", "kv_slots_used", "kv_slots_free", "placement"}],
+    "queue_depth": int, "requests": {counter name: int}}."""
+    ...
+
+  def close(self) -> None:
+    """Ends every outstanding request with an error and stops the engine's threads."""
+    ...

@@ -1,0 +1,1 @@
+"""The serving layer: gRPC API, coordinator, metrics, tensor codec."""

@@ -1,0 +1,59 @@
+"""Building the engine a server runs: in process (all-in-one) or over registered workers."""
+
+import concurrent.futures
+from typing import Sequence
+
+import grpc
+
+from jblock.runtime.engine import Engine, EngineConfig, _spec_from_zoo
+from jblock.serving.proto import jblock_pb2_grpc as pb_grpc
+from jblock.serving.worker import WorkerRegistry, plan_placement, remote_factory
+
+
+def zoo_models(zoo_dir: str, models: Sequence[str] | None) -> list[str]:
+  from jblock.zoo.store import Zoo
+  names = list(models) if models else Zoo(zoo_dir).models()
+  if not names:
+    raise ValueError(f"the zoo at {zoo_dir} has no models (convert one with tools.convert)")
+  return names
+
+
+def local_engine(zoo_dir: str, models: Sequence[str] | None, sharing: bool = True,
+                 mesh_shape: Sequence[int] | None = None,
+                 config: EngineConfig | None = None) -> Engine:
+  """The embedded default: every block on this process's devices, no network hop inside."""
+  return Engine.from_zoo(zoo_dir, zoo_models(zoo_dir, models), sharing=sharing,
+                         mesh_shape=mesh_shape, config=config)
+
+
+def distributed_engine(zoo_dir: str, models: Sequence[str] | None, num_workers: int,
+                       registry_port: int, host: str = "127.0.0.1", sharing: bool = True,
+                       config: EngineConfig | None = None, wait_s: float = 120.0,
+                       progress=print) -> tuple[Engine, grpc.Server]:
+  """Waits for `num_workers` workers to register, then places each chain across them.
+
+  Returns the engine and the registry server (stop it on shutdown).
+  """
+  from jblock.zoo.store import Zoo
+  config = config or EngineConfig()
+  registry = WorkerRegistry()
+  server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4))
+  pb_grpc.add_WorkerServicer_to_server(registry, server)
+  bound = server.add_insecure_port(f"{host}:{registry_port}")
+  server.start()
+  progress(f"jblock: worker registry on {host}:{bound}, waiting for {num_workers} worker(s)")
+  try:
+    workers = registry.wait_for(num_workers, wait_s)
+    zoo = Zoo(zoo_dir)
+    names = zoo_models(zoo_dir, models)
+    cache = {}
+    specs = [_spec_from_zoo(zoo, name, cache, load_params=False) for name in names]
+    placement = plan_placement([s.block_ids for s in specs], workers)
+    progress(f"jblock: placing {len(placement)} blocks on {', '.join(workers)}")
+    factory = remote_factory(placement, zoo_dir, config.kv_slots, config.max_seq_len)
+    engine = Engine(specs, sharing=sharing, mesh_shape=(1, 1), config=config, zoo=zoo,
+                    instance_factory=factory)
+    return engine, server
+  except Exception:
+    server.stop(0)
+    raise

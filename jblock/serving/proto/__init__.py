@@ -1,0 +1,1 @@
+"""Generated gRPC modules for jblock.v1 (python -m tools.gen_protos regenerates them)."""

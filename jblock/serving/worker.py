@@ -1,0 +1,214 @@
+"""Workers: processes that host block instances and run them for a coordinator over gRPC.
+
+The coordinator's engine schedules every block; a block placed on a worker is a
+`RemoteBlockInstance` there, whose `run` is a RunBlock RPC. The worker keeps the params and
+the KV cache (donated in place, as in process); the coordinator keeps the slot bookkeeping.
+Hidden states between blocks on different workers travel through the coordinator.
+"""
+
+import concurrent.futures
+import threading
+import time
+from typing import Any, Sequence
+
+import grpc
+import jax
+import numpy as np
+
+from jblock.blocks import EMBED, HEAD, LAYERS, Block
+from jblock.errors import JBlockError, NotFoundError, UnavailableError
+from jblock.runtime import mesh as mesh_lib
+from jblock.runtime.instance import BlockInstance, SlotAllocator, idle_sampling
+from jblock.serving.coordinator import status_code
+from jblock.serving.proto import jblock_pb2 as pb
+from jblock.serving.proto import jblock_pb2_grpc as pb_grpc
+from jblock.serving.tensor_codec import from_tensor_map, to_tensor_map
+
+META_KEYS = ("slots", "starts", "n_valid")
+SAMPLING_KEYS = tuple(idle_sampling(1))
+RPC_TIMEOUT_S = 600.0  # a RunBlock may include a first compile
+
+
+def _abort(context, error: Exception):
+  context.abort(status_code(error), str(error))
+
+
+class WorkerServicer(pb_grpc.WorkerServicer):
+  """A worker's side: hosts blocks from its zoo on its own mesh and runs batches of them."""
+
+  def __init__(self, zoo_dir: str, mesh_shape: Sequence[int] | None = None):
+    from jblock.zoo.store import Zoo
+    self.zoo = Zoo(zoo_dir)
+    self.mesh = mesh_lib.make_mesh(mesh_shape)
+    self._instances: dict[str, BlockInstance] = {}
+    self._lock = threading.Lock()
+
+  def _table_for(self, head: Block):
+    """A tied head needs its embedding table: the hosted embed's buffer, or loaded for it."""
+    embed_id = head.config["tied_to"]
+    if embed_id in self._instances:
+      return self._instances[embed_id].embed_table
+    embed = self.zoo.load_block(embed_id)
+    shardings = mesh_lib.param_shardings(embed.params, self.mesh)
+    return jax.device_put(embed.params["embedding"], shardings["embedding"])
+
+  def HostBlock(self, request, context):
+    try:
+      with self._lock:
+        inst = self._instances.get(request.block_id)
+        if inst is None:
+          block = self.zoo.load_block(request.block_id)
+          table = self._table_for(block) if block.kind == HEAD and block.config["tied_to"] else None
+          inst = BlockInstance(request.block_id, block, self.mesh, request.batch_size,
+                               request.kv_slots, request.max_len, shared_table=table,
+                               block_id=request.block_id)
+          self._instances[request.block_id] = inst
+      return pb.HostBlockResponse(resident_bytes=inst.resident_bytes,
+                                  placement=inst.stats()["placement"])
+    except JBlockError as e:
+      _abort(context, e)
+
+  def UnhostBlock(self, request, context):
+    with self._lock:
+      if self._instances.pop(request.block_id, None) is None:
+        context.abort(grpc.StatusCode.NOT_FOUND, f"block {request.block_id} is not hosted here")
+    return pb.UnhostBlockResponse()
+
+  def RunBlock(self, request, context):
+    inst = self._instances.get(request.block_id)
+    if inst is None:
+      context.abort(grpc.StatusCode.NOT_FOUND, f"block {request.block_id} is not hosted here")
+    try:
+      inputs = from_tensor_map(request.inputs)
+      meta = {k: inputs[k] for k in META_KEYS}
+      sampling = {k: inputs[k] for k in SAMPLING_KEYS} if inst.kind == HEAD else None
+      x = inputs["x"]
+      if inst.kind == LAYERS:
+        x = jax.device_put(x, mesh_lib.replicated(self.mesh))
+      y = inst.run(x, meta, sampling)
+      inst.batches_run += 1
+      response = pb.RunBlockResponse()
+      to_tensor_map({"y": np.asarray(y)}, response.outputs)
+      return response
+    except KeyError as e:
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"RunBlock input {e} is missing")
+    except JBlockError as e:
+      _abort(context, e)
+
+  def FreeSlots(self, request, context):
+    # Slots are bookkept by the coordinator; a freed slot's stale keys are masked, never read.
+    return pb.FreeSlotsResponse()
+
+  def Register(self, request, context):
+    context.abort(grpc.StatusCode.UNIMPLEMENTED, "workers register with the coordinator")
+
+
+class WorkerRegistry(pb_grpc.WorkerServicer):
+  """The coordinator's side of Register: remembers workers until the engine places blocks."""
+
+  def __init__(self):
+    self.workers: dict[str, str] = {}  # worker id -> address
+    self._cond = threading.Condition()
+
+  def Register(self, request, context):
+    if not request.address:
+      context.abort(grpc.StatusCode.INVALID_ARGUMENT, "address: the worker's host:port is required")
+    with self._cond:
+      self.workers[request.worker_id or request.address] = request.address
+      self._cond.notify_all()
+    return pb.RegisterResponse()
+
+  def wait_for(self, count: int, timeout: float) -> list[str]:
+    deadline = time.monotonic() + timeout
+    with self._cond:
+      while len(self.workers) < count:
+        left = deadline - time.monotonic()
+        if left <= 0:
+          raise UnavailableError(f"{len(self.workers)} of {count} workers registered within {timeout}s")
+        self._cond.wait(min(left, 0.5))
+      return [self.workers[k] for k in sorted(self.workers)][:count]
+
+
+class RemoteBlockInstance:
+  """A block hosted by a worker, with BlockInstance's surface for the engine."""
+
+  def __init__(self, key: str, block: Block, block_id: str, batch_size: int, kv_slots: int,
+               max_len: int, address: str, zoo_dir: str):
+    self.key, self.block_id, self.kind, self.config = key, block_id, block.kind, block.config
+    self.batch_size = batch_size
+    self.models: set[str] = set()
+    self.address = address
+    self._channel = grpc.insecure_channel(address, options=[
+        ("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)])
+    self._stub = pb_grpc.WorkerStub(self._channel)
+    response = self._stub.HostBlock(pb.HostBlockRequest(
+        block_id=block_id, zoo_dir=zoo_dir, batch_size=batch_size, kv_slots=kv_slots,
+        max_len=max_len), timeout=RPC_TIMEOUT_S)
+    self.resident_bytes = response.resident_bytes
+    self.placement = f"worker {address}: {response.placement}"
+    self.slots = SlotAllocator(kv_slots if self.kind == LAYERS else 0)
+    self.embed_table = None  # a remote tied head resolves its table on its worker
+    self.batches_run = 0
+    self.items_run = 0
+
+  def run(self, x, meta: dict[str, np.ndarray], sampling: dict[str, np.ndarray] | None = None):
+    request = pb.RunBlockRequest(block_id=self.block_id)
+    to_tensor_map({"x": np.asarray(x), **meta, **(sampling or {})}, request.inputs)
+    try:
+      response = self._stub.RunBlock(request, timeout=RPC_TIMEOUT_S)
+    except grpc.RpcError as e:
+      raise UnavailableError(f"worker {self.address} failed block {self.block_id[:12]}: "
+                             f"{e.code().name}: {e.details()}") from e
+    return from_tensor_map(response.outputs)["y"]
+
+  def stats(self) -> dict[str, Any]:
+    return {"block_id": self.block_id, "key": self.key, "kind": self.kind,
+            "models": sorted(self.models), "resident_bytes": self.resident_bytes, "kv_bytes": 0,
+            "batch_size": self.batch_size, "batches_run": self.batches_run,
+            "mean_occupancy": (self.items_run / (self.batches_run * self.batch_size)
+                               if self.batches_run else 0.0),
+            "kv_slots_used": self.slots.capacity - self.slots.free,
+            "kv_slots_free": self.slots.free, "busy_s": 0.0, "placement": self.placement}
+
+
+def plan_placement(chains: Sequence[Sequence[str]], workers: Sequence[str]) -> dict[str, str]:
+  """Block id -> worker address: each chain cut into contiguous segments, one per worker.
+
+  A block shared by several chains sits where its first chain put it (shared blocks are the
+  bottom of variants' chains, so they land on the same worker for every chain).
+  """
+  placement: dict[str, str] = {}
+  for chain in chains:
+    for pos, block_id in enumerate(chain):
+      placement.setdefault(block_id, workers[pos * len(workers) // len(chain)])
+  return placement
+
+
+def remote_factory(placement: dict[str, str], zoo_dir: str, kv_slots: int, max_len: int):
+  """An engine InstanceFactory that hosts every block on its planned worker."""
+
+  def make(key: str, block: Block, block_id: str, batch_size: int, table) -> RemoteBlockInstance:
+    return RemoteBlockInstance(key, block, block_id, batch_size, kv_slots, max_len,
+                               placement[block_id], zoo_dir)
+
+  return make
+
+
+def start_worker_server(zoo_dir: str, port: int = 0, host: str = "127.0.0.1",
+                        mesh_shape: Sequence[int] | None = None) -> tuple[grpc.Server, int, WorkerServicer]:
+  servicer = WorkerServicer(zoo_dir, mesh_shape)
+  server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8), options=[
+      ("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)])
+  pb_grpc.add_WorkerServicer_to_server(servicer, server)
+  bound = server.add_insecure_port(f"{host}:{port}")
+  server.start()
+  return server, bound, servicer
+
+
+def register(coordinator: str, worker_id: str, address: str, timeout: float = 60.0) -> None:
+  """Registers with the coordinator's registry, retrying until it is up (bounded)."""
+  devices = [pb.Device(id=d.id, platform=d.platform, kind=d.device_kind) for d in jax.local_devices()]
+  with grpc.insecure_channel(coordinator) as channel:
+    stub = pb_grpc.WorkerStub(channel)
+    stub.Register(pb.RegisterRequest(worker_id=worker_id, address=address, devices=devices),
+                  timeout=timeout, wait_for_ready=True)

@@ -1,0 +1,1 @@
+"""Short absl-flag entry scripts: serve (all-in-one), coordinator, worker."""

@@ -1,0 +1,74 @@
+"""Prometheus metrics: latency histograms, request statuses, engine gauges over HTTP."""
+
+import urllib.request
+
+import grpc
+import pytest
+
+from jblock.runtime import engine_api
+from jblock.runtime.engine_api import RequestHandle
+from jblock.serving.metrics import ServingMetrics
+from tests.serving.serving_helpers import free_port
+
+
+def _sample(text: str, name: str) -> float:
+  """The value of the exposition line that starts with `name ` (labels included)."""
+  for line in text.splitlines():
+    if line.startswith(name + " "):
+      return float(line.split()[-1])
+  raise AssertionError(f"{name} not exposed:\n{text}")
+
+
+def test_tpot_excludes_the_first_token():
+  metrics = ServingMetrics()
+  handle = RequestHandle("r", "m", prompt_len=2)
+  for token in range(11):
+    handle._emit(token)
+  handle._finish(engine_api.LENGTH)
+  handle.submitted_at, handle.first_token_at, handle.finished_at = 10.0, 10.5, 12.5
+  metrics.observe("OK", handle)
+  text = metrics.render().decode()
+  assert _sample(text, "jblock_ttft_seconds_sum") == pytest.approx(0.5)
+  assert _sample(text, "jblock_tpot_seconds_sum") == pytest.approx(0.2)  # 2 s / 10 tokens
+  assert _sample(text, "jblock_request_latency_seconds_sum") == pytest.approx(2.5)
+  assert _sample(text, 'jblock_ttft_seconds_bucket{le="0.5"}') == 1
+  assert _sample(text, 'jblock_ttft_seconds_bucket{le="0.25"}') == 0
+  # One token: a TTFT but no TPOT; failures: a status but no latency.
+  single = RequestHandle("s", "m", prompt_len=1)
+  single._emit(1)
+  single._finish(engine_api.STOP)
+  metrics.observe("OK", single)
+  metrics.observe("INVALID_ARGUMENT")
+  text = metrics.render().decode()
+  assert _sample(text, "jblock_ttft_seconds_count") == 2
+  assert _sample(text, "jblock_tpot_seconds_count") == 1
+  assert _sample(text, 'jblock_requests_total{status="OK"}') == 2
+  assert _sample(text, 'jblock_requests_total{status="INVALID_ARGUMENT"}') == 1
+
+
+def test_metrics_endpoint_exposes_histograms_statuses_and_block_gauges(serve, engine):
+  metrics = ServingMetrics(engine)
+  assert metrics.start_http(0) == 0  # 0 = off
+  port = metrics.start_http(free_port())
+  try:
+    client, _, _ = serve(engine, metrics=metrics)
+    for prompt in ([1, 2], [3]):
+      client.generate_tokens("mock-a", prompt_tokens=prompt, max_tokens=6, timeout=10)
+    with pytest.raises(grpc.RpcError):
+      list(client.generate("nope", prompt_tokens=[1], timeout=10))
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+      text = response.read().decode()
+  finally:
+    metrics.stop_http()
+  assert _sample(text, "jblock_ttft_seconds_count") == 2
+  assert _sample(text, "jblock_tpot_seconds_count") == 2
+  assert _sample(text, 'jblock_tpot_seconds_bucket{le="+Inf"}') == 2
+  assert _sample(text, 'jblock_requests_total{status="OK"}') == 2
+  assert _sample(text, 'jblock_requests_total{status="NOT_FOUND"}') == 1
+  assert _sample(text, "jblock_queue_depth") == 0
+  embed = '{block_id="mock-embed",kind="embed"}'
+  assert _sample(text, f"jblock_block_kv_slots_used{embed}") == 0
+  assert _sample(text, f"jblock_block_kv_slots_free{embed}") == 16
+  assert _sample(text, f"jblock_block_resident_bytes{embed}") == 1 << 20
+  # 2 requests x 6 steps, one row in a batch of 8 each time.
+  assert _sample(text, f"jblock_block_batch_occupancy{embed}") == pytest.approx(1 / 8)

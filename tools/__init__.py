@@ -1,0 +1,1 @@
+"""Short absl-flag offline tools: convert, zoo inspection, variant maker, bench, client CLI."""
