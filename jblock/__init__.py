@@ -1,17 +1,17 @@
 """jblock: multi-tenant LLM serving on JAX with models cut into shared, content-addressed blocks."""
 
 from jblock.blocks import Block
-from jblock.model import Model
 
 
-def from_hf(hf_dir: str, dtype: str = "float32", layers_per_block: int = 1) -> Model:
+def from_hf(hf_dir: str, dtype: str = "float32", layers_per_block: int = 1) -> "Model":
   """Converts a Hugging Face causal-LM directory (safetensors) into a Model."""
   from jblock import convert
+  from jblock.model import Model
   converted = convert.convert(hf_dir, dtype=dtype, layers_per_block=layers_per_block)
   return Model(converted.config, converted.blocks)
 
 
-def from_zoo(zoo_dir: str, name: str) -> Model:
+def from_zoo(zoo_dir: str, name: str) -> "Model":
   """Loads a model from a block zoo; equal to from_hf of the checkpoint it was converted from."""
   from jblock.zoo.store import Zoo
   return Zoo(zoo_dir).load_model(name)
@@ -22,4 +22,7 @@ def __getattr__(name):
   if name == "Engine":
     from jblock.runtime.engine import Engine
     return Engine
+  if name == "Model":
+    from jblock.model import Model
+    return Model
   raise AttributeError(name)

@@ -7,7 +7,9 @@ which is what lets a partial fine-tune share its frozen blocks with the base by 
 """
 
 import dataclasses
-from typing import Any, Callable, Sequence
+import functools
+import json
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,8 @@ class TrainConfig:
   b2: float = 0.99
   eps: float = 1e-8
   clip_norm: float = 1.0  # global gradient-norm clip: keeps tiny models stable at high lr
+  warmup: int = 0  # steps of linear learning-rate warm-up
+  cosine: bool = False  # cosine-decay the learning rate to 10% over `steps`
   seed: int = 0
 
 
@@ -72,26 +76,28 @@ def sample_windows(stream: np.ndarray, cfg: TrainConfig, rng: np.random.Generato
   return tokens, np.full(cfg.batch_size, t, np.int32)
 
 
-def _tie(blocks: Sequence[Block], params: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  # A tied head reads the embed block's table inside the loss, so gradients reach it once.
-  embed = next(i for i, b in enumerate(blocks) if b.kind == EMBED)
-  return [{**p, "embedding": params[embed]["embedding"]}
-          if b.kind == HEAD and b.config["tied_to"] is not None else p
-          for b, p in zip(blocks, params)]
+def _structure(blocks: Sequence[Block]) -> tuple[tuple[str, str], ...]:
+  """(kind, canonical config JSON) per block: everything the loss's code depends on."""
+  return tuple((b.kind, json.dumps(b.config, sort_keys=True)) for b in blocks)
 
 
-def make_loss(blocks: Sequence[Block]) -> Callable:
+def make_loss(structure: tuple[tuple[str, str], ...]) -> Callable:
   """loss(params list, tokens [B, T], lengths [B]): mean next-token cross-entropy over real tokens."""
-  fns = [block_fns.apply_fn(b.kind, b.config) for b in blocks]
-  configs = [b.config for b in blocks]
+  kinds = [kind for kind, _ in structure]
+  configs = [json.loads(config) for _, config in structure]
+  fns = [block_fns.apply_fn(kind, cfg) for kind, cfg in zip(kinds, configs)]
+  embed = kinds.index(EMBED)
 
   def loss(params, tokens, lengths):
     b, t = tokens.shape
     meta = {"slots": jnp.arange(b, dtype=jnp.int32), "starts": jnp.zeros(b, jnp.int32),
             "n_valid": lengths}
     x = tokens
-    for fn, cfg, p in zip(fns, configs, _tie(blocks, params)):
-      kv = block_fns.init_kv(cfg, b, t, jnp.float32) if "num_layers" in cfg else {}
+    for kind, cfg, fn, p in zip(kinds, configs, fns, params):
+      if kind == HEAD and cfg["tied_to"] is not None:
+        # The embed block's table, read here so its gradient sums both uses.
+        p = {**p, "embedding": params[embed]["embedding"]}
+      kv = block_fns.init_kv(cfg, b, t, jnp.float32) if kind == LAYERS else {}
       x, _ = fn(p, kv, x, meta)
     logp = jax.nn.log_softmax(x[:, :-1].astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
@@ -99,6 +105,17 @@ def make_loss(blocks: Sequence[Block]) -> Callable:
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
   return loss
+
+
+def _schedule(count, cfg: TrainConfig):
+  """Learning rate at (1-based) step `count`: optional linear warm-up, then optional cosine decay."""
+  lr = jnp.asarray(cfg.lr, jnp.float32)
+  if cfg.warmup:
+    lr = lr * jnp.minimum(1.0, count / cfg.warmup)
+  if cfg.cosine:
+    progress = jnp.clip((count - cfg.warmup) / max(1, cfg.steps - cfg.warmup), 0.0, 1.0)
+    lr = lr * (0.1 + 0.45 * (1 + jnp.cos(jnp.pi * progress)))
+  return lr
 
 
 def _adam(grads, state, cfg: TrainConfig):
@@ -109,9 +126,31 @@ def _adam(grads, state, cfg: TrainConfig):
   count = state["count"] + 1
   mu = jax.tree.map(lambda m, g: cfg.b1 * m + (1 - cfg.b1) * g, state["mu"], grads)
   nu = jax.tree.map(lambda v, g: cfg.b2 * v + (1 - cfg.b2) * g * g, state["nu"], grads)
-  lr_t = cfg.lr * jnp.sqrt(1 - cfg.b2 ** count) / (1 - cfg.b1 ** count)
+  lr_t = _schedule(count, cfg) * jnp.sqrt(1 - cfg.b2 ** count) / (1 - cfg.b1 ** count)
   updates = jax.tree.map(lambda m, v: -lr_t * m / (jnp.sqrt(v) + cfg.eps), mu, nu)
   return updates, {"count": count, "mu": mu, "nu": nu}
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(structure: tuple[tuple[str, str], ...], trained: tuple[int, ...], cfg: TrainConfig):
+  """Jitted (train step, eval loss) for one chain structure, trainable set and optimiser settings.
+
+  Params travel as dicts keyed by chain index ("0", "1", ...): trainable and frozen apart, so
+  only the trainable ones are differentiated.
+  """
+  loss_fn = make_loss(structure)
+
+  def merge(trainable, frozen):
+    return [trainable[str(i)] if i in trained else frozen[str(i)] for i in range(len(structure))]
+
+  @jax.jit
+  def step(trainable, frozen, opt, tokens, lengths):
+    loss, grads = jax.value_and_grad(lambda tp: loss_fn(merge(tp, frozen), tokens, lengths))(trainable)
+    updates, opt = _adam(grads, opt, cfg)
+    return jax.tree.map(jnp.add, trainable, updates), opt, loss
+
+  eval_loss = jax.jit(lambda tp, fp, tokens, lengths: loss_fn(merge(tp, fp), tokens, lengths))
+  return step, eval_loss
 
 
 def train(blocks: Sequence[Block], stream: np.ndarray, cfg: TrainConfig,
@@ -126,20 +165,9 @@ def train(blocks: Sequence[Block], stream: np.ndarray, cfg: TrainConfig,
   blocks = list(blocks)
   trained = trainable_indices(blocks, trainable_top_layers, full)
   frozen_ids = {i: blocks[i].id for i in range(len(blocks)) if i not in trained}
-  loss_fn = make_loss(blocks)
+  # The seed only picks data: variants of one base reuse one compiled step.
+  step, eval_loss = _compiled(_structure(blocks), tuple(trained), dataclasses.replace(cfg, seed=0))
 
-  def merge(trainable, frozen):
-    return [trainable[str(i)] if i in trained else frozen[str(i)] for i in range(len(blocks))]
-
-  @jax.jit
-  def step(trainable, frozen, opt, tokens, lengths):
-    loss, grads = jax.value_and_grad(lambda tp: loss_fn(merge(tp, frozen), tokens, lengths))(trainable)
-    updates, opt = _adam(grads, opt, cfg)
-    return jax.tree.map(jnp.add, trainable, updates), opt, loss
-
-  eval_loss = jax.jit(lambda tp, fp, tokens, lengths: loss_fn(merge(tp, fp), tokens, lengths))
-
-  # String keys: a dict pytree whose structure is stable across steps (one compile).
   as_device = lambda p: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), p)
   trainable = {str(i): as_device(blocks[i].params) for i in trained}
   frozen = {str(i): as_device(blocks[i].params) for i in frozen_ids}
@@ -167,7 +195,8 @@ def train(blocks: Sequence[Block], stream: np.ndarray, cfg: TrainConfig,
   new_blocks = _retie(new_blocks)
   for i, block_id in frozen_ids.items():
     # Frozen blocks are passed through as the same objects; their ids must not move.
-    assert new_blocks[i].params is blocks[i].params and blocks[i].id == block_id, i
+    if new_blocks[i].params is not blocks[i].params or new_blocks[i].id != block_id:
+      raise AssertionError(f"frozen block {i} ({blocks[i].kind}) changed during training")
   return TrainResult(new_blocks, trained, loss_start, loss_end, losses)
 
 

@@ -1,14 +1,40 @@
-"""The jblock coordinator: the client-facing gRPC API (Inference, Admin).
+"""The jblock coordinator with blocks on worker processes.
 
-Until workers serve blocks over the Worker service, the coordinator's engine runs in
-process, so this runs the same server as launch.serve and takes the same flags.
+  python -m launch.coordinator --zoo=DIR --num_workers=2 --registry_port=50060 --port=50051
+  python -m launch.worker --coordinator=127.0.0.1:50060 --zoo=DIR     # once per worker
 
-  python -m launch.coordinator --engine=mock --port=50051
+Waits for the workers to register, places each model's chain across them in contiguous
+segments, then serves the client API. SIGTERM drains as launch.serve does.
 """
 
 from absl import app
+from absl import flags
 
-from launch import serve
+from launch import engine_flags
+from jblock.serving import server
+
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
+_PORT = flags.DEFINE_integer("port", 50051, "Client API port; 0 picks a free one.", lower_bound=0)
+_REGISTRY_PORT = flags.DEFINE_integer("registry_port", 50060, "Port workers register on.",
+                                      lower_bound=0)
+_NUM_WORKERS = flags.DEFINE_integer("num_workers", 1, "Workers to wait for.", lower_bound=1)
+_WORKER_WAIT_S = flags.DEFINE_float("worker_wait_s", 300.0, "How long to wait for the workers.")
+_METRICS_PORT = flags.DEFINE_integer("metrics_port", 0, "Prometheus port; 0 = off.", lower_bound=0)
+_DRAIN_TIMEOUT_S = flags.DEFINE_float("drain_timeout_s", 30.0,
+                                      "On SIGTERM, how long in-flight requests may finish.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  engine, registry = engine_flags.build_distributed_engine(
+      _NUM_WORKERS.value, _REGISTRY_PORT.value, _HOST.value, _WORKER_WAIT_S.value)
+  try:
+    server.serve(engine, _PORT.value, _METRICS_PORT.value, host=_HOST.value,
+                 drain_timeout_s=_DRAIN_TIMEOUT_S.value)
+  finally:
+    registry.stop(0)
+
 
 if __name__ == "__main__":
-  app.run(serve.main)
+  app.run(main)
