@@ -184,10 +184,11 @@ class Zoo:
     return data
 
   def tokenizer_dir(self, name: str) -> str | None:
-    """Absolute path of the model's tokenizer files, or None when it was converted without any."""
+    """Absolute path of the model's tokenizer files; None when it has no tokenizer.json
+    (a checkpoint may bring only generation_config.json)."""
     rel = self.manifest(name).get("tokenizer")
     path = os.path.join(self.root, rel) if rel else None
-    return path if path and os.path.isdir(path) else None
+    return path if path and os.path.isfile(os.path.join(path, "tokenizer.json")) else None
 
   def load_model(self, name: str) -> Model:
     """The model with every block loaded (and hash-checked) from the zoo."""

@@ -1,0 +1,132 @@
+"""The real block engine behind gRPC: in process, and with blocks split over two worker processes."""
+
+import concurrent.futures
+import os
+import re
+import select
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import jblock
+from jblock.client import Client
+from jblock.runtime.engine import Engine, EngineConfig
+from jblock.serving.coordinator import build_server
+from jblock.zoo.store import Zoo
+from tests import hf_models
+from tests.serving.serving_helpers import free_port
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MODELS = ["base", "v1", "v2"]
+PROMPTS = [[(7 * i + j) % 128 for j in range(3 + 4 * i)] for i in range(6)]
+NEW = 12
+CONFIG = EngineConfig(batch_size=4, kv_slots=8, max_seq_len=64, prefill_chunk=16, length_buckets=(16,))
+
+
+@pytest.fixture(scope="module")
+def zoo_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("block_serving")
+  cls_name, kwargs = hf_models.ENGINE_BASE
+  base = str(root / "hf_base")
+  torch.manual_seed(3)
+  transformers.AutoModelForCausalLM.from_config(getattr(transformers, cls_name)(**kwargs)).eval() \
+      .save_pretrained(base)
+  zoo = Zoo(str(root / "zoo"))
+  zoo.convert(base, "base")
+  for i, d in enumerate(hf_models.partial_variants(base, str(root), n=2, top_layers=2), start=1):
+    zoo.convert(d, f"v{i}")
+  return str(root / "zoo")
+
+
+@pytest.fixture(scope="module")
+def expected(zoo_dir):
+  """Greedy tokens from the reference path (itself checked against transformers elsewhere)."""
+  out = {}
+  for name in MODELS:
+    model = jblock.from_zoo(zoo_dir, name)
+    for i, prompt in enumerate(PROMPTS):
+      out[name, i] = model.generate([prompt], NEW)[0].tolist()
+  return out
+
+
+def _generate_all(target: str) -> dict:
+  def one(job):
+    name, i = job
+    with Client(target) as client:
+      return job, client.generate_tokens(name, prompt_tokens=PROMPTS[i], max_tokens=NEW, timeout=300)
+  jobs = [(name, i) for name in MODELS for i in range(len(PROMPTS))]
+  with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+    return dict(pool.map(one, jobs))
+
+
+def test_concurrent_clients_of_three_models_get_the_engines_tokens(zoo_dir, expected):
+  engine = Engine.from_zoo(zoo_dir, MODELS, mesh_shape=(1, 1), config=CONFIG)
+  server, port = build_server(engine, 0)
+  server.start()
+  try:
+    assert _generate_all(f"127.0.0.1:{port}") == expected
+    with Client(f"127.0.0.1:{port}") as client:
+      sampled = client.generate_tokens("v1", prompt_tokens=PROMPTS[2], max_tokens=NEW,
+                                       temperature=0.8, top_k=30, seed=7, timeout=60)
+      stats = client.stats()
+    assert sampled == engine.submit("v1", PROMPTS[2], max_new_tokens=NEW, temperature=0.8, top_k=30,
+                                    seed=7).result(60)
+    assert any(len(t["models"]) > 1 for t in engine.trace())
+    assert all(b["kv_slots_used"] == 0 for b in stats["blocks"])
+  finally:
+    server.stop(0)
+    engine.close()
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_line(proc: subprocess.Popen, pattern: str, timeout: float) -> re.Match:
+  deadline = time.monotonic() + timeout
+  seen = []
+  while time.monotonic() < deadline:
+    if select.select([proc.stdout], [], [], 0.1)[0]:
+      line = proc.stdout.readline()
+      seen.append(line)
+      match = re.search(pattern, line)
+      if match:
+        return match
+    if proc.poll() is not None:
+      raise AssertionError(f"process exited early:\n{''.join(seen)}{proc.stdout.read()}")
+  raise AssertionError(f"no line matching {pattern!r} within {timeout}s:\n{''.join(seen[-20:])}")
+
+
+def test_two_worker_processes_give_the_same_tokens(zoo_dir, expected):
+  registry, port = free_port(), free_port()
+  common = [f"--zoo={zoo_dir}", "--mesh_shape=1,1"]
+  procs = [_start(["launch.coordinator", *common[:1], "--num_workers=2", f"--registry_port={registry}",
+                   f"--port={port}", "--batch_size=4", "--kv_slots=8", "--max_seq_len=64",
+                   "--prefill_chunk=16", "--compilation_cache_dir=", "--worker_wait_s=120"])]
+  try:
+    for _ in range(2):
+      procs.append(_start(["launch.worker", f"--coordinator=127.0.0.1:{registry}", *common]))
+    _wait_line(procs[0], r"serving on 127\.0\.0\.1:(\d+)", timeout=300)
+    assert _generate_all(f"127.0.0.1:{port}") == expected
+    with Client(f"127.0.0.1:{port}") as client:
+      stats = client.stats()
+    workers = {b["placement"].split(":")[0] + ":" + b["placement"].split(":")[1] for b in stats["blocks"]}
+    assert len(workers) == 2 and all(p.startswith("worker 127.0.0.1") for p in workers)
+    procs[0].terminate()
+    assert procs[0].wait(timeout=60) == 0
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.terminate()
+        try:
+          p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+          p.kill()
+          p.wait(timeout=10)
+      p.stdout.close()
