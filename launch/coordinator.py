@@ -10,6 +10,7 @@ segments, then serves the client API. SIGTERM drains as launch.serve does.
 from absl import app
 from absl import flags
 
+from jblock.zoo.cli import quiet_libraries
 from launch import engine_flags
 from jblock.serving import server
 
@@ -27,6 +28,7 @@ _DRAIN_TIMEOUT_S = flags.DEFINE_float("drain_timeout_s", 30.0,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  quiet_libraries()
   engine, registry = engine_flags.build_distributed_engine(
       _NUM_WORKERS.value, _REGISTRY_PORT.value, _HOST.value, _WORKER_WAIT_S.value)
   try:

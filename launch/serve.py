@@ -10,6 +10,7 @@ SIGTERM or SIGINT: stop accepting requests, finish the in-flight ones, exit 0.
 from absl import app
 from absl import flags
 
+from jblock.zoo.cli import quiet_libraries
 from launch import engine_flags
 from jblock.serving import server
 
@@ -24,6 +25,7 @@ _DRAIN_TIMEOUT_S = flags.DEFINE_float("drain_timeout_s", 30.0,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  quiet_libraries()
   engine = engine_flags.build_engine()
   server.serve(engine, _PORT.value, _METRICS_PORT.value, host=_HOST.value,
                max_workers=_MAX_WORKERS.value, drain_timeout_s=_DRAIN_TIMEOUT_S.value)

@@ -10,6 +10,7 @@ import uuid
 from absl import app
 from absl import flags
 
+from jblock.zoo.cli import quiet_libraries
 from jblock.serving import worker
 
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of the coordinator's registry.")
@@ -23,6 +24,7 @@ flags.mark_flag_as_required("coordinator")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  quiet_libraries()
   mesh = tuple(int(v) for v in _MESH_SHAPE.value) if _MESH_SHAPE.value else None
   server, port, _ = worker.start_worker_server(_ZOO.value, _PORT.value, _HOST.value, mesh)
   address = f"{_HOST.value}:{port}"
