@@ -150,14 +150,16 @@ def test_stop_tokens_end_the_request(shared_engine, expected):
 
 
 def test_kv_exhaustion_queues_and_cancel_frees_every_slot(variants):
-  cfg = EngineConfig(batch_size=2, kv_slots=2, max_seq_len=64, prefill_chunk=16, length_buckets=(16,),
+  # Long-running requests (cancelled below) keep both slots busy while the others queue.
+  cfg = EngineConfig(batch_size=2, kv_slots=2, max_seq_len=128, prefill_chunk=16, length_buckets=(16,),
                      max_waiting=2, warmup=False)
   with Engine(variants[1][:1], sharing=True, mesh_shape=(1, 1), config=cfg) as engine:
-    running = [engine.submit("v0", PROMPTS[0], max_new_tokens=40) for _ in range(2)]
+    running = [engine.submit("v0", PROMPTS[0], max_new_tokens=120) for _ in range(2)]
+    for h in running:
+      next(iter(h))  # admitted and running: both slots taken, the admission queue empty
     queued = [engine.submit("v0", PROMPTS[1], max_new_tokens=4) for _ in range(2)]
     with pytest.raises(OverloadedError, match="admission queue is full"):
       engine.submit("v0", PROMPTS[1], max_new_tokens=4)
-    next(iter(running[0]))  # running for sure
     assert all(b["kv_slots_free"] == 0 for b in engine.stats()["blocks"] if b["kind"] == "layers")
     for h in running:
       h.cancel()
