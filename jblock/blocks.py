@@ -27,11 +27,11 @@ class Block:
 
   @property
   def nbytes(self) -> int:
-    return sum(int(np.asarray(a).nbytes) if not hasattr(a, "nbytes") else int(a.nbytes)
-               for _, a in flat_leaves(self.params))
+    return sum(int(np.asarray(a).nbytes) for _, a in flat_leaves(self.params))
 
   @property
   def id(self) -> str:
+    # Hashes every byte on each call: read it once and keep it (manifests store the ids).
     return block_id(self.kind, self.config, self.params)
 
 

@@ -4,11 +4,11 @@
 """
 
 import json
-import os
 
 from absl import app
 from absl import flags
 
+from jblock.results import write_json
 from jblock.zoo.cli import quiet_libraries
 
 _ZOO = flags.DEFINE_string("zoo", "checkpoints/zoo", "Block zoo directory.")
@@ -34,10 +34,7 @@ def main(argv):
   finally:
     engine.close()
   print(json.dumps(result, indent=2))
-  if _OUT.value:
-    os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-    with open(_OUT.value, "w") as f:
-      json.dump(result, f, indent=2)
+  write_json(_OUT.value, result)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,10 @@
   python -m tools.step_times --zoo=checkpoints/zoo --model=base --out=tools/results/step_times.json
 """
 
-import json
-import os
-
 from absl import app
 from absl import flags
 
+from jblock.results import write_json
 from jblock.zoo.cli import quiet_libraries
 
 _ZOO = flags.DEFINE_string("zoo", "checkpoints/zoo", "Block zoo directory.")
@@ -35,10 +33,7 @@ def main(argv):
   print(f"{'kind':<7} {'batch':>5} {'param MB':>9} {'ms/step':>8}")
   for r in rows:
     print(f"{r['kind']:<7} {r['batch']:>5} {r['param_bytes'] / 1e6:>9.2f} {r['median_ms']:>8.3f}")
-  if _OUT.value:
-    os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-    with open(_OUT.value, "w") as f:
-      json.dump({"model": _MODEL.value, "zoo": _ZOO.value, "rows": rows}, f, indent=2)
+  write_json(_OUT.value, {"model": _MODEL.value, "zoo": _ZOO.value, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -460,19 +460,27 @@ class Engine:
 
 
 def _gather_rows(refs: list[tuple[Any, int]], b_pad: int):
-  """Stacks items' hidden rows into one [b_pad, T, D] batch, reusing the array when it already is one.
+  """Stacks items' hidden rows into one [b_pad, T, D] batch in at most two array ops.
 
   Rows are jax arrays on this process's devices, or numpy arrays that came back from a worker.
+  Padding rows repeat row 0; their n_valid is 0, so they write nothing and are never read.
   """
   first = refs[0][0]
   if (all(a is first for a, _ in refs) and [r for _, r in refs] == list(range(len(refs)))
       and first.shape[0] == b_pad):
     return first  # the whole batch moved on together: no copy
   xp = np if all(isinstance(a, np.ndarray) for a, _ in refs) else jnp
-  rows = [a[r:r + 1] for a, r in refs]
-  if b_pad > len(rows):
-    rows.append(xp.zeros((b_pad - len(rows),) + first.shape[1:], first.dtype))
-  return xp.concatenate(rows, axis=0)
+  sources: dict[int, tuple[int, Any]] = {}  # id(array) -> (row offset in the concatenation, array)
+  offset = 0
+  for a, _ in refs:
+    if id(a) not in sources:
+      sources[id(a)] = (offset, a)
+      offset += a.shape[0]
+  index = np.zeros(b_pad, np.int32)
+  index[:len(refs)] = [sources[id(a)][0] + r for a, r in refs]
+  arrays = [a for _, a in sources.values()]
+  stacked = arrays[0] if len(arrays) == 1 else xp.concatenate(arrays, axis=0)
+  return xp.take(stacked, xp.asarray(index), axis=0)
 
 
 def _param_dtype(block: Block):
