@@ -130,3 +130,27 @@ def test_two_worker_processes_give_the_same_tokens(zoo_dir, expected):
           p.kill()
           p.wait(timeout=10)
       p.stdout.close()
+
+
+def test_unload_frees_unshared_blocks_and_load_brings_them_back(zoo_dir, expected):
+  engine = Engine.from_zoo(zoo_dir, MODELS, mesh_shape=(1, 1), config=CONFIG)
+  server, port = build_server(engine, 0)
+  server.start()
+  try:
+    with Client(f"127.0.0.1:{port}") as client:
+      before = {b["block_id"]: b for b in client.stats()["blocks"]}
+      running = client.generate("v2", prompt_tokens=PROMPTS[3], max_tokens=NEW, timeout=120)
+      first = next(running)
+      client.unload_model("v2")  # drains: the running request still completes
+      tokens = list(first.token_ids) + [t for chunk in running for t in chunk.token_ids]
+      assert tokens == expected["v2", 3]
+      assert [m.name for m in client.list_models()] == ["base", "v1"]
+      after = {b["block_id"]: b for b in client.stats()["blocks"]}
+      only_v2 = {i for i, b in before.items() if b["models"] == ["v2"]}
+      assert len(only_v2) == 2 and set(after) == set(before) - only_v2
+      client.load_model("v2")
+      assert client.generate_tokens("v2", prompt_tokens=PROMPTS[1], max_tokens=NEW) == expected["v2", 1]
+      assert len(client.stats()["blocks"]) == len(before)
+  finally:
+    server.stop(0)
+    engine.close()
