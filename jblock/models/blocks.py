@@ -45,12 +45,9 @@ class LayersBlock(nnx.Module):
       setattr(self, f"layer_{i}", DecoderLayer(cfg, window, dtype))
 
   def __call__(self, x, kv, meta):
-    ks, vs = [], []
     for i in range(self.num_layers):
-      x, k, v = getattr(self, f"layer_{i}")(x, kv["k"][i], kv["v"][i], meta)
-      ks.append(k)
-      vs.append(v)
-    return x, {"k": jnp.stack(ks), "v": jnp.stack(vs)}
+      x, kv = getattr(self, f"layer_{i}")(x, kv, i, meta)
+    return x, kv
 
 
 class HeadBlock(nnx.Module):

@@ -115,8 +115,9 @@ class Attention(nnx.Module):
     # A tuple keeps it static in the graph definition (not a param).
     self.inv_freq = tuple(rope_inv_freq(cfg["rope"], hd).tolist()) if cfg["rope"] else None
 
-  def __call__(self, x, k_cache, v_cache, meta):
-    """x: [B, T, D]; caches: [slots, max_len, KVH, hd] (one layer). Returns y and updated caches."""
+  def __call__(self, x, kv, layer: int, meta):
+    """x: [B, T, D]; kv: {"k", "v"} [layers, slots, max_len, KVH, hd] of the whole block, of
+    which this attention owns index `layer`. Returns y and kv updated in place."""
     b, t, _ = x.shape
     h, kvh, hd = self.num_heads, self.num_kv_heads, self.head_dim
     q = self.q(x).reshape(b, t, h, hd)
@@ -127,15 +128,17 @@ class Attention(nnx.Module):
     if self.inv_freq is not None:
       q, k = apply_rope(q, qpos, self.inv_freq), apply_rope(k, qpos, self.inv_freq)
 
-    # Write this chunk's keys/values into the request's slot; padding goes out of range and is dropped.
-    max_len = k_cache.shape[1]
+    # Write this chunk's keys/values into the request's slot; padding goes out of range and is
+    # dropped. Indexing the whole block's buffer (not a per-layer slice restacked afterwards)
+    # keeps the update in place: restacking copied every slot's cache on each call.
+    max_len = kv["k"].shape[2]
     valid = offsets[None, :] < meta["n_valid"][:, None]
     write_pos = jnp.where(valid, qpos, max_len)
     slots = meta["slots"][:, None]
-    k_cache = k_cache.at[slots, write_pos].set(k.astype(k_cache.dtype), mode="drop")
-    v_cache = v_cache.at[slots, write_pos].set(v.astype(v_cache.dtype), mode="drop")
+    kv = {"k": kv["k"].at[layer, slots, write_pos].set(k.astype(kv["k"].dtype), mode="drop"),
+          "v": kv["v"].at[layer, slots, write_pos].set(v.astype(kv["v"].dtype), mode="drop")}
 
-    keys, values = k_cache[meta["slots"]], v_cache[meta["slots"]]  # [B, max_len, KVH, hd]
+    keys, values = kv["k"][layer, meta["slots"]], kv["v"][layer, meta["slots"]]  # [B, max_len, KVH, hd]
     kpos = jnp.arange(max_len, dtype=jnp.int32)[None, None, :]
     mask = kpos <= qpos[:, :, None]
     if self.window:
@@ -146,7 +149,7 @@ class Attention(nnx.Module):
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h * hd)
-    return self.o(out), k_cache, v_cache
+    return self.o(out), kv
 
 
 class MLP(nnx.Module):
@@ -180,7 +183,7 @@ class DecoderLayer(nnx.Module):
     self.mlp_norm = make_norm(cfg["norm"], d, eps, dtype)
     self.mlp = MLP(cfg, dtype)
 
-  def __call__(self, x, k_cache, v_cache, meta):
-    a, k_cache, v_cache = self.attn(self.attn_norm(x), k_cache, v_cache, meta)
+  def __call__(self, x, kv, layer: int, meta):
+    a, kv = self.attn(self.attn_norm(x), kv, layer, meta)
     x = x + a
-    return x + self.mlp(self.mlp_norm(x)), k_cache, v_cache
+    return x + self.mlp(self.mlp_norm(x)), kv
