@@ -8,6 +8,7 @@ and routes each output onward. Requests of different models meet in the instance
 
 import collections
 import dataclasses
+import functools
 import itertools
 import threading
 import time
@@ -459,28 +460,49 @@ class Engine:
     self.close()
 
 
-def _gather_rows(refs: list[tuple[Any, int]], b_pad: int):
-  """Stacks items' hidden rows into one [b_pad, T, D] batch in at most two array ops.
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _scatter_rows(batch, source, rows):
+  """batch[rows[i]] = source[i]; rows past the batch (out of range) are dropped."""
+  return batch.at[rows].set(source, mode="drop")
 
-  Rows are jax arrays on this process's devices, or numpy arrays that came back from a worker.
-  Padding rows repeat row 0; their n_valid is 0, so they write nothing and are never read.
+
+@jax.jit
+def _take_rows(source, rows):
+  return jnp.take(source, rows, axis=0)
+
+
+def _gather_rows(refs: list[tuple[Any, int]], b_pad: int):
+  """Stacks items' hidden rows into one [b_pad, T, D] batch.
+
+  Rows are jax arrays on this process's devices (one jitted op per source array, with shapes
+  drawn from the batch buckets only, so compilation stays bounded), or numpy arrays that came
+  back from a worker. Padding rows are zeros or repeats; their n_valid is 0, so they write
+  nothing and are never read.
   """
   first = refs[0][0]
   if (all(a is first for a, _ in refs) and [r for _, r in refs] == list(range(len(refs)))
       and first.shape[0] == b_pad):
     return first  # the whole batch moved on together: no copy
-  xp = np if all(isinstance(a, np.ndarray) for a, _ in refs) else jnp
-  sources: dict[int, tuple[int, Any]] = {}  # id(array) -> (row offset in the concatenation, array)
-  offset = 0
+  if all(isinstance(a, np.ndarray) for a, _ in refs):
+    out = np.zeros((b_pad,) + first.shape[1:], first.dtype)
+    for row, (a, r) in enumerate(refs):
+      out[row] = a[r]
+    return out
+  sources: dict[int, Any] = {}
   for a, _ in refs:
-    if id(a) not in sources:
-      sources[id(a)] = (offset, a)
-      offset += a.shape[0]
-  index = np.zeros(b_pad, np.int32)
-  index[:len(refs)] = [sources[id(a)][0] + r for a, r in refs]
-  arrays = [a for _, a in sources.values()]
-  stacked = arrays[0] if len(arrays) == 1 else xp.concatenate(arrays, axis=0)
-  return xp.take(stacked, xp.asarray(index), axis=0)
+    sources.setdefault(id(a), jnp.asarray(a))
+  if len(sources) == 1:
+    rows = np.zeros(b_pad, np.int32)
+    rows[:len(refs)] = [r for _, r in refs]
+    return _take_rows(first, rows)
+  batch = jnp.zeros((b_pad,) + first.shape[1:], first.dtype)
+  for key, source in sources.items():
+    rows = np.full(source.shape[0], b_pad, np.int32)  # b_pad = out of range: dropped
+    for row, (a, r) in enumerate(refs):
+      if id(a) == key:
+        rows[r] = row
+    batch = _scatter_rows(batch, source, rows)
+  return batch
 
 
 def _param_dtype(block: Block):
