@@ -1,6 +1,13 @@
 """jblock: multi-tenant LLM serving on JAX with models cut into shared, content-addressed blocks."""
 
+from typing import TYPE_CHECKING
+
 from jblock.blocks import Block
+
+if TYPE_CHECKING:
+  from jblock.model import Model
+
+__all__ = ["Block", "Engine", "Model", "from_hf", "from_zoo"]
 
 
 def from_hf(hf_dir: str, dtype: str = "float32", layers_per_block: int = 1) -> "Model":

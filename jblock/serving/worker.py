@@ -15,8 +15,8 @@ import grpc
 import jax
 import numpy as np
 
-from jblock.blocks import EMBED, HEAD, LAYERS, Block
-from jblock.errors import JBlockError, NotFoundError, UnavailableError
+from jblock.blocks import HEAD, LAYERS, Block
+from jblock.errors import JBlockError, UnavailableError
 from jblock.runtime import mesh as mesh_lib
 from jblock.runtime.instance import BlockInstance, SlotAllocator, idle_sampling
 from jblock.serving.coordinator import status_code

@@ -1,7 +1,5 @@
 """The block engine serves many variants at once and gives each request what it would get alone."""
 
-import json
-import os
 
 import jax
 import numpy as np
