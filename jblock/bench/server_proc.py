@@ -10,6 +10,7 @@ Prints the server's ready line once listening; SIGTERM drains and exits.
 """
 
 import collections
+import dataclasses
 import threading
 
 from absl import app
@@ -59,36 +60,24 @@ def build_engine():
   cache = {}
   specs = [_spec_from_zoo(zoo, name, cache) for name in _MODELS.value]
   sharing = _MODE.value == "block"
-  factory = None
-  if _PROVISION.value == "tenants":
-    tenants = collections.Counter(i for spec in specs for i in set(spec.block_ids))
-    factory = _tenant_factory(config, {i: k if sharing else 1 for i, k in tenants.items()})
+  if _PROVISION.value == "tenants" and sharing:
+    config = _provision_by_tenants(config, specs)
   # One device: the 2-core bench machine gains nothing from splitting a small model.
-  return Engine(specs, sharing=sharing, mesh_shape=(1, 1), config=config, zoo=zoo,
-                instance_factory=factory)
+  return Engine(specs, sharing=sharing, mesh_shape=(1, 1), config=config, zoo=zoo)
 
 
-def _tenant_factory(config, tenants: dict[str, int]):
+def _provision_by_tenants(config, specs):
   """Block instances sized by how many served models share them (BlockLLM's per-block
   provisioning): a block of k models gets k times the KV slots and batch of a one-model block,
   so the block engine holds exactly the KV memory and batch capacity per model that the
   per-model baseline holds, only not split into N separate pools."""
-  from jblock.blocks import flat_leaves
-  from jblock.runtime import mesh as mesh_lib
-  from jblock.runtime.instance import BlockInstance
-  mesh = mesh_lib.make_mesh((1, 1))
-
-  def make(key, block, block_id, batch_size, table):
-    k = tenants.get(block_id, 1)
-    batch = min(_MAX_BATCH.value, batch_size * k)
-    inst = BlockInstance(key, block, mesh, batch, config.kv_slots * k, config.max_seq_len,
-                         shared_table=table, block_id=block_id)
-    dtype = next(iter(flat_leaves(block.params)))[1].dtype
-    inst.warmup(config.batch_buckets(batch), [1] + config.prefill_buckets(),
-                block.config["hidden_size"], dtype)
-    return inst
-
-  return make
+  tenants = collections.Counter(i for spec in specs for i in set(spec.block_ids))
+  shared = {i: k for i, k in tenants.items() if k > 1}
+  return dataclasses.replace(
+      config,
+      batch_size_by_block=tuple((i, min(_MAX_BATCH.value, config.batch_size * k))
+                                for i, k in shared.items()),
+      kv_slots_by_block=tuple((i, config.kv_slots * k) for i, k in shared.items()))
 
 
 class CompileCounter:

@@ -36,6 +36,7 @@ class EngineConfig:
   batch_size_by_kind: tuple[tuple[str, int], ...] = ()  # per-kind override, e.g. (("head", 16),)
   batch_size_by_block: tuple[tuple[str, int], ...] = ()  # per-block-id override (id or id prefix)
   kv_slots: int = 16  # KV slots per layers instance (concurrent requests through it)
+  kv_slots_by_block: tuple[tuple[str, int], ...] = ()  # per-block-id override (id or id prefix)
   max_seq_len: int = 256  # KV length per slot: prompt + generated tokens
   prefill_chunk: int = 64  # longest prompt piece one step item carries
   length_buckets: tuple[int, ...] = (16, 64)  # padded prefill lengths (decode is length 1)
@@ -43,6 +44,12 @@ class EngineConfig:
   warmup: bool = True  # compile every bucket at start-up
   compilation_cache_dir: str | None = None  # persistent XLA compilation cache
   trace_size: int = 2000  # batches kept for the trace view
+
+  def kv_slots_for(self, block_id: str) -> int:
+    for prefix, slots in self.kv_slots_by_block:
+      if block_id.startswith(prefix):
+        return slots
+    return self.kv_slots
 
   def batch_size_for(self, block_id: str, kind: str) -> int:
     for prefix, size in self.batch_size_by_block:
@@ -147,8 +154,8 @@ class Engine:
 
   def _local_instance(self, key: str, block: Block, block_id: str, batch_size: int, table):
     cfg = self.config
-    inst = BlockInstance(key, block, self.mesh, batch_size, cfg.kv_slots, cfg.max_seq_len,
-                         shared_table=table, block_id=block_id)
+    inst = BlockInstance(key, block, self.mesh, batch_size, cfg.kv_slots_for(block_id),
+                         cfg.max_seq_len, shared_table=table, block_id=block_id)
     if cfg.warmup:
       inst.warmup(cfg.batch_buckets(batch_size), [1] + cfg.prefill_buckets(),
                   block.config["hidden_size"], _param_dtype(block))

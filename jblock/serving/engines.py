@@ -50,7 +50,7 @@ def distributed_engine(zoo_dir: str, models: Sequence[str] | None, num_workers: 
     specs = [_spec_from_zoo(zoo, name, cache, load_params=False) for name in names]
     placement = plan_placement([s.block_ids for s in specs], workers)
     progress(f"jblock: placing {len(placement)} blocks on {', '.join(workers)}")
-    factory = remote_factory(placement, zoo_dir, config.kv_slots, config.max_seq_len)
+    factory = remote_factory(placement, zoo_dir, config)
     engine = Engine(specs, sharing=sharing, mesh_shape=(1, 1), config=config, zoo=zoo,
                     instance_factory=factory)
     return engine, server

@@ -184,12 +184,12 @@ def plan_placement(chains: Sequence[Sequence[str]], workers: Sequence[str]) -> d
   return placement
 
 
-def remote_factory(placement: dict[str, str], zoo_dir: str, kv_slots: int, max_len: int):
+def remote_factory(placement: dict[str, str], zoo_dir: str, config):
   """An engine InstanceFactory that hosts every block on its planned worker."""
 
   def make(key: str, block: Block, block_id: str, batch_size: int, table) -> RemoteBlockInstance:
-    return RemoteBlockInstance(key, block, block_id, batch_size, kv_slots, max_len,
-                               placement[block_id], zoo_dir)
+    return RemoteBlockInstance(key, block, block_id, batch_size, config.kv_slots_for(block_id),
+                               config.max_seq_len, placement[block_id], zoo_dir)
 
   return make
 

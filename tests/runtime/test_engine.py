@@ -182,3 +182,16 @@ def test_trace_text_names_blocks_and_models(shared_engine):
   text = shared_engine.trace_text(last=5)
   assert text.splitlines()[0].split()[:3] == ["batch", "kind", "block"]
   assert len(text.splitlines()) == 6
+
+
+def test_per_block_kv_slots_and_batch_size(variants):
+  specs = variants[1]
+  shared_layer = specs[0].block_ids[1]
+  cfg = EngineConfig(batch_size=2, kv_slots=3, max_seq_len=64, prefill_chunk=16, length_buckets=(16,),
+                     warmup=False, kv_slots_by_block=((shared_layer[:16], 9),),
+                     batch_size_by_block=((shared_layer, 6),))
+  with Engine(specs, sharing=True, mesh_shape=(1, 1), config=cfg) as engine:
+    blocks = {b["block_id"]: b for b in engine.stats()["blocks"]}
+    assert blocks[shared_layer]["kv_slots_free"] == 9 and blocks[shared_layer]["batch_size"] == 6
+    other = specs[0].block_ids[2]
+    assert blocks[other]["kv_slots_free"] == 3 and blocks[other]["batch_size"] == 2
