@@ -162,22 +162,29 @@ class Engine:
     return inst
 
   def _add_model(self, spec: ModelSpec) -> ModelInfo:
+    """Builds (and warms) the instances the model lacks without holding the lock, so serving
+    goes on during a LoadModel; then registers them and the model at once."""
     chain = []
     table = None
     for block, block_id in zip(spec.chain, spec.block_ids):
       key = block_id if self.sharing else f"{spec.name}/{block_id}"
-      inst = self._instances.get(key)
+      with self._lock:
+        inst = self._instances.get(key) or next((i for i in chain if i.key == key), None)
       if inst is None:
         inst = self._new_instance(key, block, block_id,
                                   self.config.batch_size_for(block_id, block.kind), table)
-        self._instances[key] = inst
-        self._queues[key] = collections.deque()
       if block.kind == EMBED:
         table = inst.embed_table
-      inst.models.add(spec.name)
       chain.append(inst)
-    self._models[spec.name] = (spec, chain)
-    return self._info(spec)
+    with self._lock:
+      for i, inst in enumerate(chain):
+        if inst.key not in self._instances:
+          self._instances[inst.key] = inst
+          self._queues[inst.key] = collections.deque()
+        chain[i] = self._instances[inst.key]  # a concurrent load may have registered it first
+        chain[i].models.add(spec.name)
+      self._models[spec.name] = (spec, chain)
+      return self._info(spec)
 
   def _info(self, spec: ModelSpec) -> ModelInfo:
     c = spec.config
@@ -203,9 +210,7 @@ class Engine:
     with self._lock:
       if name in self._models:
         return self._info(self._models[name][0])
-    spec = _spec_from_zoo(self.zoo, name, {})
-    with self._lock:
-      return self._add_model(spec)
+    return self._add_model(_spec_from_zoo(self.zoo, name, {}))
 
   def unload_model(self, name: str, timeout: float = 60.0) -> None:
     """Stops admitting `name`, waits for its in-flight requests, frees blocks no one else uses."""

@@ -185,9 +185,16 @@ def plan_placement(chains: Sequence[Sequence[str]], workers: Sequence[str]) -> d
 
 
 def remote_factory(placement: dict[str, str], zoo_dir: str, config):
-  """An engine InstanceFactory that hosts every block on its planned worker."""
+  """An engine InstanceFactory that hosts every block on its planned worker; a block of a model
+  loaded later (Admin LoadModel) goes to the worker hosting the fewest blocks."""
+  workers = sorted(set(placement.values()))
 
   def make(key: str, block: Block, block_id: str, batch_size: int, table) -> RemoteBlockInstance:
+    if block_id not in placement:
+      load = {w: 0 for w in workers}
+      for w in placement.values():
+        load[w] += 1
+      placement[block_id] = min(workers, key=lambda w: (load[w], w))
     return RemoteBlockInstance(key, block, block_id, batch_size, config.kv_slots_for(block_id),
                                config.max_seq_len, placement[block_id], zoo_dir)
 
