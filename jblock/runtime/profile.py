@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jblock.blocks import EMBED, HEAD, Block
+from jblock.blocks import EMBED, HEAD, Block, flat_leaves
 from jblock.runtime import mesh as mesh_lib
 from jblock.runtime.instance import BlockInstance, idle_sampling
 
@@ -32,7 +32,7 @@ def time_block_steps(chain: list[Block], batch_sizes=(1, 2, 4, 8), length: int =
     if block.kind in seen_kinds:
       continue
     seen_kinds.add(block.kind)
-    dtype = np.asarray(next(iter(_leaves(block.params)))).dtype
+    dtype = np.asarray(flat_leaves(block.params)[0][1]).dtype
     for b in batch_sizes:
       meta = {"slots": np.arange(b, dtype=np.int32), "starts": np.full(b, max_len // 2, np.int32),
               "n_valid": np.full(b, length, np.int32)}
@@ -49,10 +49,3 @@ def time_block_steps(chain: list[Block], batch_sizes=(1, 2, 4, 8), length: int =
                    "param_bytes": inst.resident_bytes, "median_ms": 1e3 * statistics.median(times)})
   return rows
 
-
-def _leaves(tree):
-  for v in tree.values():
-    if isinstance(v, dict):
-      yield from _leaves(v)
-    else:
-      yield v
