@@ -168,7 +168,7 @@ class RemoteBlockInstance:
             "mean_occupancy": (self.items_run / (self.batches_run * self.batch_size)
                                if self.batches_run else 0.0),
             "kv_slots_used": self.slots.capacity - self.slots.free,
-            "kv_slots_free": self.slots.free, "busy_s": 0.0, "placement": self.placement}
+            "kv_slots_free": self.slots.free, "dispatch_s": 0.0, "placement": self.placement}
 
 
 def plan_placement(chains: Sequence[Sequence[str]], workers: Sequence[str]) -> dict[str, str]:
