@@ -17,6 +17,7 @@ import numpy as np
 
 from jblock.blocks import EMBED, HEAD, LAYERS, Block
 from jblock.models import blocks as block_fns
+from jblock.models.attention import contiguous_meta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +91,7 @@ def make_loss(structure: tuple[tuple[str, str], ...]) -> Callable:
 
   def loss(params, tokens, lengths):
     b, t = tokens.shape
-    meta = {"slots": jnp.arange(b, dtype=jnp.int32), "starts": jnp.zeros(b, jnp.int32),
-            "n_valid": lengths}
+    meta = contiguous_meta(b, t, 0, lengths)
     x = tokens
     for kind, cfg, fn, p in zip(kinds, configs, fns, params):
       if kind == HEAD and cfg["tied_to"] is not None:

@@ -1,7 +1,7 @@
 """The reference model: a chain of blocks run in order with a KV cache.
 
 This is the same block code the serving engine runs (jblock.models.blocks), driven the
-simplest way: one batch, one cache slot per row, greedy decoding.
+simplest way: one batch, contiguous KV pages per row, greedy decoding.
 """
 
 import functools
@@ -14,6 +14,7 @@ import numpy as np
 
 from jblock.blocks import EMBED, HEAD, LAYERS, Block
 from jblock.models import blocks as block_fns
+from jblock.models.attention import contiguous_meta
 from jblock.models.config import ModelConfig
 
 
@@ -90,7 +91,7 @@ class Model:
     """float32 [B, T, V] logits; positions past a row's length are padding (undefined)."""
     toks, lens = pad_batch(tokens, lengths)
     b, t = toks.shape
-    meta = _meta(np.arange(b), np.zeros(b), lens)
+    meta = contiguous_meta(b, t, 0, lens)
     out, _ = self._run(jnp.asarray(toks), self._new_cache(b, t), meta)
     return np.asarray(out)
 
@@ -98,18 +99,15 @@ class Model:
     """Greedy decode with a KV cache: int32 [B, max_new_tokens] new tokens per row."""
     toks, lens = pad_batch(tokens, lengths)
     b, t = toks.shape
-    kvs = self._new_cache(b, t + max_new_tokens)
-    slots = np.arange(b)
-    logits, kvs = self._run(jnp.asarray(toks), kvs, _meta(slots, np.zeros(b), lens), head_rows=lens - 1)
+    max_len = t + max_new_tokens
+    kvs = self._new_cache(b, max_len)
+    logits, kvs = self._run(jnp.asarray(toks), kvs, contiguous_meta(b, max_len, 0, lens),
+                            head_rows=lens - 1)
     out = []
     for step in range(max_new_tokens):
       next_tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
       out.append(next_tok)
       if step + 1 < max_new_tokens:
-        logits, kvs = self._run(next_tok[:, None], kvs, _meta(slots, lens + step, np.ones(b)))
+        logits, kvs = self._run(next_tok[:, None], kvs, contiguous_meta(b, max_len, lens + step, 1))
     return np.asarray(jnp.stack(out, axis=1))
 
-
-def _meta(slots, starts, n_valid) -> dict[str, jax.Array]:
-  return {"slots": jnp.asarray(slots, jnp.int32), "starts": jnp.asarray(starts, jnp.int32),
-          "n_valid": jnp.asarray(n_valid, jnp.int32)}

@@ -3,10 +3,11 @@
 Every block kind has one contract: `apply(params, kv, x, meta) -> (y, kv)`.
 - embed:  x = token ids [B, T] int32            -> hidden [B, T, D]; kv unused ({}).
 - layers: x = hidden [B, T, D]                  -> hidden [B, T, D]; kv = {"k", "v"}:
-          [layers, slots, max_len, KVH, head_dim], written in place for the rows' slots.
+          [layers, pages, page_size, KVH, head_dim], written in place in the rows' pages.
 - head:   x = hidden [B, T, D]                  -> logits [B, T, V] float32; kv unused.
-`meta` holds per-row int32 vectors: `slots` (KV slot), `starts` (tokens already cached,
-i.e. the position of x[:, 0]) and `n_valid` (real tokens in the row; the rest is padding).
+`meta` holds per-row int32 arrays: `page_table` [B, W] (the row's KV pages), `starts` (tokens
+already cached, i.e. the position of x[:, 0]) and `n_valid` (real tokens in the row; the rest is
+padding). See jblock.models.attention.
 """
 
 import functools
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jblock.blocks import EMBED, HEAD, LAYERS
+from jblock.models import attention
 from jblock.models.layers import DecoderLayer, make_norm
 
 
@@ -105,7 +107,10 @@ def _as_params(tree):
   return {k: _as_params(v) if isinstance(v, dict) else nnx.Param(v) for k, v in tree.items()}
 
 
-def init_kv(config: dict[str, Any], slots: int, max_len: int, dtype) -> dict[str, jax.Array]:
-  """Zeroed KV buffers for one layers block: [layers, slots, max_len, KVH, head_dim]."""
-  shape = (config["num_layers"], slots, max_len, config["num_kv_heads"], config["head_dim"])
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+def init_kv(config: dict[str, Any], slots: int, max_len: int, dtype,
+            page_size: int = attention.DEFAULT_PAGE_SIZE) -> dict[str, jax.Array]:
+  """Zeroed paged KV for one layers block with room for `slots` rows of `max_len` tokens laid
+  out contiguously (row i owns pages [i * W, (i + 1) * W); see attention.contiguous_page_table)."""
+  pages = slots * -(-max_len // page_size)
+  return attention.init_kv(config["num_layers"], pages, page_size, config["num_kv_heads"],
+                           config["head_dim"], dtype)

@@ -1,4 +1,4 @@
-"""Flax NNX building blocks: norms, projections, RoPE, attention over a slot-indexed KV cache, MLPs.
+"""Flax NNX building blocks: norms, projections, RoPE, attention over a paged KV cache, MLPs.
 
 Numerics follow Hugging Face transformers (norms and softmax in float32, RoPE's rotate-half
 convention) so that converted models match it to the last logit.
@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from jblock.models.attention import attend
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -102,7 +104,7 @@ def apply_rope(x, positions, inv_freq):
 
 
 class Attention(nnx.Module):
-  """Multi-head / grouped-query attention that reads and writes one layer of a slot-indexed cache."""
+  """Multi-head / grouped-query attention that reads and writes one layer of a paged KV cache."""
 
   def __init__(self, cfg: dict[str, Any], window: int, dtype):
     d, h, kvh, hd = cfg["hidden_size"], cfg["num_heads"], cfg["num_kv_heads"], cfg["head_dim"]
@@ -116,8 +118,8 @@ class Attention(nnx.Module):
     self.inv_freq = tuple(rope_inv_freq(cfg["rope"], hd).tolist()) if cfg["rope"] else None
 
   def __call__(self, x, kv, layer: int, meta):
-    """x: [B, T, D]; kv: {"k", "v"} [layers, slots, max_len, KVH, hd] of the whole block, of
-    which this attention owns index `layer`. Returns y and kv updated in place."""
+    """x: [B, T, D]; kv: {"k", "v"} [layers, pages, page_size, KVH, hd] of the whole block, of
+    which this attention owns index `layer` (see jblock.models.attention). Returns y and kv."""
     b, t, _ = x.shape
     h, kvh, hd = self.num_heads, self.num_kv_heads, self.head_dim
     q = self.q(x).reshape(b, t, h, hd)
@@ -128,28 +130,8 @@ class Attention(nnx.Module):
     if self.inv_freq is not None:
       q, k = apply_rope(q, qpos, self.inv_freq), apply_rope(k, qpos, self.inv_freq)
 
-    # Write this chunk's keys/values into the request's slot; padding goes out of range and is
-    # dropped. Indexing the whole block's buffer (not a per-layer slice restacked afterwards)
-    # keeps the update in place: restacking copied every slot's cache on each call.
-    max_len = kv["k"].shape[2]
-    valid = offsets[None, :] < meta["n_valid"][:, None]
-    write_pos = jnp.where(valid, qpos, max_len)
-    slots = meta["slots"][:, None]
-    kv = {"k": kv["k"].at[layer, slots, write_pos].set(k.astype(kv["k"].dtype), mode="drop"),
-          "v": kv["v"].at[layer, slots, write_pos].set(v.astype(kv["v"].dtype), mode="drop")}
-
-    keys, values = kv["k"][layer, meta["slots"]], kv["v"][layer, meta["slots"]]  # [B, max_len, KVH, hd]
-    kpos = jnp.arange(max_len, dtype=jnp.int32)[None, None, :]
-    mask = kpos <= qpos[:, :, None]
-    if self.window:
-      mask &= kpos > qpos[:, :, None] - self.window
-    qg = q.reshape(b, t, kvh, h // kvh, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys, preferred_element_type=jnp.float32)
-    scores = scores * (1.0 / math.sqrt(hd))
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h * hd)
-    return self.o(out), kv
+    out, kv = attend(q, k, v, kv, layer, meta, scale=1.0 / math.sqrt(hd), window=self.window)
+    return self.o(out.reshape(b, t, h * hd)), kv
 
 
 class MLP(nnx.Module):

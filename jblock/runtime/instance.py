@@ -16,6 +16,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jblock.blocks import EMBED, HEAD, LAYERS, Block, flat_leaves
+from jblock.models import attention
 from jblock.models import blocks as block_fns
 from jblock.runtime import mesh as mesh_lib
 from jblock.runtime.sampling import sample
@@ -90,8 +91,9 @@ class BlockInstance:
     kv_spec = None
     if self.kind == LAYERS:
       dtype = next(a for _, a in flat_leaves(self.params)).dtype
-      shape = (block.config["num_layers"], kv_slots, max_len, block.config["num_kv_heads"],
-               block.config["head_dim"])
+      self.pages_per_slot = -(-max_len // attention.DEFAULT_PAGE_SIZE)
+      shape = (block.config["num_layers"], kv_slots * self.pages_per_slot,
+               attention.DEFAULT_PAGE_SIZE, block.config["num_kv_heads"], block.config["head_dim"])
       kv_spec = mesh_lib.kv_sharding(shape, mesh)
       zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=kv_spec)
       self.kv = {"k": zeros(), "v": zeros()}
@@ -112,6 +114,10 @@ class BlockInstance:
   def run(self, x, meta: dict[str, np.ndarray], sampling: dict[str, np.ndarray] | None = None):
     """Runs one padded batch. x: tokens [B, T] (embed) or hidden [B, T, D]; returns y or tokens."""
     t0 = time.perf_counter()
+    meta = dict(meta)
+    slots = np.asarray(meta.pop("slots"), np.int32)
+    w = getattr(self, "pages_per_slot", 1)
+    meta["page_table"] = slots[:, None] * w + np.arange(w, dtype=np.int32)[None, :]
     meta = {k: jnp.asarray(v, jnp.int32) for k, v in meta.items()}
     if self.kind == EMBED:
       y = self._fn(self.run_params, jnp.asarray(x, jnp.int32), meta)

@@ -72,7 +72,7 @@ def param_shardings(params: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
 
 
 def kv_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
-  """KV buffers [layers, slots, max_len, kv_heads, head_dim]: slots on data, heads on model."""
+  """KV buffers [layers, pages, page_size, kv_heads, head_dim]: pages on data, heads on model."""
   return NamedSharding(mesh, _spec(shape, {1: DATA, 3: MODEL}, mesh))
 
 
