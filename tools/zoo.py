@@ -5,6 +5,12 @@
   python -m tools.zoo stats           logical vs stored bytes, dedup ratio, block counts
   python -m tools.zoo verify          re-hashes every block, checks manifests (exit 1 on problems)
   python -m tools.zoo gc              removes blocks no model references (waits for conversions)
+                                      and the equivalence records of removed blocks or models
+  python -m tools.zoo equiv --model=M [--block=ID_PREFIX] [--position=P] [--calibration=FILE]
+                                      measures how replacing M's blocks with same-shape blocks of
+                                      other models changes M; stores equivalence records
+  python -m tools.zoo assemble --model=M --name=NEW [--max_kl=X] [--min_top1=Y]
+                                      a new model taking equivalent blocks within the budget
 
 All take --zoo=DIR (default checkpoints/zoo). The logic lives in jblock.zoo.
 """
@@ -18,9 +24,62 @@ from jblock.zoo import cli
 from jblock.zoo.store import Zoo
 
 PROG = "zoo"
-COMMANDS = "list, show NAME, stats, verify, gc"
+COMMANDS = "list, show NAME, stats, verify, gc, equiv, assemble"
 
 _ZOO = flags.DEFINE_string("zoo", "checkpoints/zoo", "Zoo directory.")
+_MODEL = flags.DEFINE_string("model", None, "equiv/assemble: the model to evaluate or assemble from.")
+_NAME = flags.DEFINE_string("name", None, "assemble: name of the new model.")
+_MAX_KL = flags.DEFINE_float("max_kl", None, "assemble: budget, mean KL(original || assembled).")
+_MIN_TOP1 = flags.DEFINE_float("min_top1", None, "assemble: budget, top-1 agreement with the original.")
+_CALIBRATION = flags.DEFINE_string(
+    "calibration", None, "equiv/assemble: text file (tokenized for the model) or token ids "
+    "(.npy, .json); default: jblock/demo_corpus.txt.")
+_CANDIDATES = flags.DEFINE_list(
+    "candidates", None, "equiv/assemble: models whose blocks are candidates (default: the model's "
+    "base_model when it is in the zoo, else every other model).")
+_BLOCK = flags.DEFINE_string("block", None, "equiv: one candidate block (id or unique prefix).")
+_POSITION = flags.DEFINE_integer("position", None, "equiv: only this chain position.")
+_ANY_POSITION = flags.DEFINE_bool("any_position", False,
+                                  "equiv/assemble: candidates from any position of the source "
+                                  "models, not only the same one.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "equiv/assemble: tokens per calibration window.")
+_MAX_WINDOWS = flags.DEFINE_integer("max_windows", 64, "equiv/assemble: windows per split, at most.")
+_HOLDOUT = flags.DEFINE_float("holdout", 0.25, "equiv/assemble: held-out tail of the calibration text.")
+_REPORT = flags.DEFINE_string("report", None, "equiv/assemble: also write the report as JSON here.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "assemble: replace a model named --name.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "equiv/assemble: progress bars on stderr.")
+
+
+def _equivalence_options() -> dict:
+  return dict(calibration=_CALIBRATION.value, sources=_CANDIDATES.value,
+              any_position=_ANY_POSITION.value, seq_len=_SEQ_LEN.value,
+              max_windows=_MAX_WINDOWS.value, holdout=_HOLDOUT.value, progress=_PROGRESS.value)
+
+
+def _equivalence(zoo: Zoo, command: str) -> list[str]:
+  from jblock import results
+  from jblock.zoo import assemble, equiv_cli, equivalence
+  if not _MODEL.value:
+    cli.fail(PROG, f"'{command}' needs --model")
+  if command == "equiv":
+    candidates = [equiv_cli.resolve_block(zoo, _BLOCK.value)] if _BLOCK.value else None
+    positions = [_POSITION.value] if _POSITION.value is not None else None
+    report = equivalence.evaluate(zoo, _MODEL.value, candidates=candidates, positions=positions,
+                                  **_equivalence_options())
+    lines = equiv_cli.equiv_lines(report)
+  else:
+    if not _NAME.value:
+      cli.fail(PROG, "'assemble' needs --name for the new model")
+    if _MAX_KL.value is None and _MIN_TOP1.value is None:
+      cli.fail(PROG, "'assemble' needs a budget: --max_kl, --min_top1 or both")
+    report = assemble.assemble(zoo, _MODEL.value, _NAME.value, max_kl=_MAX_KL.value,
+                               min_top1=_MIN_TOP1.value, overwrite=_OVERWRITE.value,
+                               say=cli.progress_printer(), **_equivalence_options())
+    lines = equiv_cli.assemble_lines(report)
+  if _REPORT.value:
+    results.write_json(_REPORT.value, report)
+    lines.append(f"report: {_REPORT.value}")
+  return lines
 
 
 def run(zoo: Zoo, command: str, args: list[str]) -> int:
@@ -42,6 +101,8 @@ def run(zoo: Zoo, command: str, args: list[str]) -> int:
     return 1 if problems else 0
   elif command == "gc":
     lines = cli.gc_lines(zoo.gc())
+  elif command in ("equiv", "assemble"):
+    lines = _equivalence(zoo, command)
   else:
     cli.fail(PROG, f"unknown command {command!r}; commands: {COMMANDS}")
   print("\n".join(lines))

@@ -108,7 +108,8 @@ def show_lines(zoo: Zoo, name: str) -> list[str]:
   extra = {k: v for k, v in lineage.items() if k not in ("base_model", "source_dir", "conversion")}
   if extra:
     lines.append("  lineage: " + ", ".join(f"{k}={v}" for k, v in sorted(extra.items())))
-  return lines
+  from jblock.zoo import equiv_cli
+  return lines + equiv_cli.show_lines(zoo, name)
 
 
 def stats_lines(zoo: Zoo, stats: ZooStats) -> list[str]:
@@ -131,4 +132,6 @@ def gc_lines(report: GcReport) -> list[str]:
   lines.append(f"removed {len(report.removed)} unreferenced blocks, freed "
                f"{human_bytes(report.freed_bytes)} on disk; cleared {report.stale_tmp} stale "
                "temp entries")
+  if report.records_removed:
+    lines.append(f"removed {report.records_removed} equivalence records of removed blocks or models")
   return lines

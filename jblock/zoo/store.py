@@ -4,6 +4,8 @@ Layout under the zoo root:
   blocks/<id>/              orbax checkpoint of the block's params, plus block.json
   models/<name>.json        manifest: config, chain of block ids, hf_config, lineage
   models/<name>.tokenizer/  tokenizer files copied from the HF directory (when it has any)
+  equivalence/<model>/      equivalence records (jblock.zoo.records); gc removes them with
+                            their blocks
   tmp/                      staging: everything is written here first, then renamed into place
   zoo.lock                  flock: conversions hold it shared, gc exclusively
 
@@ -26,7 +28,7 @@ from jblock.convert import hf
 from jblock.errors import CorruptedBlockError, JBlockError, NotFoundError
 from jblock.model import Model
 from jblock.models.config import ModelConfig
-from jblock.zoo import atomic, blockio
+from jblock.zoo import atomic, blockio, records
 from jblock.zoo import manifest as manifests
 
 _BLOCK_ID = re.compile(r"[0-9a-f]{64}")
@@ -76,6 +78,7 @@ class GcReport:
   removed: list[str]  # block ids
   freed_bytes: int  # on-disk bytes of the removed blocks
   stale_tmp: int  # leftovers of crashed writes removed from tmp/
+  records_removed: int = 0  # equivalence records naming a removed block or a gone model
 
 
 class Zoo:
@@ -86,6 +89,7 @@ class Zoo:
     self.blocks_dir = os.path.join(self.root, "blocks")
     self.models_dir = os.path.join(self.root, "models")
     self.tmp_dir = os.path.join(self.root, "tmp")
+    self.records_dir = os.path.join(self.root, records.RECORDS_DIR)
     self._lock = atomic.ZooLock(self.root)
 
   # ---- blocks
@@ -262,6 +266,24 @@ class Zoo:
                          model_bytes=sum(b.nbytes for b in converted.blocks),
                          manifest_written=manifest_written)
 
+  def publish_manifest(self, name: str, data: dict[str, Any], tokenizer_dir: str | None = None,
+                       overwrite: bool = False) -> bool:
+    """Publishes a manifest whose chain holds only blocks already stored (an assembled model),
+    with a copy of `tokenizer_dir`'s tokenizer files; False when the same chain is there."""
+    manifests.check_name(name)
+    manifests.validate(data)
+    previous = self._chain_of(name)
+    if previous is not None and previous != data["chain"] and not overwrite:
+      raise ModelExistsError(f"model {name!r} already exists with a different chain; "
+                             "pass overwrite=True (--overwrite) to replace it")
+    with self._lock.shared():
+      missing = [i for i in data["chain"] if not self.has_block(i)]
+      if missing:
+        raise NotFoundError(f"model {name!r}: chain block {missing[0]} is not in the zoo")
+      with atomic.temp_dir(self.tmp_dir) as empty:
+        return self._publish_model(name, dict(data, name=name, tokenizer=None),
+                                   tokenizer_dir or empty, overwrite)
+
   def _chain_of(self, name: str) -> list[str] | None:
     try:
       return self.manifest(name)["chain"]
@@ -381,10 +403,11 @@ class Zoo:
     if not os.path.isdir(self.root):
       return GcReport([], 0, 0)
     with self._lock.exclusive():
-      referenced = set()
+      referenced, chains = set(), {}
       for name in self.models():
         try:
-          referenced.update(self.manifest(name)["chain"])
+          chains[name] = self.manifest(name)["chain"]
+          referenced.update(chains[name])
         except CorruptedManifestError as e:
           raise JBlockError(f"gc refused: {e}") from e
         except NotFoundError:
@@ -396,6 +419,7 @@ class Zoo:
           freed += _dir_size(directory)
           atomic.remove_dir(directory, self.tmp_dir)
           removed.append(block_id)
+      pruned = records.prune(self.root, self.tmp_dir, set(self.block_ids()), chains)
       stale = 0
       for entry in os.listdir(self.tmp_dir) if os.path.isdir(self.tmp_dir) else []:
         path = os.path.join(self.tmp_dir, entry)
@@ -404,7 +428,7 @@ class Zoo:
         else:
           os.remove(path)
         stale += 1
-    return GcReport(removed, freed, stale)
+    return GcReport(removed, freed, stale, pruned)
 
 
 def _dir_size(path: str) -> int:

@@ -1,0 +1,262 @@
+"""Equivalence evaluation and adaptive assembly (jblock.zoo.equivalence, jblock.zoo.assemble)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from jblock import variants
+from jblock.blocks import EMBED, HEAD, LAYERS
+from jblock.errors import InvalidRequestError
+from jblock.zoo import Zoo, records
+from jblock.zoo import assemble as asm
+from jblock.zoo import cli
+from jblock.zoo import equivalence as eqv
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SPEC = variants.BaseSpec(family="llama", hidden=32, layers=4, heads=4, kv_heads=2, vocab=61,
+                         max_positions=128)
+# A "full fine-tune": every tensor moves, by a different amount per chain position, so some of
+# its blocks are close to the base's and some are far.
+FULL_SCALES = {"model.embed_tokens": 0.002, "model.layers.0.": 0.004, "model.layers.1.": 0.08,
+               "model.layers.2.": 0.006, "model.layers.3.": 0.3, "lm_head": 0.02,
+               "model.norm": 0.01}
+TOKENS = np.random.default_rng(0).integers(0, SPEC.vocab, 1600)
+OPTS = dict(seq_len=32, max_windows=12, holdout=0.25)
+
+
+def _perturb(src: str, dst: str, scales: dict[str, float], seed: int) -> str:
+  shutil.copytree(src, dst)
+  path = os.path.join(dst, "model.safetensors")
+  tensors = load_file(path)
+  rng = np.random.default_rng(seed)
+  for name, tensor in tensors.items():
+    scale = next((v for k, v in scales.items() if name.startswith(k)), 0.0)
+    if scale:
+      tensors[name] = (tensor + rng.normal(0, scale, tensor.shape)).astype(tensor.dtype)
+  save_file(tensors, path, metadata={"format": "pt"})
+  return dst
+
+
+@pytest.fixture(scope="module")
+def eq_zoo(tmp_path_factory):
+  """base; ft (full fine-tune of base); part (only layer 3 changed); wide (other shapes)."""
+  root = tmp_path_factory.mktemp("equiv")
+  base = variants.init_base(SPEC, str(root / "base"), seed=0, init_std=0.2)
+  full = _perturb(base, str(root / "ft"), FULL_SCALES, seed=1)
+  part = _perturb(base, str(root / "part"), {"model.layers.3.": 0.05}, seed=2)
+  wide = variants.init_base(variants.BaseSpec(family="llama", hidden=48, layers=4, heads=4,
+                                              vocab=61, max_positions=128),
+                            str(root / "wide"), seed=3, init_std=0.2)
+  zoo = Zoo(str(root / "zoo"))
+  zoo.convert(base, "base")
+  zoo.convert(full, "ft", lineage={"base_model": "base"})
+  zoo.convert(part, "part", lineage={"base_model": "base"})
+  zoo.convert(wide, "wide")
+  return zoo
+
+
+@pytest.fixture
+def eq_copy(eq_zoo, tmp_path):
+  shutil.copytree(eq_zoo.root, tmp_path / "zoo")
+  return Zoo(str(tmp_path / "zoo"))
+
+
+@pytest.fixture(scope="module")
+def ft_eq(eq_zoo):
+  return eqv.Equivalence(eq_zoo, "ft", TOKENS, **OPTS)
+
+
+def test_identical_blocks_are_equivalent_with_zero_loss(eq_zoo, ft_eq):
+  for p in range(len(ft_eq.chain)):
+    m = ft_eq.evaluate(p, ft_eq.chain[p], store=False)["metrics"]
+    assert m["kl"] == 0.0 and m["top1"] == 1.0 and m["block_rel_l2"] == 0.0
+    assert m["block_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert m["perplexity"] == m["perplexity_original"]
+    assert m["tokens"] == 12 * 32
+  # A partial fine-tune's frozen blocks are the base's: same id, so nothing to substitute there,
+  # and the base's block at a frozen position is equivalent with zero loss.
+  part = eqv.Equivalence(eq_zoo, "part", TOKENS, **OPTS)
+  base_chain = eq_zoo.manifest("base")["chain"]
+  assert [len(part.candidates(p)) for p in range(6)] == [0, 0, 0, 0, 1, 0]
+  m = part.evaluate(2, base_chain[2], store=False)["metrics"]
+  assert m["kl"] == 0.0 and m["top1"] == 1.0
+
+
+def test_measured_loss_follows_how_far_each_block_moved(ft_eq):
+  base_chain = ft_eq.zoo.manifest("base")["chain"]
+  got = {p: ft_eq.evaluate(p, base_chain[p], store=False)["metrics"] for p in range(6)}
+  # Layers 0 and 2 moved little, layer 1 more, layer 3 a lot (chain positions 1..4).
+  assert got[1]["block_rel_l2"] < got[2]["block_rel_l2"] < got[4]["block_rel_l2"]
+  assert got[3]["block_rel_l2"] < got[2]["block_rel_l2"]
+  assert got[1]["kl"] < got[2]["kl"] < got[4]["kl"]
+  assert got[4]["top1"] < 0.5 < got[1]["top1"]
+  for m in got.values():
+    assert 0 < m["kl"] and 0 < m["block_rel_l2"] and m["block_cosine"] <= 1.0
+    assert 0.0 <= m["top1"] < 1.0
+  # Combined with an accepted substitution, the loss is measured against the original model.
+  both = ft_eq.evaluate(3, base_chain[3], context={1: base_chain[1]}, store=False)["metrics"]
+  assert both["kl"] > got[3]["kl"]
+  assert both == ft_eq.measure({1: base_chain[1], 3: base_chain[3]}) | {
+      "block_rel_l2": both["block_rel_l2"], "block_cosine": both["block_cosine"]}
+
+
+def test_other_kind_or_shape_is_never_a_candidate(eq_zoo, ft_eq):
+  wide = eq_zoo.manifest("wide")["chain"]
+  base = eq_zoo.manifest("base")["chain"]
+  for p in range(6):
+    assert ft_eq.candidates(p, sources=["wide"]) == []
+    assert ft_eq.candidates(p, sources=["wide"], any_position=True) == []
+    with pytest.raises(eqv.NotACandidateError, match="hidden_size"):
+      ft_eq.check_candidate(p, wide[p])
+  with pytest.raises(eqv.NotACandidateError, match="kind embed is not layers"):
+    ft_eq.check_candidate(1, base[0])
+  with pytest.raises(eqv.NotACandidateError, match="kind layers is not head"):
+    ft_eq.evaluate(5, base[4])
+  # From any position of the base: its four layers blocks, never its embed or head.
+  found = ft_eq.candidates(2, sources=["base"], any_position=True)
+  assert sorted(c.block_id for c in found) == sorted(base[1:5])
+  assert [c.block_id for c in ft_eq.candidates(0)] == [base[0]]  # default source: base_model
+  assert ft_eq.candidates(5)[0].models == ("base",)
+  record = eq_zoo.block_record(base[1])
+  shrunk = dict(record, leaves={**record["leaves"], "layer_0/mlp/down/kernel": {
+      "dtype": "float32", "shape": [1, 1]}})
+  assert eqv.candidate_problem(record, shrunk) == "param shapes or dtypes differ"
+  kinds = {eq_zoo.block_record(b)["kind"] for b in base}
+  assert kinds == {EMBED, LAYERS, HEAD}
+
+
+def test_records_survive_restart_and_gc(eq_copy):
+  report = eqv.evaluate(eq_copy, "ft", calibration=TOKENS, **OPTS)
+  assert [r["position"] for r in report["records"]] == list(range(6))
+  ft_chain = eq_copy.manifest("ft")["chain"]
+  # One record of 'part' whose candidate is a block of 'ft'.
+  part = eqv.Equivalence(eq_copy, "part", TOKENS, **OPTS)
+  cross = part.evaluate(4, ft_chain[4])
+  part_base = part.evaluate(4, eq_copy.manifest("base")["chain"][4])
+
+  again = Zoo(eq_copy.root)  # a restart
+  stored = records.read_all(again.root, "ft")
+  assert [(r["position"], r["candidate"], r["metrics"]) for r in stored] == [
+      (r["position"], r["candidate"], r["metrics"]) for r in report["records"]]
+  fresh = eqv.Equivalence(again, "ft", TOKENS, **OPTS)
+  read = fresh.evaluate(2, report["records"][2]["candidate"])
+  assert read == report["records"][2] and fresh._runners == {}  # read back, not re-measured
+  other = eqv.Equivalence(again, "ft", TOKENS[:800], **OPTS)  # another calibration set
+  assert other.evaluate(2, report["records"][2]["candidate"])["key"] != read["key"]
+  shown = "\n".join(cli.show_lines(again, "ft"))
+  assert "equivalence records: 7" in shown and report["records"][4]["candidate"][:12] in shown
+
+  assert again.gc().records_removed == 0  # every model still there
+  assert len(records.read_all(again.root)) == 7 + 2
+  again.remove_model("ft")
+  gc = again.gc()
+  assert set(gc.removed) == set(ft_chain) - set(again.manifest("base")["chain"])
+  assert gc.records_removed == 7 + 1  # ft's own, and part's record naming an ft block
+  left = records.read_all(again.root)
+  assert [r["key"] for r in left] == [part_base["key"]] and cross["key"] != part_base["key"]
+  assert not os.path.exists(os.path.join(again.records_dir, "ft"))
+
+
+def _kl_top1(original, assembled, windows):
+  p = original.logits(windows).astype(np.float64)
+  q = assembled.logits(windows).astype(np.float64)
+  lp = p - np.log(np.exp(p - p.max(-1, keepdims=True)).sum(-1, keepdims=True)) - p.max(-1, keepdims=True)
+  lq = q - np.log(np.exp(q - q.max(-1, keepdims=True)).sum(-1, keepdims=True)) - q.max(-1, keepdims=True)
+  kl = float(np.mean(np.sum(np.exp(lp) * (lp - lq), -1)))
+  return kl, float(np.mean(p.argmax(-1) == q.argmax(-1)))
+
+
+@pytest.mark.parametrize("budget", [dict(max_kl=0.0), dict(min_top1=0.85), dict(max_kl=0.01),
+                                    dict(max_kl=0.05, min_top1=0.8)],
+                         ids=["zero", "top1", "kl", "both"])
+def test_assembled_models_stay_within_budget_on_holdout(eq_zoo, tmp_path, budget):
+  zoo = Zoo(str(tmp_path / "zoo"))
+  shutil.copytree(eq_zoo.root, zoo.root)
+  original_manifest = zoo.manifest("ft")
+  out = asm.assemble(zoo, "ft", "ft-lean", calibration=TOKENS, **budget, **OPTS)
+  b = asm.Budget(**budget)
+  assert b.ok(out["holdout"]) and b.ok(out["fit"])
+  manifest = zoo.manifest("ft-lean")
+  assert manifest["provenance"]["holdout"] == out["holdout"]
+  assert manifest["lineage"]["assembled_from"] == "ft"
+  base_chain = zoo.manifest("base")["chain"]
+  subs = {s["position"]: s["candidate"] for s in out["substitutions"]}
+  assert manifest["chain"] == [subs.get(p, c) for p, c in enumerate(original_manifest["chain"])]
+  assert all(c == base_chain[p] for p, c in subs.items())
+  assert out["bytes_saved"] == sum(original_manifest["block_bytes"][p] for p in subs)
+  if budget == dict(max_kl=0.0):
+    assert subs == {} and out["holdout"]["kl"] == 0.0
+  else:
+    assert out["bytes_saved"] > 0 and 4 not in subs  # layer 3 moved too far for any budget
+  # Independently: the assembled model as the zoo serves it, against the original, on the
+  # held-out windows it was measured on.
+  windows = eqv.make_calibration(TOKENS, **OPTS).holdout
+  assert out["holdout"]["hash"] == eqv.windows_hash(windows)
+  kl, top1 = _kl_top1(zoo.load_model("ft"), zoo.load_model("ft-lean"), windows)
+  assert kl == pytest.approx(out["holdout"]["kl"], rel=1e-4, abs=1e-7)
+  assert top1 == pytest.approx(out["holdout"]["top1"], abs=1e-9)
+  assert b.ok({"kl": kl, "top1": top1})
+  assert zoo.manifest("ft") == original_manifest and zoo.verify() == []
+  assert "assembled from ft within" in "\n".join(cli.show_lines(zoo, "ft-lean"))
+
+
+def test_assembly_drops_substitutions_that_break_the_budget_on_holdout(eq_copy):
+  # Calibrate on one text and hold out a very different one: what fits the first may not fit
+  # the second, and the held-out check must undo it.
+  tokens = np.concatenate([np.resize(np.arange(5), 1200), TOKENS[:400]])
+  out = asm.assemble(eq_copy, "ft", "ft-lean", calibration=tokens, max_kl=0.004, **OPTS)
+  assert asm.Budget(max_kl=0.004).ok(out["holdout"])
+  assert out["dropped_on_holdout"], "this calibration set should need a held-out drop"
+  for d in out["dropped_on_holdout"]:
+    assert d["holdout_before"]["kl"] > 0.004
+
+
+def test_assembly_rejects_bad_requests(eq_copy):
+  with pytest.raises(InvalidRequestError, match="give max_kl, min_top1"):
+    asm.assemble(eq_copy, "ft", "x", calibration=TOKENS, **OPTS)
+  with pytest.raises(InvalidRequestError, match="new name"):
+    asm.assemble(eq_copy, "ft", "ft", max_kl=1.0, calibration=TOKENS, **OPTS)
+  with pytest.raises(InvalidRequestError, match="no holdout windows"):
+    asm.assemble(eq_copy, "ft", "x", max_kl=1.0, calibration=TOKENS, seq_len=32, holdout=0.0)
+  with pytest.raises(InvalidRequestError, match="token ids must be in"):
+    eqv.Equivalence(eq_copy, "ft", np.arange(100) + 10, **OPTS)
+  with pytest.raises(InvalidRequestError, match="no tokenizer.json"):
+    eqv.Equivalence(eq_copy, "ft")  # demo text, and a 61-token vocabulary with no tokenizer
+  assert eq_copy.models() == ["base", "ft", "part", "wide"]
+
+
+def _run(*args):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": REPO}
+  return subprocess.run([sys.executable, "-m", "tools.zoo", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=180)
+
+
+def test_cli_equiv_assemble_show(eq_copy, tmp_path):
+  calib = tmp_path / "tokens.json"
+  calib.write_text(json.dumps(TOKENS.tolist()))
+  common = [f"--zoo={eq_copy.root}", "--model=ft", f"--calibration={calib}", "--seq_len=32",
+            "--max_windows=12"]
+  equiv = _run("equiv", *common, f"--report={tmp_path / 'equiv.json'}")
+  assert equiv.returncode == 0, equiv.stderr
+  report = json.loads((tmp_path / "equiv.json").read_text())
+  assert len(report["records"]) == 6 and "6 candidates on 12 windows x 32 tokens" in equiv.stdout
+  assembled = _run("assemble", *common, "--name=ft-cli", "--min_top1=0.85",
+                   f"--report={tmp_path / 'asm.json'}")
+  assert assembled.returncode == 0, assembled.stderr
+  out = json.loads((tmp_path / "asm.json").read_text())
+  assert out["holdout"]["top1"] >= 0.85 and out["substitutions"]
+  assert "model ft-cli assembled from ft within min_top1 0.85" in assembled.stdout
+  show = _run("show", "ft-cli", f"--zoo={eq_copy.root}")
+  assert show.returncode == 0 and "assembled from ft within min_top1 0.85" in show.stdout
+  bad = _run("assemble", *common, "--name=ft-x")
+  assert bad.returncode == 2 and "needs a budget" in bad.stderr
+  unfit = _run("equiv", *common, "--position=1",
+               f"--block={eq_copy.manifest('base')['chain'][0][:12]}")
+  assert unfit.returncode == 1 and "not a candidate" in unfit.stderr
+  assert len(unfit.stderr.strip().splitlines()) == 1
