@@ -6,12 +6,13 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-$(STAMP): pyproject.toml
+# Dependencies: compatible ranges in pyproject.toml, the exact tested set in constraints.txt.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	# torch first and alone: the pinned CPU wheel, never the CUDA build.
 	$(VENV)/bin/pip install --quiet torch==2.13.0
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[test,dev,bench]'
 	touch $(STAMP)
 
 .PHONY: venv serve test bench

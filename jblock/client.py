@@ -8,6 +8,7 @@ Errors arrive as grpc.RpcError: `.code()` is the status (NOT_FOUND, INVALID_ARGU
 `.details()` the server's message.
 """
 
+import collections
 import dataclasses
 import json
 from typing import Iterator, Sequence
@@ -90,11 +91,41 @@ class GenerateStream:
     self.cancel()
 
 
+class _KeyInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+  """Adds the API key to every call's metadata."""
+
+  def __init__(self, api_key: str):
+    self._metadata = (("authorization", f"Bearer {api_key}"),)
+
+  def _details(self, details):
+    metadata = tuple(details.metadata or ()) + self._metadata
+    return details._replace(metadata=metadata) if hasattr(details, "_replace") else \
+        _CallDetails(details.method, details.timeout, metadata, details.credentials,
+                     getattr(details, "wait_for_ready", None),
+                     getattr(details, "compression", None))
+
+  def intercept_unary_unary(self, continuation, client_call_details, request):
+    return continuation(self._details(client_call_details), request)
+
+  def intercept_unary_stream(self, continuation, client_call_details, request):
+    return continuation(self._details(client_call_details), request)
+
+
+class _CallDetails(collections.namedtuple(
+    "_CallDetails", ["method", "timeout", "metadata", "credentials", "wait_for_ready",
+                     "compression"]), grpc.ClientCallDetails):
+  pass
+
+
 class Client:
   """Inference and Admin calls on one channel. Usable as a context manager."""
 
-  def __init__(self, target: str, *, options: Sequence[tuple[str, object]] = ()):
+  def __init__(self, target: str, *, api_key: str | None = None,
+               options: Sequence[tuple[str, object]] = ()):
+    """`api_key`: the tenant's (or admin) key, sent as 'authorization: Bearer KEY'."""
     self._channel = grpc.insecure_channel(target, options=list(options))
+    if api_key:
+      self._channel = grpc.intercept_channel(self._channel, _KeyInterceptor(api_key))
     self._inference = pb_grpc.InferenceStub(self._channel)
     self._admin = pb_grpc.AdminStub(self._channel)
 
@@ -102,15 +133,22 @@ class Client:
                prompt_tokens: Sequence[int] | None = None, max_tokens: int | None = None,
                temperature: float | None = None, top_p: float | None = None,
                top_k: int | None = None, seed: int | None = None,
-               stop_token_ids: Sequence[int] = (), request_id: str | None = None,
+               stop_token_ids: Sequence[int] = (), stop: Sequence[str] = (),
+               messages: Sequence[dict] | None = None, request_id: str | None = None,
                timeout: float | None = None) -> GenerateStream:
-    """Streams a generation. Give `prompt` (text) or `prompt_tokens`; unset sampling
-    arguments take the server's defaults (32 tokens, greedy)."""
-    if prompt is not None and prompt_tokens is not None:
-      raise ValueError("give prompt or prompt_tokens, not both")
-    request = pb.GenerateRequest(model=model, stop_token_ids=list(stop_token_ids))
+    """Streams a generation. Give `prompt` (text), `prompt_tokens` or chat `messages`
+    ([{"role", "content"}]); unset sampling arguments take the server's defaults (32 tokens,
+    greedy). `stop`: stop strings (the text ends before the first one)."""
+    if sum(x is not None for x in (prompt, prompt_tokens, messages)) > 1:
+      raise ValueError("give one of prompt, prompt_tokens and messages")
+    request = pb.GenerateRequest(model=model, stop_token_ids=list(stop_token_ids),
+                                 stop=list(stop))
     if prompt is not None:
       request.text = prompt
+    if messages is not None:
+      request.chat.SetInParent()
+      for m in messages:
+        request.chat.messages.add(role=m["role"], content=m["content"])
     if prompt_tokens is not None:
       request.tokens.SetInParent()  # selects the oneof even for an empty list
       request.tokens.ids.extend(int(t) for t in prompt_tokens)

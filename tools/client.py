@@ -1,17 +1,20 @@
 """Command-line client of a jblock server.
 
   python -m tools.client generate --server=HOST:PORT --model=NAME --prompt=TEXT
-      [--max_tokens=N --temperature=T --top_p=P --top_k=K --seed=S --stop_token_ids=1,2]
+      [--max_tokens=N --temperature=T --top_p=P --top_k=K --seed=S --stop_token_ids=1,2
+       --stop=STRING --api_key=KEY]
   python -m tools.client generate --server=HOST:PORT --model=NAME --prompt_tokens=1,2,3
   python -m tools.client list --server=HOST:PORT
   python -m tools.client stats|health --server=HOST:PORT
   python -m tools.client load|unload --server=HOST:PORT --model=NAME
 
 generate streams the text to stdout (--output=tokens: the token ids) and the finish reason
-and usage to stderr. A gRPC error prints "ERROR <STATUS>: <message>" to stderr, exit 1.
+and usage to stderr. --server defaults to 127.0.0.1:50051; the key (a server with tenants)
+comes from --api_key or $JBLOCK_API_KEY. A gRPC error prints "ERROR <STATUS>: <message>" to stderr, exit 1.
 """
 
 import json
+import os
 import sys
 
 from absl import app
@@ -20,7 +23,9 @@ import grpc
 
 from jblock.client import Client
 
-_SERVER = flags.DEFINE_string("server", None, "host:port of the jblock server.")
+_SERVER = flags.DEFINE_string("server", "127.0.0.1:50051", "host:port of the jblock server.")
+_API_KEY = flags.DEFINE_string("api_key", os.environ.get("JBLOCK_API_KEY"),
+                               "API key (tenant or admin); default: $JBLOCK_API_KEY.")
 _MODEL = flags.DEFINE_string("model", None, "Model name (generate, load, unload).")
 _PROMPT = flags.DEFINE_string("prompt", None, "Prompt text.")
 _PROMPT_TOKENS = flags.DEFINE_list("prompt_tokens", None, "Prompt token ids, comma-separated.")
@@ -30,9 +35,9 @@ _TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling mass in (0, 1]; 1 =
 _TOP_K = flags.DEFINE_integer("top_k", None, "Sample from the k likeliest tokens; 0 = off.")
 _SEED = flags.DEFINE_integer("seed", None, "Sampling seed.", lower_bound=0)
 _STOP_TOKEN_IDS = flags.DEFINE_list("stop_token_ids", [], "Token ids that end generation.")
+_STOP = flags.DEFINE_multi_string("stop", [], "Stop string (repeatable): the text ends before it.")
 _TIMEOUT = flags.DEFINE_float("timeout", None, "Deadline of the call in seconds.")
 _OUTPUT = flags.DEFINE_enum("output", "text", ["text", "tokens"], "What generate prints.")
-flags.mark_flag_as_required("server")
 
 COMMANDS = ("generate", "list", "stats", "health", "load", "unload")
 
@@ -58,7 +63,7 @@ def _generate(client: Client) -> None:
   stream = client.generate(
       model, _PROMPT.value, prompt_tokens=prompt_tokens, max_tokens=_MAX_TOKENS.value,
       temperature=_TEMPERATURE.value, top_p=_TOP_P.value, top_k=_TOP_K.value, seed=_SEED.value,
-      stop_token_ids=_token_ids(_STOP_TOKEN_IDS), timeout=_TIMEOUT.value)
+      stop_token_ids=_token_ids(_STOP_TOKEN_IDS), stop=_STOP.value, timeout=_TIMEOUT.value)
   with stream:
     for chunk in stream:
       if _OUTPUT.value == "tokens":
@@ -84,7 +89,7 @@ def main(argv):
     raise app.UsageError(f"give one command: {' | '.join(COMMANDS)} (got {argv[1:]})")
   command = argv[1]
   try:
-    with Client(_SERVER.value) as client:
+    with Client(_SERVER.value, api_key=_API_KEY.value) as client:
       if command == "generate":
         _generate(client)
       elif command == "list":
@@ -103,5 +108,10 @@ def main(argv):
     sys.exit(1)
 
 
-if __name__ == "__main__":
+def console() -> None:
+  """The jblock-client console script."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  console()

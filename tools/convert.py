@@ -56,5 +56,10 @@ def main(argv: list[str]) -> None:
   print("\n".join(cli.convert_lines(zoo, report)))
 
 
-if __name__ == "__main__":
+def console() -> None:
+  """The console script (pyproject's [project.scripts])."""
   app.run(main, flags_parser=cli.flags_parser(PROG))
+
+
+if __name__ == "__main__":
+  console()

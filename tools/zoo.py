@@ -121,5 +121,10 @@ def main(argv: list[str]) -> int:
     cli.fail(PROG, str(e), code=1)
 
 
-if __name__ == "__main__":
+def console() -> None:
+  """The console script (pyproject's [project.scripts])."""
   app.run(main, flags_parser=cli.flags_parser(PROG))
+
+
+if __name__ == "__main__":
+  console()

@@ -8,14 +8,19 @@ misses its deadline cancels its engine request, so its KV slots are freed at onc
 import functools
 import json
 import logging
-import threading
+import math
 from concurrent import futures
 
 import grpc
+from grpc_health.v1 import health as health_lib
+from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
-from jblock.errors import InvalidRequestError, JBlockError, NotFoundError
+from jblock.errors import InvalidRequestError, JBlockError
 from jblock.runtime.engine_api import Engine, ModelInfo
-from jblock.serving import text
+from jblock.serving import frontend as frontend_lib
+from jblock.serving.frontend import DrainState  # noqa: F401  (re-exported)
 from jblock.serving.metrics import ServingMetrics
 from jblock.serving.proto import jblock_pb2 as pb
 from jblock.serving.proto import jblock_pb2_grpc as pb_grpc
@@ -25,6 +30,14 @@ _FINISH_REASONS = {
     "length": pb.FINISH_REASON_LENGTH,
     "cancelled": pb.FINISH_REASON_CANCELLED,
 }
+
+
+SERVICE_NAMES = (pb.DESCRIPTOR.services_by_name["Inference"].full_name,
+                 pb.DESCRIPTOR.services_by_name["Admin"].full_name,
+                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                 reflection.SERVICE_NAME)
+# "" is the whole server (what grpc_health_probe asks by default).
+HEALTH_SERVICES = ("", SERVICE_NAMES[0], SERVICE_NAMES[1])
 
 
 def status_code(error: BaseException) -> grpc.StatusCode:
@@ -65,9 +78,24 @@ def stats_proto(stats: dict) -> pb.StatsResponse:
 
 def _abort_on_error(context: grpc.ServicerContext, error: Exception) -> None:
   if isinstance(error, JBlockError):
+    retry = getattr(error, "retry_after_s", None)
+    if retry is not None:
+      # A retry hint as trailing metadata (seconds) and in the message.
+      context.set_trailing_metadata((("retry-after", str(max(1, math.ceil(retry)))),))
     context.abort(status_code(error), str(error))
   logging.exception("internal error serving a request")
-  context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+  context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
+
+
+def api_key(context: grpc.ServicerContext) -> str | None:
+  """The key in the call's metadata: 'authorization: Bearer KEY' (or 'x-api-key: KEY')."""
+  for key, value in context.invocation_metadata() or ():
+    if key == "authorization" and isinstance(value, str):
+      scheme, _, token = value.partition(" ")
+      return token.strip() if scheme.lower() == "bearer" else None
+    if key == "x-api-key" and isinstance(value, str):
+      return value
+  return None
 
 
 def _unary_errors(method):
@@ -83,54 +111,26 @@ def _unary_errors(method):
   return handler
 
 
-class DrainState:
-  """Counts in-flight Generate RPCs and refuses new ones once draining."""
-
-  def __init__(self):
-    self._cond = threading.Condition()
-    self._draining = False
-    self._in_flight = 0
-
-  @property
-  def draining(self) -> bool:
-    return self._draining
-
-  @property
-  def in_flight(self) -> int:
-    return self._in_flight
-
-  def try_enter(self) -> bool:
-    with self._cond:
-      if self._draining:
-        return False
-      self._in_flight += 1
-      return True
-
-  def exit(self) -> None:
-    with self._cond:
-      self._in_flight -= 1
-      self._cond.notify_all()
-
-  def start_draining(self) -> None:
-    with self._cond:
-      self._draining = True
-
-  def wait_idle(self, timeout: float) -> bool:
-    """True once nothing is in flight; False if `timeout` passed first."""
-    with self._cond:
-      return self._cond.wait_for(lambda: self._in_flight == 0, timeout)
-
-
-def _sampling_kwargs(request: pb.GenerateRequest) -> dict:
-  """Only the fields the client set: unset ones keep the engine's defaults."""
-  kwargs = {"stop_token_ids": tuple(request.stop_token_ids)}
-  for field, name in (("max_tokens", "max_new_tokens"), ("temperature", "temperature"),
-                      ("top_p", "top_p"), ("top_k", "top_k"), ("seed", "seed")):
+def generation_request(request: pb.GenerateRequest) -> frontend_lib.GenerationRequest:
+  """The protocol-neutral request of a GenerateRequest; unset fields keep the defaults."""
+  out = frontend_lib.GenerationRequest(model=request.model,
+                                       stop_token_ids=tuple(request.stop_token_ids),
+                                       stop=tuple(request.stop))
+  which = request.WhichOneof("prompt")
+  if which == "tokens":
+    out.token_ids = list(request.tokens.ids)
+  elif which == "text":
+    out.text = request.text
+  elif which == "chat":
+    out.messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+  else:
+    raise InvalidRequestError("prompt", "is empty; set text, token ids or chat messages")
+  for field in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
     if request.HasField(field):
-      kwargs[name] = getattr(request, field)
+      setattr(out, field, getattr(request, field))
   if request.HasField("request_id") and request.request_id:
-    kwargs["request_id"] = request.request_id
-  return kwargs
+    out.request_id = request.request_id
+  return out
 
 
 def _gone_status(context: grpc.ServicerContext) -> grpc.StatusCode:
@@ -142,103 +142,80 @@ def _gone_status(context: grpc.ServicerContext) -> grpc.StatusCode:
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-  """Generate (streaming), ListModels, Health."""
+  """Generate (streaming), ListModels, Health: a thin adapter over the frontend."""
 
-  def __init__(self, engine: Engine, *, drain: DrainState | None = None,
-               tokenizers: text.TokenizerCache | None = None,
+  def __init__(self, frontend: frontend_lib.Frontend, *,
                metrics: ServingMetrics | None = None):
-    self._engine = engine
-    self._drain = drain or DrainState()
-    self._tokenizers = tokenizers or text.TokenizerCache()
+    self._frontend = frontend
     self._metrics = metrics
 
   def _observe(self, status: str, handle=None) -> None:
     if self._metrics is not None:
       self._metrics.observe(status, handle)
 
-  def _model(self, name: str) -> ModelInfo:
-    if not name:
-      raise InvalidRequestError("model", "is required")
-    models = {info.name: info for info in self._engine.list_models()}
-    if name not in models:
-      raise NotFoundError(f"model {name!r} is not loaded; loaded models: {sorted(models)}")
-    return models[name]
-
-  @staticmethod
-  def _prompt_tokens(request: pb.GenerateRequest, info: ModelInfo, tokenizer) -> list[int]:
-    which = request.WhichOneof("prompt")
-    if which == "tokens":
-      return list(request.tokens.ids)
-    if which == "text":
-      if tokenizer is None:
-        raise InvalidRequestError(
-            "prompt", f"model {info.name!r} has no tokenizer; send the prompt as token ids")
-      return text.encode(tokenizer, request.text)
-    raise InvalidRequestError("prompt", "is empty; set text or token ids")
-
   def Generate(self, request, context):
-    if not self._drain.try_enter():
-      self._observe(grpc.StatusCode.UNAVAILABLE.name)
-      context.abort(grpc.StatusCode.UNAVAILABLE,
-                    "server is draining and accepts no new requests; retry on another replica")
-    # Leaves the in-flight count when the RPC is over, however it ends.
-    if not context.add_callback(self._drain.exit):
-      self._drain.exit()
-    handle, status = None, None
+    generation, status = None, None
     try:
-      info = self._model(request.model)
-      tokenizer = self._tokenizers.get(info)
-      prompt = self._prompt_tokens(request, info, tokenizer)
-      handle = self._engine.submit(request.model, prompt, **_sampling_kwargs(request))
+      principal = self._frontend.authenticate(api_key(context))
+      generation = self._frontend.generate(principal, generation_request(request))
       # Client cancel or deadline: cancel the engine request so its KV slots are freed.
-      if not context.add_callback(handle.cancel):
-        handle.cancel()
-      detokenizer = text.IncrementalDetokenizer(tokenizer, prompt) if tokenizer else None
-      for chunk in handle.iter_chunks():
-        yield pb.GenerateResponse(request_id=handle.request_id, token_ids=chunk,
-                                  text=detokenizer.add(chunk) if detokenizer else "")
+      if not context.add_callback(generation.close):
+        generation.close()
+      for delta in generation:
+        yield pb.GenerateResponse(request_id=generation.request_id,
+                                  token_ids=delta.token_ids, text=delta.text)
       if not context.is_active():
         return  # the client is gone: nobody to send the last message to
       status = grpc.StatusCode.OK
+      usage = generation.usage
       yield pb.GenerateResponse(
-          request_id=handle.request_id, text=detokenizer.flush() if detokenizer else "",
-          finish_reason=_FINISH_REASONS[handle.finish_reason],
-          usage=pb.Usage(prompt_tokens=len(prompt), completion_tokens=len(handle.tokens)))
+          request_id=generation.request_id, finish_reason=_FINISH_REASONS[generation.finish_reason],
+          usage=pb.Usage(prompt_tokens=usage.prompt_tokens,
+                         completion_tokens=usage.completion_tokens))
     except Exception as e:  # every error becomes a status; the server keeps serving
       status = status_code(e) if isinstance(e, JBlockError) else grpc.StatusCode.INTERNAL
       _abort_on_error(context, e)
     finally:
       # Also reached when gRPC drops this generator because the client went away.
-      if handle is not None and not handle.done:
-        handle.cancel()
-      self._observe((status or _gone_status(context)).name, handle)
+      if generation is not None:
+        generation.close()
+      self._observe((status or _gone_status(context)).name,
+                    generation.handle if generation is not None else None)
 
   @_unary_errors
   def ListModels(self, request, context):
+    principal = self._frontend.authenticate(api_key(context))
     return pb.ListModelsResponse(
-        models=[model_info_proto(info) for info in self._engine.list_models()])
+        models=[model_info_proto(info) for info in self._frontend.list_models(principal)])
 
   @_unary_errors
   def Health(self, request, context):
-    status = pb.DRAINING if self._drain.draining else pb.SERVING
-    return pb.HealthResponse(status=status, models_loaded=len(self._engine.list_models()),
-                             in_flight=self._drain.in_flight)
+    drain = self._frontend.drain
+    status = pb.DRAINING if drain.draining else pb.SERVING
+    return pb.HealthResponse(status=status, models_loaded=len(self._frontend.engine.list_models()),
+                             in_flight=drain.in_flight)
 
 
 class AdminServicer(pb_grpc.AdminServicer):
-  """LoadModel, UnloadModel, Stats."""
+  """LoadModel, UnloadModel, Stats: only with the admin key (or on an open server)."""
 
-  def __init__(self, engine: Engine):
-    self._engine = engine
+  def __init__(self, frontend: frontend_lib.Frontend):
+    self._frontend = frontend
+    self._engine = frontend.engine
+
+  def _admin(self, context) -> None:
+    self._frontend.require_admin(self._frontend.authenticate(api_key(context)))
 
   @_unary_errors
   def LoadModel(self, request, context):
+    self._admin(context)
     if not request.name:
       raise InvalidRequestError("name", "is required")
     return pb.LoadModelResponse(model=model_info_proto(self._engine.load_model(request.name)))
 
   @_unary_errors
   def UnloadModel(self, request, context):
+    self._admin(context)
     if not request.name:
       raise InvalidRequestError("name", "is required")
     self._engine.unload_model(request.name)
@@ -246,6 +223,7 @@ class AdminServicer(pb_grpc.AdminServicer):
 
   @_unary_errors
   def Stats(self, request, context):
+    self._admin(context)
     return stats_proto(self._engine.stats())
 
 
@@ -253,11 +231,12 @@ class CoordinatorServer(grpc.Server):
   """A grpc.Server serving Inference and Admin, with a graceful `drain`."""
 
   def __init__(self, server: grpc.Server, inference: InferenceServicer, admin: AdminServicer,
-               drain_state: DrainState):
+               drain_state: DrainState, frontend: frontend_lib.Frontend):
     self._server = server
     self.inference = inference
     self.admin = admin
     self.drain_state = drain_state
+    self.frontend = frontend
 
   def drain(self, timeout: float, grace: float = 1.0) -> bool:
     """Refuses new Generate calls (UNAVAILABLE), waits up to `timeout` for the in-flight
@@ -291,22 +270,36 @@ class CoordinatorServer(grpc.Server):
 
 
 def build_server(engine: Engine, port: int = 0, host: str = "127.0.0.1", max_workers: int = 64,
-                 *, metrics: ServingMetrics | None = None) -> tuple[CoordinatorServer, int]:
+                 *, metrics: ServingMetrics | None = None,
+                 frontend: frontend_lib.Frontend | None = None,
+                 max_message_bytes: int = frontend_lib.DEFAULT_MAX_REQUEST_BYTES
+                 ) -> tuple[CoordinatorServer, int]:
   """A server (not started yet) for `engine` on host:port (0 picks a free port).
 
   Each streaming Generate holds one of `max_workers` threads while it runs; RPCs beyond
-  that get RESOURCE_EXHAUSTED at once instead of waiting unseen in a queue.
+  that get RESOURCE_EXHAUSTED at once instead of waiting unseen in a queue. Messages over
+  `max_message_bytes` are refused by gRPC (RESOURCE_EXHAUSTED) before they are parsed.
+  Serves grpc.health.v1 (NOT_SERVING once draining) and server reflection too.
   """
+  frontend = frontend or frontend_lib.Frontend(engine, metrics=metrics,
+                                               max_request_bytes=max_message_bytes)
   server = grpc.server(
       futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="jblock-rpc"),
-      maximum_concurrent_rpcs=max_workers)
-  drain_state = DrainState()
-  inference = InferenceServicer(engine, drain=drain_state, metrics=metrics)
-  admin = AdminServicer(engine)
+      maximum_concurrent_rpcs=max_workers,
+      options=[("grpc.max_receive_message_length", max_message_bytes)])
+  inference = InferenceServicer(frontend, metrics=metrics)
+  admin = AdminServicer(frontend)
   pb_grpc.add_InferenceServicer_to_server(inference, server)
   pb_grpc.add_AdminServicer_to_server(admin, server)
+  health = health_lib.HealthServicer()
+  for service in HEALTH_SERVICES:
+    health.set(service, health_pb2.HealthCheckResponse.SERVING)
+  frontend.drain.on_drain(lambda: [health.set(s, health_pb2.HealthCheckResponse.NOT_SERVING)
+                                   for s in HEALTH_SERVICES])
+  health_pb2_grpc.add_HealthServicer_to_server(health, server)
+  reflection.enable_server_reflection(SERVICE_NAMES, server)
   address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
   bound_port = server.add_insecure_port(address)
   if not bound_port:
     raise OSError(f"cannot listen on {address}")
-  return CoordinatorServer(server, inference, admin, drain_state), bound_port
+  return CoordinatorServer(server, inference, admin, frontend.drain, frontend), bound_port

@@ -62,6 +62,16 @@ class ServingMetrics:
                              buckets=_LATENCY_BUCKETS, registry=self.registry)
     self.requests = Counter("jblock_requests", "Generate requests by final gRPC status.",
                             labelnames=["status"], registry=self.registry)
+    # Per tenant (both protocols): outcomes and tokens.
+    self.tenant_requests = Counter(
+        "jblock_tenant_requests", "Generations by tenant and final status (gRPC status name).",
+        labelnames=["tenant", "status"], registry=self.registry)
+    self.tenant_tokens = Counter(
+        "jblock_tenant_tokens", "Prompt and completion tokens by tenant.",
+        labelnames=["tenant", "kind"], registry=self.registry)
+    self.tenant_ttft = Histogram("jblock_tenant_ttft_seconds", "Time to first token by tenant.",
+                                 labelnames=["tenant"], buckets=_LATENCY_BUCKETS,
+                                 registry=self.registry)
     if engine is not None:
       self.registry.register(_EngineStatsCollector(engine))
     self._http = None
@@ -78,6 +88,18 @@ class ServingMetrics:
     output_tokens = len(handle.tokens)
     if output_tokens > 1:
       self.tpot.observe((latency - ttft) / (output_tokens - 1))
+
+  def observe_tenant(self, tenant: str, status: str, generation=None) -> None:
+    """Records one generation of `tenant` (a frontend.Generation, or None if refused)."""
+    self.tenant_requests.labels(tenant=tenant, status=status).inc()
+    if generation is None:
+      return
+    usage = generation.usage
+    self.tenant_tokens.labels(tenant=tenant, kind="prompt").inc(usage.prompt_tokens)
+    self.tenant_tokens.labels(tenant=tenant, kind="completion").inc(usage.completion_tokens)
+    handle = generation.handle
+    if handle.first_token_at is not None:
+      self.tenant_ttft.labels(tenant=tenant).observe(handle.first_token_at - handle.submitted_at)
 
   def render(self) -> bytes:
     """The exposition text a scrape returns."""

@@ -6,25 +6,44 @@ import threading
 
 from jblock.runtime.engine_api import Engine
 from jblock.serving.coordinator import build_server
+from jblock.serving.frontend import DEFAULT_MAX_REQUEST_BYTES, Frontend
 from jblock.serving.metrics import ServingMetrics
+from jblock.serving.tenants import Tenants
 
 # Printed (and flushed) once the server listens; scripts and tests wait for it.
-READY_LINE = "jblock: serving on {host}:{port} (metrics port {metrics_port})"
+READY_LINE = "jblock: serving on {host}:{port} (metrics port {metrics_port}) http {http}"
+OPEN_WARNING = ("jblock: no --tenants file: the server is open (no API keys, Admin for anyone) "
+                "and listens on 127.0.0.1 only")
 
 
 def serve(engine: Engine, port: int, metrics_port: int = 0, *, host: str = "127.0.0.1",
           max_workers: int = 64, drain_timeout_s: float = 30.0, close_engine: bool = True,
-          stop: threading.Event | None = None) -> bool:
-  """Serves `engine` on host:port (0 = a free port) and Prometheus metrics on
-  `metrics_port` (0 = off) until SIGTERM or SIGINT (or `stop` is set).
+          stop: threading.Event | None = None, http_port: int | None = None,
+          tenants: Tenants | None = None,
+          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, tokenize_workers: int = 2) -> bool:
+  """Serves `engine` over gRPC on host:port (0 = a free port), the OpenAI-compatible HTTP API
+  on `http_port` (None = off, 0 = a free port) and Prometheus metrics on `metrics_port`
+  (0 = off) until SIGTERM or SIGINT (or `stop` is set).
 
-  Then stops accepting requests (UNAVAILABLE), lets in-flight ones finish for up to
-  `drain_timeout_s`, stops the server and closes the engine. Returns True if every in-flight
-  request finished. Signals are caught only when called from the main thread.
+  Without `tenants` the server is open, so it listens on 127.0.0.1 whatever `host` says.
+  Then stops accepting requests (UNAVAILABLE / 503, health NOT_SERVING), lets in-flight ones
+  finish for up to `drain_timeout_s`, stops the servers and closes the engine. Returns True
+  if every in-flight request finished. Signals are caught only when called from the main
+  thread.
   """
+  if tenants is None:
+    if host != "127.0.0.1":
+      logging.warning("jblock: --host=%s ignored: without --tenants the server listens on "
+                      "127.0.0.1 only", host)
+    host = "127.0.0.1"
+    print(OPEN_WARNING, flush=True)
   stop = stop or threading.Event()
   metrics = ServingMetrics(engine)
-  server, bound_port = build_server(engine, port, host, max_workers, metrics=metrics)
+  frontend = Frontend(engine, tenants, metrics=metrics, max_request_bytes=max_request_bytes,
+                      tokenize_workers=tokenize_workers)
+  server, bound_port = build_server(engine, port, host, max_workers, metrics=metrics,
+                                    frontend=frontend, max_message_bytes=max_request_bytes)
+  http_server = None
   previous_handlers = {}
   if threading.current_thread() is threading.main_thread():
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -32,8 +51,14 @@ def serve(engine: Engine, port: int, metrics_port: int = 0, *, host: str = "127.
   drained = False
   try:
     server.start()
+    if http_port is not None:
+      from jblock.serving.http import HttpServer  # FastAPI: only when HTTP is on
+      http_server = HttpServer(frontend, http_port, host, max_body_bytes=max_request_bytes)
+      http_server.start()
     metrics_bound = metrics.start_http(metrics_port, host)
-    print(READY_LINE.format(host=host, port=bound_port, metrics_port=metrics_bound), flush=True)
+    http = f"on {host}:{http_server.port}" if http_server else "off"
+    print(READY_LINE.format(host=host, port=bound_port, metrics_port=metrics_bound, http=http),
+          flush=True)
     # Short waits: the main thread must get back to the interpreter to run signal handlers.
     while not stop.wait(0.2):
       pass
@@ -44,7 +69,10 @@ def serve(engine: Engine, port: int, metrics_port: int = 0, *, host: str = "127.
       logging.warning("jblock: drain timed out; the requests still running were cancelled")
   finally:
     server.stop(0)
+    if http_server is not None:
+      http_server.stop()
     metrics.stop_http()
+    frontend.close()
     if close_engine:
       engine.close()
     for signum, handler in previous_handlers.items():

@@ -104,7 +104,7 @@ def test_concurrent_clients_get_their_own_tokens(serve, catalog):
 
 BAD_REQUESTS = [
     # (generate kwargs, status, text the details must contain)
-    (dict(model="nope", prompt_tokens=[1]), "NOT_FOUND", "model 'nope' is not loaded"),
+    (dict(model="nope", prompt_tokens=[1]), "NOT_FOUND", "model 'nope' not found"),
     (dict(model="", prompt_tokens=[1]), "INVALID_ARGUMENT", "model: is required"),
     (dict(model="mock-ids", prompt_tokens=[]), "INVALID_ARGUMENT", "prompt: is empty"),
     (dict(model="mock-a", prompt=""), "INVALID_ARGUMENT", "prompt: is empty"),

@@ -49,8 +49,8 @@ def test_cli_streams_text_and_reports_statuses(serve, engine, catalog, tokenizer
 
   (out, err), rc = done["not_found"]
   assert rc == 1
-  assert err.strip() == "ERROR NOT_FOUND: model 'nope' is not loaded; loaded models: " \
-      "['mock-a', 'mock-b', 'mock-ids']"
+  # Names only what the caller asked for: never the other models.
+  assert err.strip() == "ERROR NOT_FOUND: model 'nope' not found"
 
   for name, flag in (("no_model", "--model"), ("bad_int", "--max_tokens")):
     (out, err), rc = done[name]
@@ -75,7 +75,8 @@ def _read_ready_line(proc: subprocess.Popen, timeout: float) -> re.Match:
 def test_sigterm_drains_in_flight_requests_and_exits_0():
   proc = subprocess.Popen(
       [sys.executable, "-m", "launch.serve", "--engine=mock", "--port=0",
-       "--mock_step_delay_s=0.02", "--mock_models=m1,m2", "--drain_timeout_s=20"],
+       "--mock_step_delay_s=0.02", "--mock_models=m1,m2", "--drain_timeout_s=20",
+       "--http_port=0"],
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     port = int(_read_ready_line(proc, timeout=60).group(1))
