@@ -1,10 +1,13 @@
 """Attention over a paged KV cache: one op, one signature, for every model family.
 
-KV layout of a layers block: {"k", "v"} each [layers, pages, page_size, kv_heads, head_dim].
+KV layout of a layers block: {"k", "v"} each [layers, pages, kv_heads, page_size, head_dim].
 A request owns a list of pages (its page table); token position p of a row lives in page
 `page_table[row, p // page_size]` at offset `p % page_size`. Step metadata (`meta`) holds per-row
 int32 arrays: `page_table` [B, W], `starts` [B] (tokens already cached = position of the row's
 first query) and `n_valid` [B] (real tokens in the row; the rest is padding and writes nothing).
+Heads come before positions inside a page so that the gathered pages become [B, heads, length,
+head_dim] with one cheap transpose, the layout XLA's CPU dot runs fastest on (measured 2.8x
+faster than [B, length, heads, head_dim] for decode).
 
 The read covers the W pages of the page table only, so its cost follows the batch's longest real
 context (the engine buckets W), not the cache's capacity. `paged_attention` is the XLA
@@ -26,8 +29,8 @@ def write_kv(kv, layer: int, k, v, meta):
   block's buffer (not a per-layer slice restacked afterwards) lets XLA update the donated buffer
   in place.
   """
-  b, t = k.shape[:2]
-  num_pages, page_size = kv["k"].shape[1:3]
+  t = k.shape[1]
+  num_pages, page_size = kv["k"].shape[1], kv["k"].shape[3]
   offsets = jnp.arange(t, dtype=jnp.int32)[None, :]
   pos = meta[STARTS][:, None] + offsets  # [B, T]
   width = meta[PAGE_TABLE].shape[1]
@@ -35,32 +38,50 @@ def write_kv(kv, layer: int, k, v, meta):
   page = jnp.take_along_axis(meta[PAGE_TABLE], logical, axis=1)
   page = jnp.where(offsets < meta[N_VALID][:, None], page, num_pages)  # padding: dropped
   off = pos % page_size
-  return {"k": kv["k"].at[layer, page, off].set(k.astype(kv["k"].dtype), mode="drop"),
-          "v": kv["v"].at[layer, page, off].set(v.astype(kv["v"].dtype), mode="drop")}
+  # kv[layer, page, :, off] is [B, T, KVH, hd] (advanced indices first), like k and v.
+  return {"k": kv["k"].at[layer, page, :, off].set(k.astype(kv["k"].dtype), mode="drop"),
+          "v": kv["v"].at[layer, page, :, off].set(v.astype(kv["v"].dtype), mode="drop")}
+
+
+def _window_pages(table, starts, t: int, page_size: int, window: int):
+  """The part of each row's page table a sliding window can reach from this chunk's queries:
+  (table [B, Ww], position of its first slot [B]). Ww is static: ceil((window + t - 1) / ps) + 1."""
+  width = table.shape[1]
+  reach = min(width, -(-(window + t - 1) // page_size) + 1)
+  if reach >= width:
+    return table, jnp.zeros(table.shape[0], jnp.int32)
+  first = jnp.maximum(starts - window + 1, 0) // page_size
+  first = jnp.minimum(first, width - reach)
+  cols = first[:, None] + jnp.arange(reach, dtype=jnp.int32)[None, :]
+  return jnp.take_along_axis(table, cols, axis=1), first * page_size
 
 
 def paged_attention(q, kv, layer: int, meta, *, scale: float, window: int = 0,
                     softcap: float = 0.0):
   """Causal (optionally sliding-window, soft-capped) attention of q [B, T, H, hd] over the
-  rows' pages; returns [B, T, H, hd]. Reads W * page_size positions per row."""
+  rows' pages; returns [B, T, H, hd]. Reads W * page_size positions per row, or only the pages
+  a sliding window reaches."""
   b, t, h, hd = q.shape
-  page_size, kvh = kv["k"].shape[2], kv["k"].shape[3]
-  table = meta[PAGE_TABLE]
+  kvh, page_size = kv["k"].shape[2], kv["k"].shape[3]
+  table, base = meta[PAGE_TABLE], jnp.zeros(b, jnp.int32)
+  if window:
+    table, base = _window_pages(table, meta[STARTS], t, page_size, window)
   span = table.shape[1] * page_size
-  keys = kv["k"][layer][table].reshape(b, span, kvh, hd)
-  values = kv["v"][layer][table].reshape(b, span, kvh, hd)
+  # [B, W, KVH, ps, hd] -> [B, KVH, W * ps, hd]
+  keys = kv["k"][layer, table].transpose(0, 2, 1, 3, 4).reshape(b, kvh, span, hd)
+  values = kv["v"][layer, table].transpose(0, 2, 1, 3, 4).reshape(b, kvh, span, hd)
   qpos = meta[STARTS][:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]  # [B, T]
-  kpos = jnp.arange(span, dtype=jnp.int32)[None, None, :]
+  kpos = base[:, None, None] + jnp.arange(span, dtype=jnp.int32)[None, None, :]  # [B, 1, S]
   mask = kpos <= qpos[:, :, None]
   if window:
     mask &= kpos > qpos[:, :, None] - window
   qg = q.reshape(b, t, kvh, h // kvh, hd)
-  scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys, preferred_element_type=jnp.float32) * scale
+  scores = jnp.einsum("btkgd,bksd->bkgts", qg, keys, preferred_element_type=jnp.float32) * scale
   if softcap:
     scores = jnp.tanh(scores / softcap) * softcap
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-  return jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h, hd)
+  return jnp.einsum("bkgts,bksd->btkgd", probs, values).reshape(b, t, h, hd)
 
 
 def attend(q, k, v, kv, layer: int, meta, *, scale: float, window: int = 0, softcap: float = 0.0):
@@ -75,7 +96,7 @@ def attend(q, k, v, kv, layer: int, meta, *, scale: float, window: int = 0, soft
 
 def init_kv(num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
             dtype) -> dict[str, jax.Array]:
-  shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
+  shape = (num_layers, num_pages, num_kv_heads, page_size, head_dim)
   return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 

@@ -67,13 +67,14 @@ def param_shardings(params: dict[str, Any], mesh: Mesh) -> dict[str, Any]:
     *parents, name = path.split("/")
     for p in parents:
       node = node.setdefault(p, {})
-    node[name] = NamedSharding(mesh, _spec(tuple(np.shape(leaf)), dims, mesh))
+    shape = tuple(leaf.shape) if hasattr(leaf, "shape") else np.shape(leaf)
+    node[name] = NamedSharding(mesh, _spec(shape, dims, mesh))
   return out
 
 
 def kv_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
-  """KV buffers [layers, pages, page_size, kv_heads, head_dim]: pages on data, heads on model."""
-  return NamedSharding(mesh, _spec(shape, {1: DATA, 3: MODEL}, mesh))
+  """KV buffers [layers, pages, kv_heads, page_size, head_dim]: pages on data, heads on model."""
+  return NamedSharding(mesh, _spec(shape, {1: DATA, 2: MODEL}, mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -1,6 +1,6 @@
 """Per-request sampling on device: greedy, temperature, top-k, top-p, seeded.
 
-Each row draws with its own key, fold_in(PRNGKey(seed), step), so a request's samples do not
+Each row draws with its own key (`row_key`: its seed and step), so a request's samples do not
 depend on which other requests share its batch. The sort that top-k/top-p need costs more
 than the LM head itself on a large vocabulary, so batches that need no filtering (or no
 sampling at all) skip it at run time (lax.cond).
@@ -25,8 +25,17 @@ def _filter_top_k_top_p(scaled, top_k, top_p):
   return jnp.where(scaled < cutoff, -jnp.inf, scaled)
 
 
-def sample(logits, temperature, top_k, top_p, seed, step):
-  """logits [B, V] f32; temperature/top_p f32 [B]; top_k/seed/step int32 [B] -> tokens int32 [B]."""
+def row_key(seed_lo, seed_hi, step):
+  """The PRNG key of one row's draw: PRNGKey(low 32 bits), the high 32 bits folded in when set
+  (so every uint64 seed is valid and seeds below 2**32 keep their keys), then the step."""
+  key = jax.random.PRNGKey(jax.lax.bitcast_convert_type(seed_lo, jnp.uint32))
+  key = jnp.where(seed_hi != 0, jax.random.fold_in(key, seed_hi), key)
+  return jax.random.fold_in(key, step)
+
+
+def sample(logits, temperature, top_k, top_p, seed_lo, seed_hi, step):
+  """logits [B, V] f32; temperature/top_p f32 [B]; top_k/seed_lo/seed_hi/step int32 [B]
+  -> tokens int32 [B]. seed_lo/seed_hi are the two 32-bit words of a uint64 seed."""
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
   def draw_rows(_):
@@ -35,11 +44,10 @@ def sample(logits, temperature, top_k, top_p, seed, step):
     scaled = jax.lax.cond(needs_filter, lambda s: _filter_top_k_top_p(s, top_k, top_p),
                           lambda s: s, scaled)
 
-    def draw(row_logits, row_seed, row_step):
-      key = jax.random.fold_in(jax.random.PRNGKey(row_seed), row_step)
-      return jax.random.categorical(key, row_logits).astype(jnp.int32)
+    def draw(row_logits, lo, hi, row_step):
+      return jax.random.categorical(row_key(lo, hi, row_step), row_logits).astype(jnp.int32)
 
-    sampled = jax.vmap(draw)(scaled, seed, step)
+    sampled = jax.vmap(draw)(scaled, seed_lo, seed_hi, step)
     return jnp.where(temperature > 0, sampled, greedy)
 
   return jax.lax.cond(jnp.any(temperature > 0), draw_rows, lambda _: greedy, None)

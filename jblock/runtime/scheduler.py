@@ -1,0 +1,304 @@
+"""The scheduler: a policy object that plans block batches and takes results back.
+
+It owns the queues and the request state machine and nothing else: no threads, no devices, no
+locks (the engine calls it under its lock). `schedule()` admits waiting requests (leasing KV
+pages in every layers instance of their chains) and returns the next `BlockBatch`es;
+`complete()` takes a batch's output and routes every item on — to the next segment, to its next
+prompt chunk, or to a sampled token that is emitted or ends the request.
+
+Admission is fair across tenants and never blocked by one request: every (tenant, model) has
+its own FIFO, and each round admits, among the queue heads whose KV fits now, the one whose
+tenant has the fewest active requests (then the oldest). A head that does not fit waits without
+holding up anyone else's queue.
+"""
+
+import collections
+import dataclasses
+import itertools
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from jblock.blocks import LAYERS
+from jblock.errors import JBlockError, OverloadedError
+from jblock.runtime.engine_api import RequestHandle, SamplingParams
+from jblock.runtime.kv import Lease, pages_for
+from jblock.runtime.segments import Segment
+from jblock.runtime.step import BlockBatch, StepItem, StepMeta
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+  prefill_chunk: int = 64  # longest prompt piece one step item carries
+  prefill_buckets: tuple[int, ...] = (16, 64)  # padded prefill lengths (decode is length 1)
+  max_waiting: int = 256  # waiting requests in all; beyond it submit raises OverloadedError
+  max_waiting_per_model: int = 0  # waiting requests per model (0 = max_waiting)
+  max_in_flight_per_segment: int = 1  # batches of one segment dispatched and not yet done
+  page_size: int = 16  # tokens per KV page
+  max_pages: int = 16  # pages of the longest request (max_seq_len / page_size)
+
+  def batch_buckets(self, batch_size: int) -> list[int]:
+    return [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < batch_size] + [batch_size]
+
+  def width_buckets(self) -> list[int]:
+    return [w for w in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if w < self.max_pages] + [self.max_pages]
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+  handle: RequestHandle
+  model: str
+  tenant: str
+  prompt: list[int]
+  params: SamplingParams
+  segments: list[Segment]  # the model's chain, cut into segments
+  stop_ids: frozenset[int]
+  arrived: int  # arrival order
+  leases: dict[str, list[Lease]] = dataclasses.field(default_factory=dict)  # instance key -> leases
+  tables: list[list[list[int]]] = dataclasses.field(default_factory=list)  # per segment, per layers instance: pages
+  cached: int = 0  # tokens already written to every KV pool of the chain
+  generated: list[int] = dataclasses.field(default_factory=list)
+  item: StepItem | None = None  # queued or in flight
+  in_flight: bool = False
+  done: bool = False
+
+  @property
+  def tokens_needed(self) -> int:
+    return len(self.prompt) + self.params.max_new_tokens
+
+  @property
+  def last_kv_segment(self) -> int:
+    """Index of the last segment that writes KV or feeds the head's input."""
+    last = len(self.segments) - 1
+    return last - 1 if len(self.segments[last].instances) == 1 and self.segments[last].ends_at_head \
+        and last > 0 else last
+
+
+class Scheduler:
+
+  def __init__(self, config: SchedulerConfig, on_finish: Callable[[Request], None] = lambda r: None):
+    self.config = config
+    self._on_finish = on_finish
+    self.waiting: dict[tuple[str, str], collections.deque[Request]] = {}
+    self.queues: dict[tuple[str, ...], collections.deque[StepItem]] = {}
+    self.segments: dict[tuple[str, ...], Segment] = {}
+    self.in_flight: collections.Counter = collections.Counter()  # segment key -> batches
+    self.active: set[Request] = set()
+    self.finished = collections.Counter()
+    self._arrivals = itertools.count()
+    self._batches = itertools.count()
+
+  # ---- requests in ----------------------------------------------------------------------
+
+  @property
+  def num_waiting(self) -> int:
+    return sum(len(q) for q in self.waiting.values())
+
+  def add(self, handle: RequestHandle, model: str, tenant: str, prompt: list[int],
+          params: SamplingParams, segments: list[Segment], stop_ids: frozenset[int]) -> Request:
+    """Queues a request; OverloadedError when the waiting bounds are reached."""
+    cfg = self.config
+    if self.num_waiting >= cfg.max_waiting:
+      raise OverloadedError(f"admission queue is full ({cfg.max_waiting} waiting)")
+    per_model = cfg.max_waiting_per_model or cfg.max_waiting
+    if sum(len(q) for (t, m), q in self.waiting.items() if m == model) >= per_model:
+      raise OverloadedError(f"admission queue of model {model!r} is full ({per_model} waiting)")
+    req = Request(handle, model, tenant, prompt, params, segments, stop_ids, next(self._arrivals))
+    self.waiting.setdefault((tenant, model), collections.deque()).append(req)
+    return req
+
+  def cancel(self, req: Request) -> None:
+    """Ends a request at once: out of its waiting queue or segment queue, KV pages freed.
+
+    Pages of a request whose batch is still in flight are freed too: a later owner's writes to
+    those pages are ordered after the in-flight batch's on the same KV buffer.
+    """
+    if req.done:
+      return
+    queue = self.waiting.get((req.tenant, req.model))
+    if queue is not None and req in queue:
+      queue.remove(req)
+    elif req.item is not None and not req.in_flight:
+      q = self.queues.get(req.segments[req.item.pos].key)
+      if q is not None and req.item in q:
+        q.remove(req.item)
+    self.finish(req, "cancelled")
+
+  def finish(self, req: Request, reason: str, error: BaseException | None = None) -> None:
+    """Frees every KV lease the request holds and ends its stream (once)."""
+    if req.done:
+      return
+    req.done = True
+    for leases in req.leases.values():
+      for lease in leases:
+        lease.release()
+    req.leases.clear()
+    req.item = None
+    self.active.discard(req)
+    req.handle._finish(reason, error)
+    self.finished[req.handle.finish_reason] += 1
+    self._on_finish(req)
+
+  # ---- admission --------------------------------------------------------------------------
+
+  def _fits(self, req: Request) -> bool:
+    need = collections.Counter()
+    pools = {}
+    for seg in req.segments:
+      for inst in seg.layers:
+        need[inst.key] += 1
+        pools[inst.key] = inst.pool
+    return all(pools[k].can_lease(req.tokens_needed, n) for k, n in need.items())
+
+  def _admit(self) -> None:
+    active_by_tenant = collections.Counter(r.tenant for r in self.active)
+    while True:
+      best = None
+      for queue in self.waiting.values():
+        if not queue:
+          continue
+        head = queue[0]
+        if head.handle.cancelled:  # cancelled without the engine hearing of it
+          queue.popleft()
+          self.finish(head, "cancelled")
+          continue
+        if not self._fits(head):
+          continue  # this queue waits; the others go on
+        score = (active_by_tenant[head.tenant], head.arrived)
+        if best is None or score < best[0]:
+          best = (score, queue)
+      if best is None:
+        return
+      req = best[1].popleft()
+      self._start(req)
+      active_by_tenant[req.tenant] += 1
+
+  def _start(self, req: Request) -> None:
+    rid = req.handle.request_id
+    for seg in req.segments:
+      tables = []
+      for inst in seg.layers:
+        lease = inst.pool.lease(rid, req.tokens_needed)
+        req.leases.setdefault(inst.key, []).append(lease)
+        tables.append(lease.pages)
+      req.tables.append(tables)
+    self.active.add(req)
+    self._enqueue_prefill(req)
+
+  def _enqueue_prefill(self, req: Request) -> None:
+    cfg = self.config
+    start = req.cached
+    n = min(cfg.prefill_chunk, len(req.prompt) - start)
+    t_pad = next(b for b in sorted(cfg.prefill_buckets) + [cfg.prefill_chunk] if b >= n)
+    final = start + n == len(req.prompt)
+    self._enqueue(StepItem(req, 0, start, n, t_pad, final, req.prompt[start:start + n]))
+
+  def _enqueue(self, item: StepItem) -> None:
+    item.req.item = item
+    item.enqueued = time.perf_counter()
+    seg = item.req.segments[item.pos]
+    self.segments.setdefault(seg.key, seg)
+    self.queues.setdefault(seg.key, collections.deque()).append(item)
+
+  # ---- planning ---------------------------------------------------------------------------
+
+  def schedule(self) -> list[BlockBatch]:
+    """Admits what fits, then returns batches for every segment that has work and room."""
+    self._admit()
+    batches = []
+    while True:
+      best, best_score = None, None
+      for key, queue in self.queues.items():
+        if not queue or self.in_flight[key] >= self.config.max_in_flight_per_segment:
+          continue
+        seg = queue[0].req.segments[queue[0].pos]
+        score = (min(len(queue), seg.batch_size) / seg.batch_size, -queue[0].enqueued)
+        if best_score is None or score > best_score:
+          best, best_score = key, score
+      if best is None:
+        return batches
+      batches.append(self._take_batch(best))
+
+  def _take_batch(self, key: tuple[str, ...]) -> BlockBatch:
+    queue = self.queues[key]
+    seg = self.segments[key]
+    t_pad = queue[0].t_pad
+    items = [it for it in queue if it.t_pad == t_pad][:seg.batch_size]
+    for it in items:
+      queue.remove(it)
+      it.req.in_flight = True
+    self.in_flight[key] += 1
+    cfg = self.config
+    b_pad = next(b for b in cfg.batch_buckets(seg.batch_size) if b >= len(items))
+    need = max(pages_for(it.start + it.t_pad, cfg.page_size) for it in items)
+    width = next((w for w in cfg.width_buckets() if w >= need), cfg.max_pages)
+    n_tables = len(seg.layers)
+    meta = StepMeta.empty(b_pad, n_tables, width)
+    for row, it in enumerate(items):
+      req = it.req
+      meta.starts[row] = it.start
+      meta.n_valid[row] = it.n
+      for j, pages in enumerate(req.tables[it.pos]):
+        k = min(len(pages), width)
+        meta.page_tables[j, row, :k] = pages[:k]
+      if seg.ends_at_head:
+        p = req.params
+        meta.temperature[row] = p.temperature
+        meta.top_k[row] = p.top_k
+        meta.top_p[row] = p.top_p
+        meta.set_seed(row, p.seed)
+        meta.step[row] = len(req.generated)
+    return BlockBatch(next(self._batches), seg, items, b_pad, t_pad, meta)
+
+  # ---- results ----------------------------------------------------------------------------
+
+  def complete(self, batch: BlockBatch, output: Any, error: BaseException | None) -> None:
+    """Routes every item of a finished batch (output: hidden states, or tokens at the head)."""
+    self.in_flight[batch.segment.key] -= 1
+    for inst in batch.segment.instances:
+      inst.batches_run += 1
+      inst.items_run += len(batch.items)
+    for row, item in enumerate(batch.items):
+      req = item.req
+      req.in_flight = False
+      if req.done:
+        continue
+      if error is not None:
+        self.finish(req, "error", error if isinstance(error, JBlockError) else JBlockError(
+            f"block {batch.segment.instances[0].block_id[:12]} failed: {error!r}"))
+      elif req.handle.cancelled:
+        self.finish(req, "cancelled")
+      else:
+        self._route(item, batch.segment, output, row)
+
+  def _route(self, item: StepItem, seg: Segment, y, row: int) -> None:
+    req = item.req
+    if not item.final and item.pos >= req.last_kv_segment:
+      req.cached = item.start + item.n  # this chunk is in every KV pool: send the next one
+      self._enqueue_prefill(req)
+      return
+    if not seg.ends_at_head:
+      self._enqueue(dataclasses.replace(item, pos=item.pos + 1, x=(y, row)))
+      return
+    req.cached = item.start + item.n
+    token = int(y[row])
+    req.generated.append(token)
+    if token in req.stop_ids:  # a stop token ends the request and is not emitted
+      self.finish(req, "stop")
+      return
+    req.handle._emit(token)
+    if len(req.generated) >= req.params.max_new_tokens:
+      self.finish(req, "length")
+    else:
+      self._enqueue(StepItem(req, 0, req.cached, 1, 1, True, [token]))
+
+  def drop_all(self, error: BaseException) -> None:
+    for req in list(self.active) + [r for q in self.waiting.values() for r in q]:
+      self.finish(req, "error", error)
+    self.waiting.clear()
+    for queue in self.queues.values():
+      queue.clear()
+
+  def has_work(self) -> bool:
+    return bool(self.active) or self.num_waiting > 0

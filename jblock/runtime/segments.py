@@ -1,0 +1,134 @@
+"""Segments: runs of consecutive block instances that always execute as one call.
+
+Two consecutive instances of a chain fuse when every model that passes through the first goes
+on to the second and the same models pass through both (e.g. the shared bottom of partial
+fine-tunes, or the whole chain of a model served alone), both are local and they have the same
+batch size. A fused segment is one jitted function over all its blocks' params and KV pools: one
+dispatch per step instead of one per block, hidden states never leave the call. Blocks keep
+their identity (ids, sharing, stats, KV pools); only the dispatch is shared.
+"""
+
+import dataclasses
+import functools
+import json
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jblock.blocks import EMBED, HEAD, LAYERS
+from jblock.models import blocks as block_fns
+from jblock.runtime import mesh as mesh_lib
+from jblock.runtime.sampling import sample
+from jblock.runtime.step import unpack
+
+
+@dataclasses.dataclass(eq=False)
+class Segment:
+  instances: list  # consecutive instances of a chain, in order
+  start: int  # chain position of the first instance (in the chains that use it)
+
+  @property
+  def key(self) -> tuple[str, ...]:
+    return tuple(i.key for i in self.instances)
+
+  @property
+  def batch_size(self) -> int:
+    return min(i.batch_size for i in self.instances)
+
+  @property
+  def starts_at_embed(self) -> bool:
+    return self.instances[0].kind == EMBED
+
+  @property
+  def ends_at_head(self) -> bool:
+    return self.instances[-1].kind == HEAD
+
+  @property
+  def layers(self) -> list:
+    return [i for i in self.instances if i.kind == LAYERS]
+
+  @property
+  def local(self) -> bool:
+    return hasattr(self.instances[0], "mesh")
+
+  @property
+  def models(self) -> set[str]:
+    return set().union(*(i.models for i in self.instances))
+
+  def __repr__(self):
+    return f"Segment({'+'.join(i.kind for i in self.instances)} @{self.start})"
+
+
+def plan_segments(chains: dict[str, Sequence[Any]], fuse: bool = True) -> dict[str, list[Segment]]:
+  """Cuts every model's chain of instances into segments (fused where the rule above allows).
+
+  Instances shared by several models get one Segment object, so their queues are shared and
+  requests of different models batch together there.
+  """
+  def follows(a, b) -> bool:
+    if not (fuse and a.models == b.models and hasattr(a, "mesh") and hasattr(b, "mesh")
+            and a.batch_size == b.batch_size):
+      return False
+    for chain in chains.values():
+      for p, inst in enumerate(chain):
+        if inst is a and (p + 1 >= len(chain) or chain[p + 1] is not b):
+          return False
+    return True
+
+  segments: dict[tuple[str, ...], Segment] = {}
+  out: dict[str, list[Segment]] = {}
+  for name, chain in chains.items():
+    cut, current, start = [], [chain[0]], 0
+    for p in range(1, len(chain)):
+      if follows(chain[p - 1], chain[p]):
+        current.append(chain[p])
+      else:
+        cut.append((start, current))
+        current, start = [chain[p]], p
+    cut.append((start, current))
+    out[name] = [segments.setdefault(tuple(i.key for i in insts), Segment(insts, s))
+                 for s, insts in cut]
+  return out
+
+
+@functools.lru_cache(maxsize=None)
+def segment_fn(structure: tuple[tuple[str, str], ...], kv_shardings: tuple, mesh):
+  """The jitted step of a segment with this structure ((kind, config JSON) per block).
+
+  fn(params list, KV pools list (donated), x, ints, floats) -> (y, KV pools): y is the hidden
+  state [B, T, D], or the sampled tokens [B] int32 when the segment ends at the head. `ints` and
+  `floats` are a packed StepMeta. One compiled function serves every segment of this structure
+  (all variants of a model and every fine-tune that shares its shapes).
+  """
+  applies = [block_fns.apply_fn(kind, json.loads(cfg)) for kind, cfg in structure]
+  n_tables = sum(kind == LAYERS for kind, _ in structure)
+  rep = mesh_lib.replicated(mesh)
+
+  def step(params, kvs, x, ints, floats):
+    m = unpack(ints, floats, n_tables)
+    base = {"starts": m["starts"], "n_valid": m["n_valid"]}
+    new_kvs, li = [], 0
+    for (kind, _), apply, p in zip(structure, applies, params):
+      if kind == LAYERS:
+        x, kv = apply(p, kvs[li], x, {**base, "page_table": m["page_tables"][li]})
+        new_kvs.append(kv)
+        li += 1
+      elif kind == EMBED:
+        x, _ = apply(p, {}, x, base)
+      else:  # head: only each row's last real token, then sampling on device
+        last = jnp.maximum(m["n_valid"] - 1, 0)
+        h = x[jnp.arange(x.shape[0]), last][:, None]
+        logits = apply(p, {}, h, base)[0][:, 0]
+        x = sample(logits, m["temperature"], m["top_k"], m["top_p"], m["seed_lo"], m["seed_hi"],
+                   m["step"])
+    return x, new_kvs
+
+  kv_out = [{"k": s, "v": s} for s in kv_shardings]
+  return jax.jit(step, donate_argnums=(1,), out_shardings=(rep, kv_out))
+
+
+def local_segment_fn(segment: Segment):
+  insts = segment.instances
+  structure = tuple((i.kind, i.config_json) for i in insts)
+  return segment_fn(structure, tuple(i.kv_sharding for i in segment.layers), insts[0].mesh)
