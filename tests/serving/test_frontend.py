@@ -1,0 +1,47 @@
+"""The protocol-neutral frontend: incremental text equals a whole decode, stop strings."""
+
+from tokenizers import decoders
+
+from jblock.runtime.mock_engine import MockEngine
+from jblock.serving import text
+from jblock.serving.frontend import Frontend, GenerationRequest
+from jblock.serving.tenants import OPEN
+
+SAMPLES = ["hello café 🙂 naïve 日本 wörld", " world, hello", "ok 🙂🙂 the lazy dog"]
+
+
+def test_decode_stream_deltas_equal_the_whole_decode_and_the_old_detokenizer(tokenizer):
+  prompt = text.encode(tokenizer, "hello")
+  for sample in SAMPLES:
+    ids = text.encode(tokenizer, sample)
+    stream = decoders.DecodeStream(ids=prompt[-6:], skip_special_tokens=True)
+    deltas = [stream.step(tokenizer, t) or "" for t in ids]
+    assert not any("\ufffd" in d for d in deltas)
+    whole = tokenizer.decode(prompt + ids)[len(tokenizer.decode(prompt)):]
+    assert "".join(deltas) == whole
+    old = text.IncrementalDetokenizer(tokenizer, prompt)
+    assert "".join(old.add([t]) for t in ids) + old.flush() == whole
+
+
+def test_stop_strings_are_held_back_and_cut_in_one_place(catalog):
+  engine = MockEngine(catalog)
+  frontend = Frontend(engine)
+  try:
+    def run(stop=()):
+      g = frontend.generate(OPEN, GenerationRequest(model="mock-a", text="hello", max_tokens=40,
+                                                     stop=stop))
+      deltas = list(g)
+      return "".join(d.text for d in deltas), g, deltas
+
+    full, g, _ = run()
+    assert g.finish_reason == "length" and g.usage.completion_tokens == 40
+    for cut in (1, 7, len(full) // 2):
+      stop = full[cut:cut + 3]
+      out, g, deltas = run([stop, "never-there"])
+      assert out == full[:full.index(stop)] and g.finish_reason == "stop"
+      # Tokens up to the one that completed the stop string, no further.
+      assert sum(len(d.token_ids) for d in deltas) == g.usage.completion_tokens < 40
+      assert stop not in out
+  finally:
+    frontend.close()
+    engine.close()
