@@ -106,14 +106,23 @@ def _get(tree: dict, path: str):
 
 
 def _placements(config: ModelConfig, rule: Rule, layers_per_block: int) -> Iterator[tuple[str, int, str, int]]:
-  """(hf name, block index in chain, path template with {L} resolved, layer) for one rule."""
+  """(hf name, block index in chain, path template with {L} resolved, layer) for one rule.
+  Per-expert rules keep `{j}` in the name (see _expert_names)."""
   n_layer_blocks = len(config.layer_groups(layers_per_block))
   if not rule.per_layer:
     yield rule.hf_name, (0 if rule.kind == EMBED else n_layer_blocks + 1), "", -1
     return
   for layer in range(config.num_layers):
-    yield (rule.hf_name.format(i=layer), 1 + layer // layers_per_block,
+    if not rule.applies_to_layer(config, layer):
+      continue
+    yield (rule.hf_name.replace("{i}", str(layer)), 1 + layer // layers_per_block,
            f"layer_{layer % layers_per_block}", layer)
+
+
+def _expert_names(name: str, config: ModelConfig) -> list[str]:
+  if "{j}" not in name:
+    return [name]
+  return [name.replace("{j}", str(j)) for j in range(config.moe["num_experts"])]
 
 
 def convert(hf_dir: str, dtype: str = "float32", layers_per_block: int = 1,
@@ -134,15 +143,19 @@ def convert(hf_dir: str, dtype: str = "float32", layers_per_block: int = 1,
     if progress:
       progress(f"mapping {rule.hf_name} ({n + 1}/{len(rules)})")
     for name, index, layer_attr, _ in _placements(config, rule, layers_per_block):
-      tensor = reader.read(name)
-      if not np.issubdtype(tensor.dtype, np.floating) and tensor.dtype != ml_dtypes.bfloat16:
-        raise ConversionError(f"tensor {name!r} has non-float dtype {tensor.dtype}")
-      if not np.all(np.isfinite(tensor.astype(np.float32))):
-        raise ConversionError(f"tensor {name!r} holds NaN or Inf values (corrupt checkpoint?)")
-      for path, value in zip(rule.paths, rule.transform.forward(tensor)):
-        _set(trees[index], path.replace("{L}", layer_attr),
-             np.ascontiguousarray(value.astype(target)))
-      used.add(name)
+      per_tensor = []  # per expert (one entry unless the rule is per-expert): param values
+      for tensor_name in _expert_names(name, config):
+        tensor = reader.read(tensor_name)
+        if not np.issubdtype(tensor.dtype, np.floating) and tensor.dtype != ml_dtypes.bfloat16:
+          raise ConversionError(f"tensor {tensor_name!r} has non-float dtype {tensor.dtype}")
+        if not np.all(np.isfinite(tensor.astype(np.float32))):
+          raise ConversionError(f"tensor {tensor_name!r} holds NaN or Inf values (corrupt checkpoint?)")
+        per_tensor.append(rule.transform.forward(tensor))
+        used.add(tensor_name)
+      for k, path in enumerate(rule.paths):
+        parts = [values[k] for values in per_tensor]
+        value = np.stack(parts) if rule.per_expert else parts[0]
+        _set(trees[index], path.replace("{L}", layer_attr), np.ascontiguousarray(value.astype(target)))
 
   unused = sorted(n for n in reader.names() - used
                   if not n.endswith(IGNORED_SUFFIXES) and not _tied_duplicate(n, config))
@@ -196,7 +209,11 @@ def export(config: ModelConfig, hf_config: dict[str, Any], blocks: list[Block], 
     for name, index, layer_attr, _ in _placements(config, rule, layers_per_block):
       values = [np.asarray(_get(blocks[index].params, p.replace("{L}", layer_attr)), np.float32)
                 for p in rule.paths]
-      tensors[name] = np.ascontiguousarray(rule.transform.inverse(values))
+      if not rule.per_expert:
+        tensors[name] = np.ascontiguousarray(rule.transform.inverse(values))
+        continue
+      for j, expert_name in enumerate(_expert_names(name, config)):
+        tensors[expert_name] = np.ascontiguousarray(rule.transform.inverse([v[j] for v in values]))
   os.makedirs(out_dir, exist_ok=True)
   save_file(tensors, os.path.join(out_dir, SINGLE_FILE), metadata={"format": "pt"})
   with open(os.path.join(out_dir, "config.json"), "w") as f:

@@ -3,7 +3,7 @@
 Every block kind has one contract: `apply(params, kv, x, meta) -> (y, kv)`.
 - embed:  x = token ids [B, T] int32            -> hidden [B, T, D]; kv unused ({}).
 - layers: x = hidden [B, T, D]                  -> hidden [B, T, D]; kv = {"k", "v"}:
-          [layers, pages, page_size, KVH, head_dim], written in place in the rows' pages.
+          [layers, pages, KVH, page_size, head_dim], written in place in the rows' pages.
 - head:   x = hidden [B, T, D]                  -> logits [B, T, V] float32; kv unused.
 `meta` holds per-row int32 arrays: `page_table` [B, W] (the row's KV pages), `starts` (tokens
 already cached, i.e. the position of x[:, 0]) and `n_valid` (real tokens in the row; the rest is
@@ -12,6 +12,7 @@ padding). See jblock.models.attention.
 
 import functools
 import json
+import math
 from typing import Any
 
 import jax
@@ -21,6 +22,7 @@ from flax import nnx
 from jblock.blocks import EMBED, HEAD, LAYERS
 from jblock.models import attention
 from jblock.models.layers import DecoderLayer, make_norm
+from jblock.models.moe import MoE
 
 
 class EmbedBlock(nnx.Module):
@@ -29,9 +31,13 @@ class EmbedBlock(nnx.Module):
     self.embedding = nnx.Param(jnp.zeros((cfg["vocab_size"], cfg["hidden_size"]), dtype))
     self.position_embedding = (nnx.Param(jnp.zeros((max_positions, cfg["hidden_size"]), dtype))
                                if cfg["learned_positions"] else None)
+    # Gemma: embeddings times sqrt(hidden), the factor rounded to the table's dtype first.
+    self.scale = math.sqrt(cfg["hidden_size"]) if cfg.get("embed_scale") else None
 
   def __call__(self, tokens, kv, meta):
     y = jnp.take(self.embedding[...], tokens, axis=0, mode="clip")
+    if self.scale is not None:
+      y = y * jnp.asarray(self.scale, y.dtype)
     if self.position_embedding is not None:
       pos = meta["starts"][:, None] + jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]
       y = y + jnp.take(self.position_embedding[...], pos, axis=0, mode="clip")
@@ -43,8 +49,10 @@ class LayersBlock(nnx.Module):
 
   def __init__(self, cfg: dict[str, Any], dtype=jnp.float32):
     self.num_layers = cfg["num_layers"]
+    moe_layers = cfg.get("moe_layers") or [bool(cfg.get("moe"))] * self.num_layers
     for i, window in enumerate(cfg["sliding_windows"]):
-      setattr(self, f"layer_{i}", DecoderLayer(cfg, window, dtype))
+      mlp = MoE(cfg, dtype) if moe_layers[i] else None
+      setattr(self, f"layer_{i}", DecoderLayer(cfg, window, dtype, mlp=mlp))
 
   def __call__(self, x, kv, meta):
     for i in range(self.num_layers):
@@ -63,6 +71,7 @@ class HeadBlock(nnx.Module):
       self.embedding = nnx.Param(jnp.zeros((v, d), dtype))
     else:
       self.lm_head = nnx.Param(jnp.zeros((d, v), dtype))  # kernel [D, V]
+    self.softcap = float(cfg.get("final_softcap", 0.0))  # Gemma 2: c * tanh(logits / c)
 
   def __call__(self, x, kv, meta):
     x = self.norm(x)
@@ -70,7 +79,10 @@ class HeadBlock(nnx.Module):
       logits = jnp.einsum("btd,vd->btv", x, self.embedding[...], preferred_element_type=jnp.float32)
     else:
       logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...], preferred_element_type=jnp.float32)
-    return logits.astype(jnp.float32), kv
+    logits = logits.astype(jnp.float32)
+    if self.softcap:
+      logits = jnp.tanh(logits / self.softcap) * self.softcap
+    return logits, kv
 
 
 @functools.lru_cache(maxsize=None)

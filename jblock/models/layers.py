@@ -1,4 +1,4 @@
-"""Flax NNX building blocks: norms, projections, RoPE, attention over a paged KV cache, MLPs.
+"""Flax NNX building blocks: norms, projections, attention over a paged KV cache, MLPs.
 
 Numerics follow Hugging Face transformers (norms and softmax in float32, RoPE's rotate-half
 convention) so that converted models match it to the last logit.
@@ -9,10 +9,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jblock.models.attention import attend
+from jblock.models.rope import Rope
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -55,8 +55,24 @@ class LayerNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
 
 
+class GemmaRMSNorm(nnx.Module):
+  """RMSNorm scaled by (1 + w), the product taken in float32 before the cast (Gemma 2/3)."""
+
+  def __init__(self, dim: int, eps: float, dtype):
+    self.scale = _param((dim,), dtype)
+    self.eps = eps
+
+  def __call__(self, x):
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (xf * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+
+
+NORMS = {"rms": RMSNorm, "layer": LayerNorm, "gemma_rms": GemmaRMSNorm}
+
+
 def make_norm(kind: str, dim: int, eps: float, dtype):
-  return RMSNorm(dim, eps, dtype) if kind == "rms" else LayerNorm(dim, eps, dtype)
+  return NORMS[kind](dim, eps, dtype)
 
 
 class Linear(nnx.Module):
@@ -71,40 +87,13 @@ class Linear(nnx.Module):
     return y if self.bias is None else y + self.bias[...]
 
 
-def rope_inv_freq(rope: dict[str, Any], head_dim: int) -> np.ndarray:
-  """Inverse frequencies for rope_type default, linear and llama3 (as transformers computes them)."""
-  base = float(rope["rope_theta"])
-  inv_freq = 1.0 / (base ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
-  inv_freq = inv_freq.astype(np.float32)
-  kind = rope.get("rope_type", "default")
-  if kind == "linear":
-    return (inv_freq / np.float32(rope["factor"])).astype(np.float32)
-  if kind == "llama3":
-    factor = rope["factor"]
-    low, high = rope["low_freq_factor"], rope["high_freq_factor"]
-    old_len = rope["original_max_position_embeddings"]
-    low_wavelen, high_wavelen = old_len / low, old_len / high
-    wavelen = 2 * math.pi / inv_freq
-    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-    return np.where(medium, smoothed, scaled).astype(np.float32)
-  return inv_freq
-
-
-def apply_rope(x, positions, inv_freq):
-  """x: [B, T, H, D]; positions: [B, T]. Rotate-half convention of transformers."""
-  freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)  # [B, T, D/2]
-  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-  cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
-  half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  return x * cos + rotated * sin
-
-
 class Attention(nnx.Module):
-  """Multi-head / grouped-query attention that reads and writes one layer of a paged KV cache."""
+  """Multi-head / grouped-query attention that reads and writes one layer of a paged KV cache.
+
+  Config switches: `qk_norm` (a norm over each head's q and k before RoPE: Qwen3, Gemma 3),
+  `query_pre_attn_scalar` (scale = its -1/2 power: Gemma), `attn_softcap` (logits soft-capped),
+  `local_rope` (the RoPE of sliding-window layers: Gemma 3).
+  """
 
   def __init__(self, cfg: dict[str, Any], window: int, dtype):
     d, h, kvh, hd = cfg["hidden_size"], cfg["num_heads"], cfg["num_kv_heads"], cfg["head_dim"]
@@ -113,9 +102,17 @@ class Attention(nnx.Module):
     self.k = Linear(d, kvh * hd, cfg["qkv_bias"], dtype)
     self.v = Linear(d, kvh * hd, cfg["qkv_bias"], dtype)
     self.o = Linear(h * hd, d, cfg["o_bias"], dtype)
+    if cfg.get("qk_norm"):
+      self.q_norm = make_norm(cfg["norm"], hd, cfg["norm_eps"], dtype)
+      self.k_norm = make_norm(cfg["norm"], hd, cfg["norm_eps"], dtype)
+    else:
+      self.q_norm = self.k_norm = None
     self.window = window
-    # A tuple keeps it static in the graph definition (not a param).
-    self.inv_freq = tuple(rope_inv_freq(cfg["rope"], hd).tolist()) if cfg["rope"] else None
+    scalar = cfg.get("query_pre_attn_scalar")
+    self.scale = scalar ** -0.5 if scalar else 1.0 / math.sqrt(hd)
+    self.softcap = float(cfg.get("attn_softcap", 0.0))
+    rope = cfg.get("local_rope") if window and cfg.get("local_rope") else cfg["rope"]
+    self.rope = Rope.make(rope, hd) if rope else None  # static, part of the graph definition
 
   def __call__(self, x, kv, layer: int, meta):
     """x: [B, T, D]; kv: {"k", "v"} [layers, pages, page_size, KVH, hd] of the whole block, of
@@ -125,20 +122,24 @@ class Attention(nnx.Module):
     q = self.q(x).reshape(b, t, h, hd)
     k = self.k(x).reshape(b, t, kvh, hd)
     v = self.v(x).reshape(b, t, kvh, hd)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
     offsets = jnp.arange(t, dtype=jnp.int32)
     qpos = meta["starts"][:, None] + offsets[None, :]  # [B, T] absolute positions
-    if self.inv_freq is not None:
-      q, k = apply_rope(q, qpos, self.inv_freq), apply_rope(k, qpos, self.inv_freq)
+    if self.rope is not None:
+      q, k = self.rope(q, k, qpos, meta["starts"] + meta["n_valid"])
 
-    out, kv = attend(q, k, v, kv, layer, meta, scale=1.0 / math.sqrt(hd), window=self.window)
+    out, kv = attend(q, k, v, kv, layer, meta, scale=self.scale, window=self.window,
+                     softcap=self.softcap)
     return self.o(out.reshape(b, t, h * hd)), kv
 
 
 class MLP(nnx.Module):
   """gated: down(act(gate(x)) * up(x)); plain: proj(act(fc(x)))."""
 
-  def __init__(self, cfg: dict[str, Any], dtype):
-    d, f, bias = cfg["hidden_size"], cfg["intermediate_size"], cfg["mlp_bias"]
+  def __init__(self, cfg: dict[str, Any], dtype, intermediate_size: int = 0):
+    d, bias = cfg["hidden_size"], cfg["mlp_bias"]
+    f = intermediate_size or cfg["intermediate_size"]
     self.gated = cfg["mlp"] == "gated"
     self.act = ACTIVATIONS[cfg["activation"]]
     if self.gated:
@@ -156,16 +157,30 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-  """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x)).
 
-  def __init__(self, cfg: dict[str, Any], window: int, dtype):
+  `sandwich_norm` (Gemma 2/3) also norms each sub-layer's output before the residual add;
+  `mlp` replaces the dense MLP (a mixture of experts: jblock.models.moe).
+  """
+
+  def __init__(self, cfg: dict[str, Any], window: int, dtype, mlp: nnx.Module | None = None):
     d, eps = cfg["hidden_size"], cfg["norm_eps"]
     self.attn_norm = make_norm(cfg["norm"], d, eps, dtype)
     self.attn = Attention(cfg, window, dtype)
     self.mlp_norm = make_norm(cfg["norm"], d, eps, dtype)
-    self.mlp = MLP(cfg, dtype)
+    self.mlp = mlp if mlp is not None else MLP(cfg, dtype)
+    if cfg.get("sandwich_norm"):
+      self.post_attn_norm = make_norm(cfg["norm"], d, eps, dtype)
+      self.post_mlp_norm = make_norm(cfg["norm"], d, eps, dtype)
+    else:
+      self.post_attn_norm = self.post_mlp_norm = None
 
   def __call__(self, x, kv, layer: int, meta):
     a, kv = self.attn(self.attn_norm(x), kv, layer, meta)
+    if self.post_attn_norm is not None:
+      a = self.post_attn_norm(a)
     x = x + a
-    return x + self.mlp(self.mlp_norm(x)), kv
+    m = self.mlp(self.mlp_norm(x))
+    if self.post_mlp_norm is not None:
+      m = self.post_mlp_norm(m)
+    return x + m, kv

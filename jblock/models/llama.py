@@ -1,80 +1,82 @@
-"""Llama family: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM (one model, config switches)."""
+"""Llama family: Llama, Mistral, Qwen2, Qwen3 (one model, config switches).
 
+`decoder_config` is the shared parser the other RoPE families (Gemma, Phi-3, MoE) start from.
+"""
+
+import dataclasses
 from typing import Any
 
-from jblock.errors import UnsupportedModelError
 from jblock.models.config import ModelConfig
+from jblock.models.rope import rope_from_params
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-ROPE_TYPES = ("default", "linear", "llama3")
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+_QWEN = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 
 
-def rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+def rope_from_hf(hf: dict[str, Any], head_dim: int, partial_ok: bool = False) -> dict[str, Any]:
   """RoPE parameters from either transformers>=5 `rope_parameters` or older `rope_scaling`."""
-  rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-  if "type" in rope and "rope_type" not in rope:
-    rope["rope_type"] = rope.pop("type")
-  rope.setdefault("rope_type", "default")
-  rope.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
-  if rope["rope_type"] not in ROPE_TYPES:
-    raise UnsupportedModelError(
-        f"rope_type {rope['rope_type']!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
-  if rope.get("partial_rotary_factor", 1.0) != 1.0:
-    raise UnsupportedModelError("partial_rotary_factor != 1 is not supported")
-  keep = {"default": (), "linear": ("factor",),
-          "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                     "original_max_position_embeddings")}[rope["rope_type"]]
-  out = {"rope_type": rope["rope_type"], "rope_theta": float(rope["rope_theta"])}
-  for key in keep:
-    if key not in rope:
-      raise UnsupportedModelError(f"rope_type {rope['rope_type']!r} needs {key!r} in the config")
-    out[key] = float(rope[key]) if key != "original_max_position_embeddings" else int(rope[key])
-  return out
+  return rope_from_params(hf.get("rope_parameters") or hf.get("rope_scaling"), hf, head_dim,
+                          partial_ok)
+
+
+def layer_types_windows(hf: dict[str, Any], num_layers: int, default_type: str) -> tuple[int, ...]:
+  """Per-layer windows from `layer_types` ("sliding_attention" layers get `sliding_window`)."""
+  window = int(hf.get("sliding_window") or 0)
+  types = hf.get("layer_types") or [default_type] * num_layers
+  return tuple(window if t == "sliding_attention" else 0 for t in types)
 
 
 def sliding_windows_from_hf(hf: dict[str, Any], arch: str, num_layers: int) -> tuple[int, ...]:
   window = hf.get("sliding_window") or 0
-  if arch == "Qwen2ForCausalLM":
+  if arch in _QWEN:
     if not hf.get("use_sliding_window", False):
       return (0,) * num_layers
     types = hf.get("layer_types") or [
         "sliding_attention" if i >= hf.get("max_window_layers", num_layers) else "full_attention"
         for i in range(num_layers)]
     return tuple(window if t == "sliding_attention" else 0 for t in types)
-  if arch == "MistralForCausalLM":
+  if arch in ("MistralForCausalLM", "MixtralForCausalLM", "Phi3ForCausalLM"):
     return (int(window),) * num_layers
   return (0,) * num_layers
 
 
-def config_from_hf(hf: dict[str, Any], arch: str) -> ModelConfig:
+def decoder_config(hf: dict[str, Any], arch: str, family: str, **overrides) -> ModelConfig:
+  """The RoPE decoder fields every family shares, then the family's overrides."""
   heads = hf["num_attention_heads"]
   num_layers = hf["num_hidden_layers"]
-  qwen = arch == "Qwen2ForCausalLM"
+  head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
   attention_bias = bool(hf.get("attention_bias", False))
-  return ModelConfig(
-      family="llama",
+  qkv_bias_always = arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")  # Qwen2: q/k/v biases
+  config = ModelConfig(
+      family=family,
       architecture=arch,
       vocab_size=hf["vocab_size"],
       hidden_size=hf["hidden_size"],
       num_layers=num_layers,
       num_heads=heads,
       num_kv_heads=hf.get("num_key_value_heads") or heads,
-      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-      intermediate_size=hf["intermediate_size"],
+      head_dim=head_dim,
+      intermediate_size=hf.get("intermediate_size") or 0,
       norm="rms",
       norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
       mlp="gated",
       activation=hf.get("hidden_act", "silu"),
-      qkv_bias=qwen or attention_bias,  # Qwen2 always has q/k/v biases
-      o_bias=attention_bias and not qwen,
+      qkv_bias=qkv_bias_always or attention_bias,
+      o_bias=attention_bias and not qkv_bias_always,
       mlp_bias=bool(hf.get("mlp_bias", False)),
-      rope=rope_from_hf(hf),
+      rope=overrides.pop("rope", None) or rope_from_hf(hf, head_dim),
       max_position_embeddings=hf.get("max_position_embeddings", 2048),
       learned_positions=False,
       tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
       sliding_windows=sliding_windows_from_hf(hf, arch, num_layers),
       eos_token_ids=_ids(hf.get("eos_token_id")),
+      qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
   )
+  return dataclasses.replace(config, **overrides)
+
+
+def config_from_hf(hf: dict[str, Any], arch: str) -> ModelConfig:
+  return decoder_config(hf, arch, "llama")
 
 
 def _ids(value) -> tuple[int, ...]:

@@ -98,8 +98,9 @@ def test_sharded_checkpoint_converts_like_single_file(llama_dir, tmp_path):
 
 def test_unsupported_rope_and_dtype(llama_dir, tmp_path):
   d = _copy_with(llama_dir, tmp_path / "m", edit_config=lambda c: c.update(
-      rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0}))
-  with pytest.raises(UnsupportedModelError, match="rope_type 'yarn'.*default, linear, llama3"):
+      rope_parameters={"rope_type": "proportional", "factor": 2.0, "rope_theta": 10000.0}))
+  with pytest.raises(UnsupportedModelError,
+                     match="rope_type 'proportional'.*default, linear, llama3, yarn, dynamic, longrope"):
     convert(d)
   with pytest.raises(ConversionError, match="dtype must be one of float32, bfloat16"):
     convert(llama_dir, dtype="float16")

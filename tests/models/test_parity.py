@@ -1,5 +1,7 @@
 """Converted models compute what transformers computes: logits within 1e-4, equal greedy tokens."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -20,9 +22,19 @@ def pair(request, tmp_path_factory):
   return request.param, hf_dir, torch_model
 
 
+def _reset_dynamic_rope(model):
+  # transformers' dynamic RoPE keeps the longest length seen across calls; each reference
+  # sequence starts fresh, as it would in its own process.
+  for module in model.modules():
+    if hasattr(module, "original_inv_freq") and hasattr(module, "max_seq_len_cached"):
+      module.inv_freq = module.original_inv_freq.clone()
+      module.max_seq_len_cached = module.original_max_seq_len
+
+
 def _torch_logits(model, prompt):
+  _reset_dynamic_rope(model)
   with torch.no_grad():
-    return model(torch.tensor([prompt])).logits[0].numpy()
+    return model(torch.tensor([prompt])).logits[0].float().numpy()
 
 
 def test_logits_match_transformers_on_mixed_lengths(pair):
@@ -41,6 +53,7 @@ def test_greedy_generate_matches_transformers(pair):
   ours = model.generate(PROMPTS, max_new_tokens=32)
   assert ours.shape == (3, 32)
   for row, prompt in enumerate(PROMPTS):
+    _reset_dynamic_rope(torch_model)
     with torch.no_grad():
       ref = torch_model.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32,
                                  do_sample=False)[0, len(prompt):].numpy()
@@ -62,4 +75,8 @@ def test_bfloat16_conversion_within_documented_tolerance(pair):
   ours = model.logits(PROMPTS[:1])[0]
   ref = _torch_logits(torch_model, PROMPTS[0])
   scale = np.abs(ref).max()
+  if model.config.moe:
+    # bfloat16 rounding can flip a near-tied expert choice (in transformers too): MoE models
+    # are held to transformers run in bfloat16.
+    ref = _torch_logits(copy.deepcopy(torch_model).to(torch.bfloat16), PROMPTS[0])
   assert np.abs(ours - ref).max() <= BF16_REL_TOL * scale, name

@@ -1,0 +1,15 @@
+"""Phi-3 family: Phi3ForCausalLM. Llama's math with fused `qkv_proj` / `gate_up_proj` tensors
+(split by the mapping table), partial rotary and LongRoPE where the config has them."""
+
+from typing import Any
+
+from jblock.models.config import ModelConfig
+from jblock.models.llama import decoder_config, rope_from_hf
+
+ARCHITECTURES = ("Phi3ForCausalLM",)
+
+
+def config_from_hf(hf: dict[str, Any], arch: str) -> ModelConfig:
+  head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+  return decoder_config(hf, arch, "phi3", rope=rope_from_hf(hf, head_dim, partial_ok=True),
+                        o_bias=False, qkv_bias=False, mlp_bias=False)
