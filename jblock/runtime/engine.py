@@ -320,7 +320,7 @@ class Engine:
 
   def _executor_for(self, seg: Segment):
     inst = seg.instances[0]
-    place = "local" if seg.local else inst.placement
+    place = "local" if seg.local else getattr(inst, "executor_key", inst.placement)
     ex = self._executors.get(place)
     if ex is None:
       if self._executor_factory is not None:

@@ -8,44 +8,56 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jblock.blocks import EMBED, HEAD, Block, flat_leaves
+from jblock.blocks import EMBED, LAYERS, Block
 from jblock.runtime import mesh as mesh_lib
-from jblock.runtime.instance import BlockInstance, idle_sampling
+from jblock.runtime.instance import LocalBlockInstance
+from jblock.runtime.kv import pages_for
+from jblock.runtime.segments import Segment, local_segment_fn
+from jblock.runtime.step import StepMeta
 
 
 def time_block_steps(chain: list[Block], batch_sizes=(1, 2, 4, 8), length: int = 1,
-                     max_len: int = 256, repeats: int = 20, mesh_shape=(1, 1)) -> list[dict[str, Any]]:
+                     max_len: int = 256, repeats: int = 20, mesh_shape=(1, 1),
+                     page_size: int = 16) -> list[dict[str, Any]]:
   """Median wall time of one decode (length 1) or prefill call per distinct block kind.
 
-  Every call writes into the KV cache (n_valid = length) at position `max_len // 2`, so the
-  attention reads a half-full cache, as in the middle of a generation.
+  Every call writes into the KV pages (n_valid = length) at position `max_len // 2`, so the
+  attention reads a half-full context, as in the middle of a generation.
   """
   mesh = mesh_lib.make_mesh(mesh_shape)
   rows = []
   seen_kinds = set()
   table = None
+  width = pages_for(max_len, page_size)
   for block in chain:
-    inst = BlockInstance(block.kind, block, mesh, max(batch_sizes), max(batch_sizes), max_len,
-                         shared_table=table)
+    b_max = max(batch_sizes)
+    inst = LocalBlockInstance(block.kind, block, block.kind, mesh, b_max,
+                              num_pages=b_max * width if block.kind == LAYERS else 0,
+                              page_size=page_size, max_leases=b_max, shared_table=table)
     if block.kind == EMBED:
       table = inst.embed_table
     if block.kind in seen_kinds:
       continue
     seen_kinds.add(block.kind)
-    dtype = np.asarray(flat_leaves(block.params)[0][1]).dtype
+    seg = Segment([inst], 0)
+    fn = local_segment_fn(seg)
     for b in batch_sizes:
-      meta = {"slots": np.arange(b, dtype=np.int32), "starts": np.full(b, max_len // 2, np.int32),
-              "n_valid": np.full(b, length, np.int32)}
+      meta = StepMeta.empty(b, len(seg.layers), pages_for(max_len // 2 + length, page_size))
+      meta.page_tables[:] = np.arange(b)[None, :, None] * width + np.arange(meta.page_tables.shape[2])
+      meta.starts[:] = max_len // 2
+      meta.n_valid[:] = length
+      ints, floats = meta.pack()
       x = (np.zeros((b, length), np.int32) if block.kind == EMBED
-           else jnp.zeros((b, length, block.config["hidden_size"]), dtype))
-      sampling = idle_sampling(b) if block.kind == HEAD else None
+           else jnp.zeros((b, length, block.config["hidden_size"]), inst.dtype))
       times = []
       for i in range(repeats + 2):
         t0 = time.perf_counter()
-        jax.block_until_ready(inst.run(x, meta, sampling))
+        y, kvs = fn([inst.run_params], [inst.kv] if inst.kv else [], x, ints, floats)
+        if inst.kv:
+          inst.kv = kvs[0]
+        jax.block_until_ready(y)
         if i >= 2:  # the first calls compile
           times.append(time.perf_counter() - t0)
       rows.append({"kind": block.kind, "batch": b, "length": length,
                    "param_bytes": inst.resident_bytes, "median_ms": 1e3 * statistics.median(times)})
   return rows
-

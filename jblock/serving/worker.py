@@ -1,9 +1,11 @@
 """Workers: processes that host block instances and run them for a coordinator over gRPC.
 
-The coordinator's engine schedules every block; a block placed on a worker is a
-`RemoteBlockInstance` there, whose `run` is a RunBlock RPC. The worker keeps the params and
-the KV cache (donated in place, as in process); the coordinator keeps the slot bookkeeping.
-Hidden states between blocks on different workers travel through the coordinator.
+The coordinator's scheduler plans every block; a block placed on a worker is a
+`RemoteBlockInstance` there, run by that worker's executor thread (so different workers compute
+at the same time) with one RunBlock RPC per batch. The worker keeps the params and the KV page
+pool (donated in place, as in process); the coordinator keeps the page leases and sends each
+batch's page tables in its packed step metadata. Hidden states between blocks on different
+workers travel through the coordinator.
 """
 
 import concurrent.futures
@@ -18,14 +20,17 @@ import numpy as np
 from jblock.blocks import HEAD, LAYERS, Block
 from jblock.errors import JBlockError, UnavailableError
 from jblock.runtime import mesh as mesh_lib
-from jblock.runtime.instance import BlockInstance, SlotAllocator, idle_sampling
+from jblock.runtime.engine import _load_on_devices
+from jblock.runtime.executor import stage_input
+from jblock.runtime.instance import LocalBlockInstance, instance_stats
+from jblock.runtime.kv import PagePool
+from jblock.runtime.segments import Segment, local_segment_fn
+from jblock.runtime.step import BlockBatch
 from jblock.serving.coordinator import status_code
 from jblock.serving.proto import jblock_pb2 as pb
 from jblock.serving.proto import jblock_pb2_grpc as pb_grpc
 from jblock.serving.tensor_codec import from_tensor_map, to_tensor_map
 
-META_KEYS = ("slots", "starts", "n_valid")
-SAMPLING_KEYS = tuple(idle_sampling(1))
 RPC_TIMEOUT_S = 600.0  # a RunBlock may include a first compile
 
 
@@ -40,7 +45,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     from jblock.zoo.store import Zoo
     self.zoo = Zoo(zoo_dir)
     self.mesh = mesh_lib.make_mesh(mesh_shape)
-    self._instances: dict[str, BlockInstance] = {}
+    self._instances: dict[str, LocalBlockInstance] = {}
     self._lock = threading.Lock()
 
   def _table_for(self, head: Block):
@@ -57,14 +62,15 @@ class WorkerServicer(pb_grpc.WorkerServicer):
       with self._lock:
         inst = self._instances.get(request.block_id)
         if inst is None:
-          block = self.zoo.load_block(request.block_id)
+          block = _load_on_devices(self.zoo, request.block_id, self.mesh)
           table = self._table_for(block) if block.kind == HEAD and block.config["tied_to"] else None
-          inst = BlockInstance(request.block_id, block, self.mesh, request.batch_size,
-                               request.kv_slots, request.max_len, shared_table=table,
-                               block_id=request.block_id)
+          pages = request.kv_pages or request.kv_slots * -(-request.max_len // 16)
+          inst = LocalBlockInstance(request.block_id, block, request.block_id, self.mesh,
+                                    request.batch_size, num_pages=pages if block.kind == LAYERS else 0,
+                                    page_size=request.page_size or 16,
+                                    max_leases=request.kv_slots, shared_table=table)
           self._instances[request.block_id] = inst
-      return pb.HostBlockResponse(resident_bytes=inst.resident_bytes,
-                                  placement=inst.stats()["placement"])
+      return pb.HostBlockResponse(resident_bytes=inst.resident_bytes, placement=inst.placement)
     except JBlockError as e:
       _abort(context, e)
 
@@ -80,12 +86,15 @@ class WorkerServicer(pb_grpc.WorkerServicer):
       context.abort(grpc.StatusCode.NOT_FOUND, f"block {request.block_id} is not hosted here")
     try:
       inputs = from_tensor_map(request.inputs)
-      meta = {k: inputs[k] for k in META_KEYS}
-      sampling = {k: inputs[k] for k in SAMPLING_KEYS} if inst.kind == HEAD else None
-      x = inputs["x"]
-      if inst.kind == LAYERS:
-        x = jax.device_put(x, mesh_lib.replicated(self.mesh))
-      y = inst.run(x, meta, sampling)
+      x, ints, floats = inputs["x"], inputs["ints"], inputs["floats"]
+      if inst.kind != LAYERS and inst.kind != HEAD:
+        x = np.asarray(x, np.int32)
+      with self._lock:  # one batch at a time per worker swaps the KV buffers
+        seg = Segment([inst], 0)
+        y, kvs = local_segment_fn(seg)([inst.run_params], [inst.kv] if inst.kv else [], x,
+                                       ints, floats)
+        if inst.kv:
+          inst.kv = kvs[0]
       inst.batches_run += 1
       response = pb.RunBlockResponse()
       to_tensor_map({"y": np.asarray(y)}, response.outputs)
@@ -130,30 +139,37 @@ class WorkerRegistry(pb_grpc.WorkerServicer):
 
 
 class RemoteBlockInstance:
-  """A block hosted by a worker, with BlockInstance's surface for the engine."""
+  """A block hosted by a worker: the engine's view (page leases kept here, params there)."""
 
-  def __init__(self, key: str, block: Block, block_id: str, batch_size: int, kv_slots: int,
-               max_len: int, address: str, zoo_dir: str):
+  def __init__(self, key: str, block: Block, block_id: str, batch_size: int, config,
+               address: str, zoo_dir: str):
     self.key, self.block_id, self.kind, self.config = key, block_id, block.kind, block.config
     self.batch_size = batch_size
     self.models: set[str] = set()
     self.address = address
+    self.executor_key = f"worker:{address}"  # one executor thread per worker
     self._channel = grpc.insecure_channel(address, options=[
         ("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)])
     self._stub = pb_grpc.WorkerStub(self._channel)
+    slots = config.kv_slots_for(block_id)
+    pages = config.kv_pages_for(block_id) if self.kind == LAYERS else 0
     response = self._stub.HostBlock(pb.HostBlockRequest(
-        block_id=block_id, zoo_dir=zoo_dir, batch_size=batch_size, kv_slots=kv_slots,
-        max_len=max_len), timeout=RPC_TIMEOUT_S)
+        block_id=block_id, zoo_dir=zoo_dir, batch_size=batch_size, kv_slots=slots,
+        max_len=config.max_seq_len, kv_pages=pages, page_size=config.page_size),
+        timeout=RPC_TIMEOUT_S)
     self.resident_bytes = response.resident_bytes
     self.placement = f"worker {address}: {response.placement}"
-    self.slots = SlotAllocator(kv_slots if self.kind == LAYERS else 0)
+    self.pool = PagePool(pages, config.page_size, slots) if self.kind == LAYERS else None
     self.embed_table = None  # a remote tied head resolves its table on its worker
     self.batches_run = 0
     self.items_run = 0
 
-  def run(self, x, meta: dict[str, np.ndarray], sampling: dict[str, np.ndarray] | None = None):
+  def run_batch(self, batch: BlockBatch):
+    """One RunBlock RPC: the staged input and the packed metadata in, y (numpy) out."""
+    x = stage_input(batch)
+    ints, floats = batch.meta.pack()
     request = pb.RunBlockRequest(block_id=self.block_id)
-    to_tensor_map({"x": np.asarray(x), **meta, **(sampling or {})}, request.inputs)
+    to_tensor_map({"x": np.asarray(x), "ints": ints, "floats": floats}, request.inputs)
     try:
       response = self._stub.RunBlock(request, timeout=RPC_TIMEOUT_S)
     except grpc.RpcError as e:
@@ -161,14 +177,15 @@ class RemoteBlockInstance:
                              f"{e.code().name}: {e.details()}") from e
     return from_tensor_map(response.outputs)["y"]
 
+  def close(self) -> None:
+    try:
+      self._stub.UnhostBlock(pb.UnhostBlockRequest(block_id=self.block_id), timeout=30.0)
+    except grpc.RpcError:
+      pass  # the worker is gone: nothing left to free there
+    self._channel.close()
+
   def stats(self) -> dict[str, Any]:
-    return {"block_id": self.block_id, "key": self.key, "kind": self.kind,
-            "models": sorted(self.models), "resident_bytes": self.resident_bytes, "kv_bytes": 0,
-            "batch_size": self.batch_size, "batches_run": self.batches_run,
-            "mean_occupancy": (self.items_run / (self.batches_run * self.batch_size)
-                               if self.batches_run else 0.0),
-            "kv_slots_used": self.slots.capacity - self.slots.free,
-            "kv_slots_free": self.slots.free, "dispatch_s": 0.0, "placement": self.placement}
+    return instance_stats(self)
 
 
 def plan_placement(chains: Sequence[Sequence[str]], workers: Sequence[str]) -> dict[str, str]:
@@ -195,8 +212,8 @@ def remote_factory(placement: dict[str, str], zoo_dir: str, config):
       for w in placement.values():
         load[w] += 1
       placement[block_id] = min(workers, key=lambda w: (load[w], w))
-    return RemoteBlockInstance(key, block, block_id, batch_size, config.kv_slots_for(block_id),
-                               config.max_seq_len, placement[block_id], zoo_dir)
+    return RemoteBlockInstance(key, block, block_id, batch_size, config, placement[block_id],
+                               zoo_dir)
 
   return make
 

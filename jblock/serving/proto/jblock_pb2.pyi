@@ -245,18 +245,22 @@ class RegisterResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class HostBlockRequest(_message.Message):
-    __slots__ = ("block_id", "zoo_dir", "batch_size", "kv_slots", "max_len")
+    __slots__ = ("block_id", "zoo_dir", "batch_size", "kv_slots", "max_len", "kv_pages", "page_size")
     BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
     ZOO_DIR_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     KV_SLOTS_FIELD_NUMBER: _ClassVar[int]
     MAX_LEN_FIELD_NUMBER: _ClassVar[int]
+    KV_PAGES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     block_id: str
     zoo_dir: str
     batch_size: int
     kv_slots: int
     max_len: int
-    def __init__(self, block_id: _Optional[str] = ..., zoo_dir: _Optional[str] = ..., batch_size: _Optional[int] = ..., kv_slots: _Optional[int] = ..., max_len: _Optional[int] = ...) -> None: ...
+    kv_pages: int
+    page_size: int
+    def __init__(self, block_id: _Optional[str] = ..., zoo_dir: _Optional[str] = ..., batch_size: _Optional[int] = ..., kv_slots: _Optional[int] = ..., max_len: _Optional[int] = ..., kv_pages: _Optional[int] = ..., page_size: _Optional[int] = ...) -> None: ...
 
 class HostBlockResponse(_message.Message):
     __slots__ = ("resident_bytes", "placement")
