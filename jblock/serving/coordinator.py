@@ -144,14 +144,8 @@ def _gone_status(context: grpc.ServicerContext) -> grpc.StatusCode:
 class InferenceServicer(pb_grpc.InferenceServicer):
   """Generate (streaming), ListModels, Health: a thin adapter over the frontend."""
 
-  def __init__(self, frontend: frontend_lib.Frontend, *,
-               metrics: ServingMetrics | None = None):
+  def __init__(self, frontend: frontend_lib.Frontend):
     self._frontend = frontend
-    self._metrics = metrics
-
-  def _observe(self, status: str, handle=None) -> None:
-    if self._metrics is not None:
-      self._metrics.observe(status, handle)
 
   def Generate(self, request, context):
     generation, status = None, None
@@ -159,8 +153,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
       principal = self._frontend.authenticate(api_key(context))
       generation = self._frontend.generate(principal, generation_request(request))
       # Client cancel or deadline: cancel the engine request so its KV slots are freed.
-      if not context.add_callback(generation.close):
-        generation.close()
+      gone = lambda: generation.close(_gone_status(context).name)
+      if not context.add_callback(gone):
+        gone()
       for delta in generation:
         yield pb.GenerateResponse(request_id=generation.request_id,
                                   token_ids=delta.token_ids, text=delta.text)
@@ -174,13 +169,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                          completion_tokens=usage.completion_tokens))
     except Exception as e:  # every error becomes a status; the server keeps serving
       status = status_code(e) if isinstance(e, JBlockError) else grpc.StatusCode.INTERNAL
+      if generation is None:
+        self._frontend.observe_refused(e)  # no-op when the frontend counted it already
       _abort_on_error(context, e)
     finally:
       # Also reached when gRPC drops this generator because the client went away.
       if generation is not None:
-        generation.close()
-      self._observe((status or _gone_status(context)).name,
-                    generation.handle if generation is not None else None)
+        generation.close((status or _gone_status(context)).name)
 
   @_unary_errors
   def ListModels(self, request, context):
@@ -281,13 +276,15 @@ def build_server(engine: Engine, port: int = 0, host: str = "127.0.0.1", max_wor
   `max_message_bytes` are refused by gRPC (RESOURCE_EXHAUSTED) before they are parsed.
   Serves grpc.health.v1 (NOT_SERVING once draining) and server reflection too.
   """
+  # Metrics are counted by the frontend (both protocols); `metrics` is for a server built
+  # without one.
   frontend = frontend or frontend_lib.Frontend(engine, metrics=metrics,
                                                max_request_bytes=max_message_bytes)
   server = grpc.server(
       futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="jblock-rpc"),
       maximum_concurrent_rpcs=max_workers,
       options=[("grpc.max_receive_message_length", max_message_bytes)])
-  inference = InferenceServicer(frontend, metrics=metrics)
+  inference = InferenceServicer(frontend)
   admin = AdminServicer(frontend)
   pb_grpc.add_InferenceServicer_to_server(inference, server)
   pb_grpc.add_AdminServicer_to_server(admin, server)

@@ -416,13 +416,27 @@ class Frontend:
       self._observe(principal, e)
       raise
 
-  def _observe(self, principal: Principal, error: BaseException | None,
+  def _observe(self, principal: Principal | None, error: BaseException | None,
                generation: "Generation | None" = None, status: str | None = None) -> None:
-    if self.metrics is None or not hasattr(self.metrics, "observe_tenant"):
+    """Counts one generation (or refused request) in the metrics, once."""
+    if error is not None:
+      if getattr(error, "_jblock_observed", False):
+        return
+      try:
+        error._jblock_observed = True
+      except AttributeError:
+        pass
+    if self.metrics is None:
       return
     if status is None:
       status = "OK" if error is None else error_code(error)
-    self.metrics.observe_tenant(principal.label, status, generation)
+    self.metrics.observe(status, generation.handle if generation is not None else None)
+    self.metrics.observe_tenant(principal.label if principal else "unauthenticated", status,
+                                generation)
+
+  def observe_refused(self, error: BaseException, principal: Principal | None = None) -> None:
+    """For adapters: a request refused before `generate` (bad key, unparseable request)."""
+    self._observe(principal, error)
 
   # --- stats (admin)
 

@@ -254,6 +254,7 @@ def build_app(frontend: Frontend, *, max_body_bytes: int | None = None) -> FastA
       gen_request, options = chat_request(data) if chat else completion_request(data)
       generation = await frontend.agenerate(principal, gen_request)
     except Exception as e:
+      frontend.observe_refused(e)  # no-op when the frontend counted it already
       return error_response(e)
     prefix, kind = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
     head = {"id": f"{prefix}-{generation.request_id}", "created": int(time.time()),
