@@ -61,6 +61,14 @@ def restore(directory: str, args: dict[str, Any]) -> dict[str, Any]:
   return ocp.PyTreeCheckpointer().restore(os.path.abspath(directory), restore_args=args)
 
 
+def place(params: dict[str, Any], sharding: ShardingSpec) -> dict[str, Any]:
+  """numpy params -> jax Arrays placed as `sharding` says (blocks assembled from parts)."""
+  out: dict[str, Any] = {}
+  for path, leaf in flat_leaves(params):
+    _set(out, path, jax.device_put(leaf, _sharding_for(sharding, path)))
+  return out
+
+
 def _sharding_for(sharding: ShardingSpec, path: str) -> jax.sharding.Sharding:
   if callable(sharding):
     return sharding(path)

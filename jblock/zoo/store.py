@@ -2,6 +2,8 @@
 
 Layout under the zoo root:
   blocks/<id>/              orbax checkpoint of the block's params, plus block.json
+  parts/<id>/               blocks with experts are stored as parts, each expert once
+                            (jblock.zoo.experts); their block.json lists the parts
   models/<name>.json        manifest: config, chain of block ids, hf_config, lineage
   models/<name>.tokenizer/  tokenizer files copied from the HF directory (when it has any)
   equivalence/<model>/      equivalence records (jblock.zoo.records); gc removes them with
@@ -28,7 +30,7 @@ from jblock.convert import hf
 from jblock.errors import CorruptedBlockError, JBlockError, NotFoundError
 from jblock.model import Model
 from jblock.models.config import ModelConfig
-from jblock.zoo import atomic, blockio, records
+from jblock.zoo import atomic, blockio, experts, records
 from jblock.zoo import manifest as manifests
 
 _BLOCK_ID = re.compile(r"[0-9a-f]{64}")
@@ -66,7 +68,8 @@ class ZooStats:
   missing_blocks: int  # referenced, not stored (verify reports them)
   logical_bytes: int  # sum over models of their chain's param bytes: storage without sharing
   stored_bytes: int  # sum over distinct stored blocks of their param bytes
-  disk_bytes: int  # what blocks/ takes on disk (orbax compresses)
+  disk_bytes: int  # what blocks/ and parts/ take on disk (orbax compresses)
+  stored_parts: int = 0  # expert-level parts stored (each expert once; jblock.zoo.experts)
 
   @property
   def dedup_ratio(self) -> float:
@@ -91,6 +94,7 @@ class Zoo:
     self.tmp_dir = os.path.join(self.root, "tmp")
     self.records_dir = os.path.join(self.root, records.RECORDS_DIR)
     self._lock = atomic.ZooLock(self.root)
+    self._parts = experts.PartStore(self.root, self.tmp_dir)
 
   # ---- blocks
 
@@ -134,9 +138,15 @@ class Zoo:
     onto the devices, and the hash is still checked over their bytes.
     """
     record = self.block_record(block_id)
+    layout = record.get("parts")
     args = blockio.restore_args(record["leaves"], sharding)  # a misfit sharding is a ValueError
     try:
-      params = blockio.restore(self._block_dir(block_id), args)
+      if layout:
+        params = experts.assemble(layout, self._parts.read)
+        if sharding is not None:
+          params = blockio.place(params, sharding)
+      else:
+        params = blockio.restore(self._block_dir(block_id), args)
     except Exception as e:  # orbax/tensorstore raise many types for damaged files
       raise CorruptedBlockError(f"corrupted block {block_id}: unreadable params: "
                                 f"{type(e).__name__}: {_first_line(e)}") from e
@@ -155,11 +165,24 @@ class Zoo:
   def _write_block(self, block: Block, block_id: str) -> bool:
     """Stores one block; False if another writer stored the same id first."""
     os.makedirs(self.blocks_dir, exist_ok=True)
+    layout, parts = experts.split(block.params)
+    for pid, part in parts.items():
+      self._parts.write(pid, part)
     with atomic.temp_dir(self.tmp_dir) as tmp:
       staged = os.path.join(tmp, "block")
-      blockio.save(staged, block.params)
-      atomic.write_json(os.path.join(staged, blockio.RECORD_FILE), blockio.record(block, block_id))
+      blockio.save(staged, {} if layout else block.params)
+      record = blockio.record(block, block_id)
+      if layout:
+        record["parts"] = layout
+      atomic.write_json(os.path.join(staged, blockio.RECORD_FILE), record)
       return atomic.publish_dir(staged, os.path.join(self.blocks_dir, block_id))
+
+  def _new_bytes(self, block: Block) -> int:
+    """Param bytes storing this block adds: all of them, or its parts not yet stored."""
+    layout, parts = experts.split(block.params)
+    if not layout:
+      return block.nbytes
+    return sum(experts.part_nbytes(p) for pid, p in parts.items() if not self._parts.has(pid))
 
   # ---- models
 
@@ -239,13 +262,15 @@ class Zoo:
                              "pass overwrite=True (--overwrite) to replace it")
 
     written, reused = [], []
+    new_bytes: dict[str, int] = {}
     with self._lock.shared():
       for i, (block, block_id) in enumerate(zip(converted.blocks, chain)):
         if block_id in written or block_id in reused:
           continue
         if not self.has_block(block_id):
+          new_bytes[block_id] = self._new_bytes(block)
           say(f"block {i + 1}/{len(chain)} {block.kind} {block_id[:12]}: writing "
-              f"{block.nbytes} bytes")
+              f"{new_bytes[block_id]} bytes")
           if self._write_block(block, block_id):
             written.append(block_id)
             continue
@@ -260,9 +285,8 @@ class Zoo:
         manifest_written = self._publish_model(name, data, hf_dir, overwrite)
         say(f"manifest models/{name}.json " + ("written" if manifest_written else "already there"))
 
-    by_id = dict(zip(chain, converted.blocks))
     return ConvertReport(name=name, chain=chain, written=written, reused=reused,
-                         bytes_written=sum(by_id[i].nbytes for i in written),
+                         bytes_written=sum(new_bytes[i] for i in written),
                          model_bytes=sum(b.nbytes for b in converted.blocks),
                          manifest_written=manifest_written)
 
@@ -337,17 +361,25 @@ class Zoo:
     models = self._readable_manifests()
     stored = set(self.block_ids())
     referenced = {i for m in models.values() for i in m["chain"]}
-    stored_bytes = 0
+    stored_bytes, parts = 0, set()
     for block_id in stored:
       try:
-        stored_bytes += int(self.block_record(block_id)["nbytes"])
+        record = self.block_record(block_id)
       except JBlockError:
         continue  # unreadable record: verify reports it
+      if record.get("parts"):
+        parts.update(experts.part_ids(record["parts"]))
+      else:
+        stored_bytes += int(record["nbytes"])
+    parts &= set(self._parts.ids())
+    stored_bytes += sum(self._parts.nbytes(pid) for pid in parts)
     return ZooStats(
         models=len(models), stored_blocks=len(stored), referenced_blocks=len(referenced),
         orphan_blocks=len(stored - referenced), missing_blocks=len(referenced - stored),
         logical_bytes=sum(sum(m["block_bytes"]) for m in models.values()),
-        stored_bytes=stored_bytes, disk_bytes=_dir_size(self.blocks_dir))
+        stored_bytes=stored_bytes,
+        disk_bytes=_dir_size(self.blocks_dir) + _dir_size(self._parts.dir),
+        stored_parts=len(parts))
 
   def verify(self, progress: Callable[[str], None] | None = None) -> list[str]:
     """Re-hashes every stored block and checks every manifest; returns the problems found."""
@@ -420,6 +452,7 @@ class Zoo:
           atomic.remove_dir(directory, self.tmp_dir)
           removed.append(block_id)
       pruned = records.prune(self.root, self.tmp_dir, set(self.block_ids()), chains)
+      freed += self._gc_parts()
       stale = 0
       for entry in os.listdir(self.tmp_dir) if os.path.isdir(self.tmp_dir) else []:
         path = os.path.join(self.tmp_dir, entry)
@@ -429,6 +462,18 @@ class Zoo:
           os.remove(path)
         stale += 1
     return GcReport(removed, freed, stale, pruned)
+
+
+  def _gc_parts(self) -> int:
+    """Removes expert-level parts no stored block lists; returns the bytes freed."""
+    kept = set()
+    for block_id in self.block_ids():
+      try:
+        layout = self.block_record(block_id).get("parts")
+      except JBlockError:
+        return 0  # cannot tell what an unreadable block lists: keep every part
+      kept.update(experts.part_ids(layout) if layout else ())
+    return sum(self._parts.remove(pid) for pid in self._parts.ids() if pid not in kept)
 
 
 def _dir_size(path: str) -> int:
