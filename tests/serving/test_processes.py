@@ -96,3 +96,36 @@ def test_sigterm_drains_in_flight_requests_and_exits_0():
       proc.wait(timeout=10)
     proc.stdout.close()
     proc.stderr.close()
+
+
+def test_open_server_binds_loopback_only_and_says_so(tmp_path):
+  import json
+  import urllib.request
+  bad = tmp_path / "tenants.json"
+  bad.write_text(json.dumps({"admin_key_sha256": "not-a-hash", "tenants": []}))
+  refused = subprocess.Popen([sys.executable, "-m", "launch.serve", "--engine=mock",
+                              f"--tenants={bad}", "--port=0", "--http_port=0"],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "launch.serve", "--engine=mock", "--host=0.0.0.0", "--port=0",
+       "--http_port=0", "--mock_models=m1"],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    first = proc.stdout.readline()
+    assert "no --tenants file" in first and "127.0.0.1 only" in first
+    line = _read_ready_line(proc, timeout=60).string  # 127.0.0.1, not 0.0.0.0
+    http_port = int(re.search(r"http on 127\.0\.0\.1:(\d+)", line).group(1))
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/models", timeout=10) as r:
+      assert [m["id"] for m in json.load(r)["data"]] == ["m1"]
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    (_, refused_err) = refused.communicate(timeout=60)
+    assert refused.returncode != 0 and "64 hex" in refused_err and "Traceback" not in refused_err
+  finally:
+    for p in (proc, refused):
+      if p.poll() is None:
+        p.kill()
+        p.wait(timeout=10)
+      p.stdout.close()
+      p.stderr.close()
