@@ -192,7 +192,9 @@ def plot(result: dict[str, Any], path: str) -> None:
     saved = [100 * r["saved_fraction"] for r in rows]
     axes[0].plot([r["holdout_kl_mean"] for r in rows], saved, "o-", label=f"budget {label}")
     axes[1].plot([1 - r["holdout_top1_mean"] for r in rows], saved, "o-", label=f"budget {label}")
-    for r, s in zip(rows, saved):
+    for n, (r, s) in enumerate(zip(rows, saved)):
+      if n and r["mean_substitutions"] == rows[n - 1]["mean_substitutions"] == 0:
+        continue  # budgets that substituted nothing all sit at the origin
       axes[1].annotate(r["label"], (1 - r["holdout_top1_mean"], s), fontsize=7,
                        xytext=(3, 3), textcoords="offset points")
   full = 100.0  # every block substituted: each model is the base, nothing of its own resident
