@@ -336,6 +336,7 @@ class Equivalence:
     self._runners: dict[str, ChainRunner] = {}
     self._blocks: dict[str, Block] = {}
     self._records_cache: dict[str, dict[str, Any]] = {}
+    self._chains: dict[str, list[str]] = {}
 
   def _tokenizer_dir(self) -> str | None:
     rel = self.manifest.get("tokenizer")
@@ -355,6 +356,11 @@ class Equivalence:
         block = self.zoo.load_block(block_id)
       self._blocks[block_id] = block
     return self._blocks[block_id]
+
+  def chain_of(self, model: str) -> list[str]:
+    if model not in self._chains:
+      self._chains[model] = list(self.zoo.manifest(model)["chain"])
+    return self._chains[model]
 
   def _record_of(self, block_id: str) -> dict[str, Any]:
     if block_id not in self._records_cache:
@@ -391,7 +397,7 @@ class Equivalence:
       return []
     found: dict[str, list[str]] = {}
     for model in self.sources(sources):
-      chain = self.zoo.manifest(model)["chain"]
+      chain = self.chain_of(model)
       ids = chain if any_position else chain[position:position + 1]
       if not any_position and len(chain) != len(self.chain):
         continue
@@ -443,7 +449,7 @@ class Equivalence:
         "position": position, "kind": self.model.blocks[position].kind,
         "block": self.chain[position], "candidate": candidate,
         "candidate_models": sorted(m for m in self.zoo.models() if m != self.name
-                                   and candidate in self.zoo.manifest(m)["chain"]),
+                                   and candidate in self.chain_of(m)),
         "nbytes": int(self._record_of(self.chain[position])["nbytes"]),
         "context": sorted([p, b] for p, b in context.items()),
         "calibration": calib, "metrics": metrics,
