@@ -275,3 +275,22 @@ def test_the_engine_serves_an_assembled_model_like_any_model(eq_copy):
       expected = eq_copy.load_model(name).generate([prompt], max_new_tokens=4)[0]
       assert engine.generate(name, prompt, max_new_tokens=4) == expected.tolist()
   assert eq_copy.manifest("ft")["chain"] != eq_copy.manifest("ft-lean")["chain"]
+
+
+def test_prune_drops_records_of_a_reconverted_model_and_stray_files(tmp_path):
+  root, tmp = str(tmp_path), str(tmp_path / "tmp")
+  chain = ["a" * 64, "b" * 64, "c" * 64]
+  record = {"format": records.FORMAT, "model": "m", "model_chain": records.chain_digest(chain),
+            "position": 1, "block": chain[1], "candidate": "d" * 64, "context": [[2, "e" * 64]]}
+  record["key"] = records.record_key(record["model_chain"], 1, record["candidate"], "h",
+                                     [(2, "e" * 64)])
+  records.write(root, tmp, record)
+  with open(os.path.join(root, records.RECORDS_DIR, "m", "stray.txt"), "w") as f:
+    f.write("x")
+  stored = set(chain) | {"d" * 64, "e" * 64}
+  assert records.prune(root, tmp, stored, {"m": chain}) == 1  # only the stray file
+  assert [r["key"] for r in records.read_all(root)] == [record["key"]]
+  assert records.prune(root, tmp, stored - {"e" * 64}, {"m": chain}) == 1  # a context block went
+  records.write(root, tmp, record)
+  assert records.prune(root, tmp, stored, {"m": chain[:2] + ["f" * 64]}) == 1  # re-converted
+  assert records.read_all(root) == [] and not os.path.exists(os.path.join(root, "equivalence", "m"))
