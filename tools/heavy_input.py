@@ -23,6 +23,7 @@ _PROMPT_BYTES = flags.DEFINE_integer("prompt_bytes", 3_500_000, "Bytes per heavy
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 60, "Tokens the victim streams.")
 _VICTIM_KEY = flags.DEFINE_string("victim_key", None, "The victim's API key.")
 _ATTACKER_KEY = flags.DEFINE_string("attacker_key", None, "The attackers' API key.")
+_VICTIM_TIMEOUT_S = flags.DEFINE_float("victim_timeout_s", 120.0, "Deadline of the victim's stream.")
 _SERVER_PID = flags.DEFINE_integer("server_pid", None, "Server pid, for its RSS growth.")
 _OUT = flags.DEFINE_string("out", None, "Also write the result as JSON here.")
 _LABEL = flags.DEFINE_string("label", "", "A label stored with the result.")
@@ -35,7 +36,7 @@ def main(argv):
       http_url=_HTTP.value, protocol=_PROTOCOL.value, attackers=_ATTACKERS.value,
       prompt_bytes=_PROMPT_BYTES.value, max_tokens=_MAX_TOKENS.value,
       victim_key=_VICTIM_KEY.value, attacker_key=_ATTACKER_KEY.value,
-      server_pid=_SERVER_PID.value)
+      server_pid=_SERVER_PID.value, victim_timeout_s=_VICTIM_TIMEOUT_S.value)
   result["label"] = _LABEL.value
   text = json.dumps(result, indent=2, sort_keys=True)
   print(text)
