@@ -13,10 +13,9 @@ Params: `router/kernel` [D, E]; `experts/{gate,up,down}` stacked on a leading ex
 jblock.zoo.experts); optional `shared/{gate,up,down}` and `shared_gate/kernel` [D, 1].
 
 Cost follows the routed tokens: the token-expert assignments are sorted by expert and cut into
-tiles of `tile` rows that all go to one expert; each tile gathers its expert's weights once and
-runs a dense matmul. A step reads at most min(assignments, assignments // tile + used experts)
-expert weight sets, not all E (decode of one token with top-2 reads 2 experts), and computes
-assignments + padding rows, not tokens * E.
+tiles of `tile` rows that all go to one expert; a scan over the tiles slices each tile's expert
+weights and runs dense matmuls (see `tiling`). A decode step of one token with top-2 reads 2 experts, not E; a
+long prefill computes at most about twice its routed rows, not tokens * E.
 """
 
 from typing import Any
@@ -28,10 +27,20 @@ from flax import nnx
 from jblock.models.layers import ACTIVATIONS, MLP, Linear, _param
 
 
+MIN_TILE = 16  # rows: below this a tile's matmul is all weight reads anyway
+
+
 def tiling(assignments: int, num_experts: int) -> tuple[int, int]:
-  """(rows per tile, number of tiles) bounding every routing of `assignments` token-expert pairs."""
-  tile = max(1, -(-assignments // num_experts))
-  return tile, min(assignments, assignments // tile + min(num_experts, assignments))
+  """(rows per tile, number of tiles) that fit every routing of `assignments` token-expert pairs.
+
+  Expert e's c_e rows take ceil(c_e / tile) tiles, so assignments // tile + (experts used) tiles
+  always suffice. Tiles of ~assignments / experts-used rows keep padding under one tile per used
+  expert (compute <= 2x the routed rows); at least MIN_TILE rows keep small (decode) steps at
+  about one weight read per used expert.
+  """
+  used = min(num_experts, assignments)
+  tile = max(-(-assignments // used), min(assignments, MIN_TILE))
+  return tile, min(assignments, assignments // tile + used)
 
 
 def routed_experts(x, top_e, top_w, gate, up, down, act):
@@ -57,9 +66,16 @@ def routed_experts(x, top_e, top_w, gate, up, down, act):
   tile_expert = jnp.minimum(jnp.searchsorted(tile_end, jnp.arange(tiles), side="right"),
                             num_experts - 1)
   xt = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[slot_tok].reshape(tiles, tile, d)
-  h = (act(jnp.einsum("ktd,kdf->ktf", xt, gate[tile_expert])) *
-       jnp.einsum("ktd,kdf->ktf", xt, up[tile_expert]))
-  y = jnp.einsum("ktf,kfd->ktd", h, down[tile_expert]).reshape(tiles * tile, d)
+
+  def one_tile(_, inputs):
+    # A dynamic index of one expert's weights per tile: a slice, not a gathered copy of them all.
+    rows, j = inputs
+    pick = lambda w: jax.lax.dynamic_index_in_dim(w, j, keepdims=False)
+    h = act(rows @ pick(gate)) * (rows @ pick(up))
+    return None, h @ pick(down)
+
+  _, y = jax.lax.scan(one_tile, None, (xt, tile_expert))
+  y = y.reshape(tiles * tile, d)
   y = (y * slot_w[:, None]).astype(x.dtype)  # padding rows have weight 0
   return jnp.zeros((n + 1, d), x.dtype).at[slot_tok].add(y)[:n]
 
