@@ -132,6 +132,7 @@ def convert(hf_dir: str, dtype: str = "float32", layers_per_block: int = 1,
     raise ConversionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
   hf_config = read_hf_config(hf_dir)
   config = models.config_from_hf(hf_config)
+  config = dataclasses.replace(config, eos_token_ids=_eos_ids(hf_dir, config.eos_token_ids))
   groups = config.layer_groups(layers_per_block)
   reader = TensorReader(hf_dir)
   target = DTYPES[dtype]
@@ -172,6 +173,23 @@ def convert(hf_dir: str, dtype: str = "float32", layers_per_block: int = 1,
   for b in blocks:
     _check_shapes(b, config, rules)
   return Converted(config, hf_config, blocks)
+
+
+def _eos_ids(hf_dir: str, from_config: tuple[int, ...]) -> tuple[int, ...]:
+  """config.json's EOS ids, then generation_config.json's (Gemma, Llama 3 and Qwen list several
+  there: generation stops on any of them)."""
+  ids = list(from_config)
+  path = os.path.join(hf_dir, "generation_config.json")
+  if os.path.isfile(path):
+    try:
+      with open(path) as f:
+        value = json.load(f).get("eos_token_id")
+    except (OSError, ValueError) as e:
+      raise ConversionError(f"{path}: unreadable: {e}") from e
+    for i in (value if isinstance(value, list) else [] if value is None else [value]):
+      if int(i) not in ids:
+        ids.append(int(i))
+  return tuple(ids)
 
 
 def _tied_duplicate(name: str, config: ModelConfig) -> bool:

@@ -109,3 +109,26 @@ def test_unsupported_rope_and_dtype(llama_dir, tmp_path):
 def test_not_a_checkpoint_dir(tmp_path):
   with pytest.raises(ConversionError, match="no config.json"):
     convert(str(tmp_path))
+
+
+def test_multi_head_latent_attention_is_refused_naming_supported(llama_dir, tmp_path):
+  d = _copy_with(llama_dir, tmp_path / "m", edit_config=lambda c: c.update(
+      architectures=["DeepseekV3ForCausalLM"], kv_lora_rank=16, q_lora_rank=24))
+  with pytest.raises(UnsupportedModelError,
+                     match="DeepseekV3ForCausalLM.*latent attention.*Qwen3ForCausalLM.*"
+                           "Gemma3ForCausalLM.*MixtralForCausalLM"):
+    jblock.from_hf(d)
+
+
+def test_partial_rotary_outside_phi3_is_refused(llama_dir, tmp_path):
+  d = _copy_with(llama_dir, tmp_path / "m", edit_config=lambda c: c.update(
+      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}))
+  with pytest.raises(UnsupportedModelError, match="partial_rotary_factor=0.5.*Phi3ForCausalLM"):
+    convert(d)
+
+
+def test_generation_config_eos_ids_are_all_kept(llama_dir, tmp_path):
+  d = _copy_with(llama_dir, tmp_path / "m", edit_config=lambda c: c.update(eos_token_id=3))
+  with open(os.path.join(d, "generation_config.json"), "w") as f:
+    json.dump({"eos_token_id": [3, 7, 11]}, f)
+  assert convert(d).config.eos_token_ids == (3, 7, 11)
