@@ -210,6 +210,13 @@ def _validate_messages(messages) -> list[dict]:
   return out
 
 
+def _utf8(value: str, field: str) -> bytes:
+  try:
+    return value.encode("utf-8")
+  except UnicodeEncodeError:
+    raise InvalidRequestError(field, "is not valid Unicode (a lone surrogate?)") from None
+
+
 def _check_stop(stop) -> tuple[str, ...]:
   stop = tuple(stop or ())
   if len(stop) > MAX_STOP_STRINGS:
@@ -218,6 +225,7 @@ def _check_stop(stop) -> tuple[str, ...]:
     if not isinstance(s, str) or not s or len(s) > MAX_STOP_STRING_CHARS:
       raise InvalidRequestError(
           "stop", f"each stop string must be 1-{MAX_STOP_STRING_CHARS} characters")
+    _utf8(s, "stop")
   return stop
 
 
@@ -308,7 +316,10 @@ class Frontend:
 
   @staticmethod
   def _check_bytes(prompt: str, mt: _ModelText, field: str) -> None:
-    size = len(prompt.encode("utf-8", "surrogatepass"))
+    if len(prompt) > mt.max_prompt_bytes:  # at least one byte per character: no copy needed
+      size = len(prompt)
+    else:
+      size = len(_utf8(prompt, field))
     if size > mt.max_prompt_bytes:
       raise InvalidRequestError(
           field, f"is {size} bytes, more than model {mt.info.name!r} can take in "
@@ -331,7 +342,7 @@ class Frontend:
           f"{mt.info.max_seq_len} of model {mt.info.name!r}")
     if request.messages is not None:
       request.messages = _validate_messages(request.messages)
-      size = sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in request.messages)
+      size = sum(len(_utf8(m["content"], "messages")) for m in request.messages)
       if size > mt.max_prompt_bytes:
         raise InvalidRequestError(
             "messages", f"are {size} bytes, more than model {mt.info.name!r} can take in "

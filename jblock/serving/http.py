@@ -147,7 +147,7 @@ def _common(data: dict, *, chat: bool) -> tuple[GenerationRequest, dict]:
     max_tokens = _int(data, "max_tokens", 1)
   request = GenerationRequest(
       model=model, max_tokens=max_tokens, temperature=_float(data, "temperature", 0.0, 2.0),
-      top_p=_float(data, "top_p", 0.0, 1.0), top_k=_int(data, "top_k", 0),
+      top_p=_float(data, "top_p", 0.0, 1.0), top_k=_int(data, "top_k", 0, 2**31 - 1),
       seed=_int(data, "seed", 0, 2**63 - 1), stop=tuple(stop))
   if request.top_p == 0.0:
     raise InvalidRequestError("top_p", "must be in (0, 1]")

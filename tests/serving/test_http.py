@@ -309,6 +309,10 @@ def test_quotas_give_429_with_a_retry_hint_and_spare_other_tenants(stack, catalo
     ({"model": "mock-a", "prompt": ["a", "b"]}, "one prompt"),
     ({"model": "mock-a", "prompt": [1, 10**9]}, "outside the vocabulary"),
     ({"model": "mock-ids", "prompt": "text"}, "no tokenizer"),
+    (b'{"model": "mock-a", "prompt": "bad \\ud800 surrogate"}', "not valid Unicode"),
+    ({"model": "mock-a", "prompt": "hi", "top_k": 2**40}, "top_k"),
+    ({"model": "mock-a", "prompt": "hi", "seed": -1}, "seed"),
+    ({"model": 5, "prompt": "hi"}, "model"),
 ])
 def test_bad_completion_requests_are_400_and_the_server_lives(stack, catalog, body, phrase):
   s = stack(MockEngine(catalog))
