@@ -187,8 +187,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
   def Health(self, request, context):
     drain = self._frontend.drain
     status = pb.DRAINING if drain.draining else pb.SERVING
-    return pb.HealthResponse(status=status, models_loaded=len(self._frontend.engine.list_models()),
-                             in_flight=drain.in_flight)
+    # Needs no key; counts only the models the caller may see (none without a valid key).
+    try:
+      visible = len(self._frontend.list_models(self._frontend.authenticate(api_key(context))))
+    except JBlockError:
+      visible = 0
+    return pb.HealthResponse(status=status, models_loaded=visible, in_flight=drain.in_flight)
 
 
 class AdminServicer(pb_grpc.AdminServicer):

@@ -208,6 +208,17 @@ def test_client_disconnect_mid_stream_frees_the_kv(stack, catalog):
       or "cancelled" in json.dumps(counts)
 
 
+def test_a_non_streaming_client_that_disconnects_frees_the_kv(stack, catalog):
+  engine = MockEngine(catalog, step_delay_s=0.03)
+  s = stack(engine)
+  with pytest.raises(httpx.TimeoutException):  # the client gives up and closes
+    httpx.post(f"{s.base_url}/completions", timeout=0.5,
+               json={"model": "mock-a", "prompt": "hello", "max_tokens": 100})
+  # Noticed at the next token: cancelled long before its 100 tokens x 30 ms.
+  wait_until(lambda: s.frontend.drain.in_flight == 0, timeout=2)
+  assert not any(kv_slots_used(engine.stats()).values())
+
+
 def test_keys_models_and_admin_per_tenant(stack, catalog):
   s = stack(MockEngine(catalog, step_delay_s=0.001), _tenants())
   # No key / a wrong key: 401 and UNAUTHENTICATED.
@@ -248,6 +259,7 @@ def test_keys_models_and_admin_per_tenant(stack, catalog):
       getattr(s.grpc_client(KEY_A), call)(*(["mock-a"] if call == "unload_model" else []))
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
   assert s.grpc_client(ADMIN_KEY).stats()["blocks"]
+  assert s.grpc_client().health() == "SERVING"  # health needs no key
   assert [m.name for m in s.grpc_client(ADMIN_KEY).list_models()] == ["mock-a", "mock-b", "mock-ids"]
 
   # Per-tenant metrics.
