@@ -20,7 +20,7 @@ from jblock.blocks import EMBED, HEAD, LAYERS, Block, flat_leaves
 from jblock.convert.hf import abstract_params, convert, export
 from jblock.finetune import TrainConfig, train
 
-FAMILIES = ("llama", "gpt2")
+FAMILIES = ("llama", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "gpt2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
                    "chat_template.jinja", "generation_config.json")
@@ -30,7 +30,7 @@ LINEAGE_FILE = "lineage.json"
 @dataclasses.dataclass(frozen=True)
 class BaseSpec:
   """Sizes of a new base model; field names are the keys of --init_config."""
-  family: str = "llama"  # "llama" (LlamaForCausalLM) or "gpt2" (GPT2LMHeadModel)
+  family: str = "llama"  # one of FAMILIES (llama: LlamaForCausalLM, gpt2: GPT2LMHeadModel, ...)
   hidden: int = 64
   layers: int = 4
   heads: int = 4
@@ -39,6 +39,7 @@ class BaseSpec:
   intermediate: int = 0  # 0 = the family's usual width (llama ~8/3 hidden, gpt2 4x hidden)
   max_positions: int = 512
   tie: bool = False  # tied embeddings (gpt2 is always tied)
+  experts: int = 4  # mixtral: experts per layer (top-2 routing)
 
   def validate(self) -> None:
     if self.family not in FAMILIES:
@@ -95,6 +96,8 @@ def hf_config_for(spec: BaseSpec, eos_token_id: int | None = None,
             "reorder_and_upcast_attn": False, "add_cross_attention": False,
             "tie_word_embeddings": True}
   intermediate = spec.intermediate or -(-8 * spec.hidden // 3 // 8) * 8  # ~8/3 d, multiple of 8
+  if spec.family != "llama":
+    return _newer_family_config(spec, common, intermediate)
   return {**common, "architectures": ["LlamaForCausalLM"], "model_type": "llama",
           "hidden_size": spec.hidden, "num_hidden_layers": spec.layers,
           "num_attention_heads": spec.heads, "num_key_value_heads": spec.kv_heads or spec.heads,
@@ -105,14 +108,50 @@ def hf_config_for(spec: BaseSpec, eos_token_id: int | None = None,
           "pretraining_tp": 1, "tie_word_embeddings": spec.tie}
 
 
+def _newer_family_config(spec: BaseSpec, common: dict[str, Any], intermediate: int) -> dict[str, Any]:
+  """config.json of a qwen3 / gemma2 / gemma3 / phi3 / mixtral base (transformers' field names)."""
+  head_dim = spec.hidden // spec.heads
+  attn = {**common, "hidden_size": spec.hidden, "num_hidden_layers": spec.layers,
+          "num_attention_heads": spec.heads, "num_key_value_heads": spec.kv_heads or spec.heads,
+          "head_dim": head_dim, "intermediate_size": intermediate,
+          "max_position_embeddings": spec.max_positions, "rms_norm_eps": 1e-6,
+          "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": spec.tie,
+          "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+  window = max(1, spec.max_positions // 4)
+  if spec.family == "qwen3":
+    return {**attn, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+            "hidden_act": "silu", "use_sliding_window": False}
+  if spec.family == "phi3":
+    del attn["head_dim"]
+    return {**attn, "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_act": "silu",
+            "sliding_window": None, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+            "original_max_position_embeddings": spec.max_positions}
+  if spec.family == "mixtral":
+    return {**attn, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+            "hidden_act": "silu", "num_local_experts": spec.experts, "num_experts_per_tok": 2,
+            "sliding_window": None, "router_jitter_noise": 0.0, "output_router_logits": False}
+  gemma = {**attn, "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": head_dim,
+           "sliding_window": window, "tie_word_embeddings": True}
+  if spec.family == "gemma2":
+    return {**gemma, "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
+            "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+            "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention"
+                            for i in range(spec.layers)]}
+  return {**gemma, "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+          "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention"
+                          for i in range(spec.layers)],
+          "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                              "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}}
+
+
 def _random_params(kind: str, block_config: dict, max_positions: int, rng: np.random.Generator,
                    std: float) -> dict[str, Any]:
   """Norm scales 1, biases 0, every other tensor N(0, std): the usual transformer init."""
   tree: dict[str, Any] = {}
   for path, spec in flat_leaves(abstract_params(kind, block_config, max_positions)):
     leaf = path.rsplit("/", 1)[-1]
-    if leaf == "scale":
-      value = np.ones(spec.shape, np.float32)
+    if leaf == "scale":  # a gemma_rms norm scales by 1 + w
+      value = (np.zeros if block_config.get("norm") == "gemma_rms" else np.ones)(spec.shape, np.float32)
     elif leaf == "bias":
       value = np.zeros(spec.shape, np.float32)
     else:

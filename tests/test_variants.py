@@ -181,3 +181,25 @@ def test_cli_makes_base_and_variants(tmp_path):
                           base["model.layers.0.mlp.up_proj.weight"])
     assert not np.array_equal(tuned["model.layers.1.mlp.up_proj.weight"],
                               base["model.layers.1.mlp.up_proj.weight"])
+
+
+@pytest.mark.parametrize("family", ["gemma2", "phi3", "mixtral"])
+def test_newer_families_make_variants_that_transformers_loads(family, tmp_path):
+  # gemma2: (1 + w) norms start at w = 0; phi3: fused tensors re-fused on export; mixtral:
+  # per-expert tensors written back one by one.
+  import torch
+  import transformers
+  spec = variants.BaseSpec(family=family, hidden=32, layers=2, heads=4, kv_heads=2, vocab=61,
+                           max_positions=64)
+  base = variants.init_base(spec, str(tmp_path / "base"), seed=0, init_std=0.2)
+  ft = variants.make_variants(base, str(tmp_path), n=1, trainable_top_layers=1, steps=2,
+                              seq_len=8, batch_size=2, progress=None)[0]
+  a, b = jblock.from_hf(base), jblock.from_hf(ft)
+  assert [x.id == y.id for x, y in zip(a.blocks, b.blocks)] == [True, True, False, True]
+  extra = {"experts_implementation": "eager"} if family == "mixtral" else {}
+  torch_model = transformers.AutoModelForCausalLM.from_pretrained(ft, dtype=torch.float32,
+                                                                  **extra).eval()
+  prompt = [3, 5, 7, 11, 13, 17, 19, 23, 29, 31]
+  with torch.no_grad():
+    ref = torch_model(torch.tensor([prompt])).logits[0].numpy()
+  np.testing.assert_allclose(b.logits([prompt])[0], ref, atol=1e-4, rtol=0)

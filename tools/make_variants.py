@@ -26,7 +26,8 @@ _INIT = flags.DEFINE_string(
     "init_config", None,
     "Make a new random base into OUT_DIR/base first, e.g. family:llama,hidden:64,layers:4,"
     "heads:4,kv_heads:2,vocab:257 (keys: family, hidden, layers, heads, kv_heads, vocab, "
-    "intermediate, max_positions, tie).")
+    "intermediate, max_positions, tie, experts; family: llama, qwen3, gemma2, gemma3, phi3, "
+    "mixtral, gpt2).")
 _CORPUS = flags.DEFINE_string("corpus", None,
                               "Text file to fine-tune on (split into N parts); needs the base's "
                               "tokenizer.json. Default: a distinct synthetic pattern per variant.")
