@@ -18,13 +18,22 @@ _SHARING = flags.DEFINE_boolean("sharing", True,
                                 "Share identical blocks across models; false = per-model baseline.")
 _MESH_SHAPE = flags.DEFINE_list("mesh_shape", [], "data,model device mesh; empty = all devices on model.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Default per-block batch size.", lower_bound=1)
-_KV_SLOTS = flags.DEFINE_integer("kv_slots", 16, "KV slots per layers block.", lower_bound=1)
+_KV_SLOTS = flags.DEFINE_integer("kv_slots", 16, "Concurrent requests per layers block (KV leases).",
+                                 lower_bound=1)
+_KV_PAGES = flags.DEFINE_integer("kv_pages", 0, "KV pages per layers block; 0 = kv_slots "
+                                 "full-length requests' worth.", lower_bound=0)
+_PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page.", lower_bound=1)
+_FUSE = flags.DEFINE_boolean("fuse_segments", True, "Run consecutive blocks that every model "
+                             "traverses together as one jitted call.")
 _MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 256, "Prompt + generated tokens per request.",
                                     lower_bound=2)
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 64, "Longest prompt piece per step.",
                                       lower_bound=1)
 _MAX_WAITING = flags.DEFINE_integer("max_waiting", 256, "Admission queue bound.", lower_bound=1)
-_WARMUP = flags.DEFINE_boolean("warmup", True, "Compile every batch/length bucket at start-up.")
+_MAX_WAITING_PER_MODEL = flags.DEFINE_integer("max_waiting_per_model", 0, "Admission queue bound "
+                                              "per model; 0 = --max_waiting.", lower_bound=0)
+_WARMUP = flags.DEFINE_boolean("warmup", True, "Compile every decode batch/page-width bucket and "
+                               "the prefill buckets at start-up.")
 _CACHE_DIR = flags.DEFINE_string("compilation_cache_dir", "checkpoints/xla_cache",
                                  "Persistent XLA compilation cache; empty = off.")
 _MOCK_MODELS = flags.DEFINE_list("mock_models", ["mock-a", "mock-b"], "Mock model names.")
@@ -34,8 +43,10 @@ _TOKENIZER_DIR = flags.DEFINE_string("tokenizer_dir", None, "tokenizer.json dir 
 
 def engine_config() -> EngineConfig:
   return EngineConfig(batch_size=_BATCH_SIZE.value, kv_slots=_KV_SLOTS.value,
-                      max_seq_len=_MAX_SEQ_LEN.value, prefill_chunk=_PREFILL_CHUNK.value,
-                      max_waiting=_MAX_WAITING.value, warmup=_WARMUP.value,
+                      kv_pages=_KV_PAGES.value, page_size=_PAGE_SIZE.value,
+                      fuse_segments=_FUSE.value, max_seq_len=_MAX_SEQ_LEN.value,
+                      prefill_chunk=_PREFILL_CHUNK.value, max_waiting=_MAX_WAITING.value,
+                      max_waiting_per_model=_MAX_WAITING_PER_MODEL.value, warmup=_WARMUP.value,
                       compilation_cache_dir=os.path.abspath(_CACHE_DIR.value) if _CACHE_DIR.value else None)
 
 
