@@ -52,6 +52,9 @@ class LocalBlockInstance:
       self.kv = {"k": zeros(), "v": zeros()}
       self.kv_bytes = 2 * int(np.prod(shape)) * jnp.dtype(self.dtype).itemsize
       self.pool = PagePool(num_pages, page_size, max_leases)
+      self.pool.window = window_reach(block.config)
+    self.lora_bank = None  # LoRA adapter bank (jblock.runtime.lora), once an adapter needs it
+    self.lora_bank_bytes = 0
     self.placement = f"local:{mesh.devices.size} device(s) mesh {dict(mesh.shape)}"
     self.batches_run = 0
     self.items_run = 0
@@ -63,6 +66,13 @@ class LocalBlockInstance:
 
   def stats(self) -> dict[str, Any]:
     return instance_stats(self)
+
+
+def window_reach(config: dict) -> int:
+  """The farthest back any layer of a layers block attends: its largest sliding window when
+  every layer has one, else 0 (full attention: everything stays reachable)."""
+  windows = config.get("sliding_windows") or []
+  return max(windows) if windows and all(w > 0 for w in windows) else 0
 
 
 def instance_stats(inst) -> dict[str, Any]:
@@ -80,6 +90,7 @@ def instance_stats(inst) -> dict[str, Any]:
       "kv_pages_used": pool.num_pages - pool.free_pages if pool else 0,
       "kv_pages_free": pool.free_pages if pool else 0,
       "dispatch_s": round(getattr(inst, "dispatch_s", 0.0), 4),
+      "lora_bank_bytes": getattr(inst, "lora_bank_bytes", 0),
       "placement": inst.placement,
   }
 

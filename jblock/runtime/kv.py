@@ -34,6 +34,16 @@ class PagePool:
     self.max_leases = max_leases
     self._free = list(range(num_pages - 1, -1, -1))
     self._leases: dict[int, Lease] = {}
+    self.window = 0  # > 0: every layer attends at most this far back (see lease_tokens)
+
+  def lease_tokens(self, tokens: int, chunk: int) -> int:
+    """Tokens of KV a request of `tokens` tokens needs here. Under a sliding window only what a
+    chunk of `chunk` queries can reach stays live: a ring of pages (logical page j lives in ring
+    slot j % ring) covering window + chunk positions and one page of slack."""
+    if not self.window:
+      return tokens
+    ring = (pages_for(self.window + chunk - 1, self.page_size) + 1) * self.page_size
+    return min(tokens, ring)
 
   @property
   def free_pages(self) -> int:
@@ -42,6 +52,13 @@ class PagePool:
   @property
   def leases(self) -> int:
     return len(self._leases)
+
+  def table(self, lease: "Lease", width: int) -> list[int]:
+    """The lease's first `width` logical pages (ring-mapped under a window)."""
+    pages = lease.pages
+    if len(pages) >= width:
+      return pages[:width]
+    return [pages[j % len(pages)] for j in range(width)] if self.window else pages
 
   def can_lease(self, tokens: int, count: int = 1) -> bool:
     return (self.leases + count <= self.max_leases

@@ -56,10 +56,11 @@ class Request:
   stop_ids: frozenset[int]
   arrived: int  # arrival order
   leases: dict[str, list[Lease]] = dataclasses.field(default_factory=dict)  # instance key -> leases
-  tables: list[list[list[int]]] = dataclasses.field(default_factory=list)  # per segment, per layers instance: pages
+  tables: list[list[Lease]] = dataclasses.field(default_factory=list)  # per segment: a lease per layers instance
   cached: int = 0  # tokens already written to every KV pool of the chain
   generated: list[int] = dataclasses.field(default_factory=list)
   item: StepItem | None = None  # queued or in flight
+  adapter_slot: int = -1  # LoRA bank slot the request holds while active (-1 = none)
   in_flight: bool = False
   done: bool = False
 
@@ -88,6 +89,7 @@ class Scheduler:
     self.finished = collections.Counter()
     self._arrivals = itertools.count()
     self._batches = itertools.count()
+    self.adapters = None  # LoRA bank slots (jblock.runtime.lora.AdapterBanks), set by the engine
 
   # ---- requests in ----------------------------------------------------------------------
 
@@ -134,6 +136,9 @@ class Scheduler:
       for lease in leases:
         lease.release()
     req.leases.clear()
+    if req.adapter_slot >= 0 and self.adapters is not None:
+      self.adapters.release(req.model)
+      req.adapter_slot = -1
     req.item = None
     self.active.discard(req)
     req.handle._finish(reason, error)
@@ -143,13 +148,17 @@ class Scheduler:
   # ---- admission --------------------------------------------------------------------------
 
   def _fits(self, req: Request) -> bool:
+    if self.adapters is not None and not self.adapters.can_acquire(req.model):
+      return False  # every bank slot is held by running requests of other adapters
     need = collections.Counter()
     pools = {}
     for seg in req.segments:
       for inst in seg.layers:
         need[inst.key] += 1
         pools[inst.key] = inst.pool
-    return all(pools[k].can_lease(req.tokens_needed, n) for k, n in need.items())
+    chunk = self.config.prefill_chunk
+    return all(pools[k].can_lease(pools[k].lease_tokens(req.tokens_needed, chunk), n)
+               for k, n in need.items())
 
   def _admit(self) -> None:
     active_by_tenant = collections.Counter(r.tenant for r in self.active)
@@ -179,10 +188,13 @@ class Scheduler:
     for seg in req.segments:
       tables = []
       for inst in seg.layers:
-        lease = inst.pool.lease(rid, req.tokens_needed)
+        tokens = inst.pool.lease_tokens(req.tokens_needed, self.config.prefill_chunk)
+        lease = inst.pool.lease(rid, tokens)
         req.leases.setdefault(inst.key, []).append(lease)
-        tables.append(lease.pages)
+        tables.append(lease)
       req.tables.append(tables)
+    if self.adapters is not None:
+      req.adapter_slot = self.adapters.acquire(req.model)
     self.active.add(req)
     self._enqueue_prefill(req)
 
@@ -239,9 +251,10 @@ class Scheduler:
       req = it.req
       meta.starts[row] = it.start
       meta.n_valid[row] = it.n
-      for j, pages in enumerate(req.tables[it.pos]):
-        k = min(len(pages), width)
-        meta.page_tables[j, row, :k] = pages[:k]
+      meta.adapter[row] = req.adapter_slot
+      for j, lease in enumerate(req.tables[it.pos]):
+        pages = lease.pool.table(lease, width)
+        meta.page_tables[j, row, :len(pages)] = pages
       if seg.ends_at_head:
         p = req.params
         meta.temperature[row] = p.temperature

@@ -137,3 +137,24 @@ def test_same_kv_memory_serves_more_short_requests(specs, expected):
   model = jblock.Model(specs[0].config, specs[0].chain)
   assert outs == [model.generate([p], 8)[0].tolist() for p in prompts]
   assert batch_rows == 5  # decode batches of 5 concurrent requests
+
+
+def _windowed(spec: ModelSpec, window: int) -> ModelSpec:
+  config = dataclasses.replace(spec.config, sliding_windows=(window,) * spec.config.num_layers)
+  chain = [Block(b.kind, {**b.config, "sliding_windows": [window] * b.config["num_layers"]}, b.params)
+           if b.kind == "layers" else b for b in spec.chain]
+  return ModelSpec("windowed", config, chain)
+
+
+def test_sliding_window_layers_keep_only_a_ring_of_pages(specs):
+  # Window 5, chunks of 8, pages of 4: a ring of 4 pages holds everything a chunk can reach,
+  # so a 23-token request runs in a 4-page pool (it would need 6 pages without the window).
+  spec = _windowed(specs[0], 5)
+  cfg = dataclasses.replace(CONFIG, kv_slots=1, kv_pages=4)
+  prompt = PROMPTS[9] + PROMPTS[8][:2]  # 13 tokens: two prefill chunks
+  want = jblock.Model(spec.config, spec.chain).generate([prompt], NEW)[0].tolist()
+  with Engine([spec], config=cfg, mesh_shape=(1, 1)) as engine:
+    h = engine.submit("windowed", prompt, max_new_tokens=NEW)
+    assert h.result(120) == want
+    again = engine.submit("windowed", PROMPTS[3], max_new_tokens=NEW).result(120)
+  assert again == jblock.Model(spec.config, spec.chain).generate([PROMPTS[3]], NEW)[0].tolist()
