@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jblock.models import lora as lora_lib
 from jblock.models.attention import attend
 from jblock.models.rope import Rope
 
@@ -82,9 +83,10 @@ class Linear(nnx.Module):
     self.kernel = _param((d_in, d_out), dtype)
     self.bias = _param((d_out,), dtype) if bias else None
 
-  def __call__(self, x):
+  def __call__(self, x, lora=None):
     y = x @ self.kernel[...]
-    return y if self.bias is None else y + self.bias[...]
+    y = y if self.bias is None else y + self.bias[...]
+    return y if lora is None else lora_lib.apply(x, y, lora)
 
 
 class Attention(nnx.Module):
@@ -119,9 +121,10 @@ class Attention(nnx.Module):
     which this attention owns index `layer` (see jblock.models.attention). Returns y and kv."""
     b, t, _ = x.shape
     h, kvh, hd = self.num_heads, self.num_kv_heads, self.head_dim
-    q = self.q(x).reshape(b, t, h, hd)
-    k = self.k(x).reshape(b, t, kvh, hd)
-    v = self.v(x).reshape(b, t, kvh, hd)
+    lo = lambda name: lora_lib.select(meta, layer, name)  # None without an adapter bank
+    q = self.q(x, lo("attn/q")).reshape(b, t, h, hd)
+    k = self.k(x, lo("attn/k")).reshape(b, t, kvh, hd)
+    v = self.v(x, lo("attn/v")).reshape(b, t, kvh, hd)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     offsets = jnp.arange(t, dtype=jnp.int32)
@@ -131,7 +134,7 @@ class Attention(nnx.Module):
 
     out, kv = attend(q, k, v, kv, layer, meta, scale=self.scale, window=self.window,
                      softcap=self.softcap)
-    return self.o(out.reshape(b, t, h * hd)), kv
+    return self.o(out.reshape(b, t, h * hd), lo("attn/o")), kv
 
 
 class MLP(nnx.Module):
@@ -150,10 +153,11 @@ class MLP(nnx.Module):
       self.fc = Linear(d, f, bias, dtype)
       self.proj = Linear(f, d, bias, dtype)
 
-  def __call__(self, x):
+  def __call__(self, x, lora=None):
+    lo = (lora or {}).get
     if self.gated:
-      return self.down(self.act(self.gate(x)) * self.up(x))
-    return self.proj(self.act(self.fc(x)))
+      return self.down(self.act(self.gate(x, lo("gate"))) * self.up(x, lo("up")), lo("down"))
+    return self.proj(self.act(self.fc(x, lo("fc"))), lo("proj"))
 
 
 class DecoderLayer(nnx.Module):
@@ -180,7 +184,9 @@ class DecoderLayer(nnx.Module):
     if self.post_attn_norm is not None:
       a = self.post_attn_norm(a)
     x = x + a
-    m = self.mlp(self.mlp_norm(x))
+    mlp_lora = lora_lib.select_mlp(meta, layer) if isinstance(self.mlp, MLP) else None
+    h = self.mlp_norm(x)
+    m = self.mlp(h) if mlp_lora is None else self.mlp(h, lora=mlp_lora)
     if self.post_mlp_norm is not None:
       m = self.post_mlp_norm(m)
     return x + m, kv

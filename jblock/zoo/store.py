@@ -290,6 +290,13 @@ class Zoo:
                          model_bytes=sum(b.nbytes for b in converted.blocks),
                          manifest_written=manifest_written)
 
+  def convert_peft(self, peft_dir: str, base: str, name: str, overwrite: bool = False,
+                   progress: Callable[[str], None] | None = None) -> ConvertReport:
+    """Converts a PEFT LoRA adapter over model `base` into delta blocks (jblock.zoo.adapters)."""
+    from jblock.zoo import adapters
+    return adapters.convert_peft(self, peft_dir, base, name, overwrite=overwrite,
+                                 progress=progress)
+
   def publish_manifest(self, name: str, data: dict[str, Any], tokenizer_dir: str | None = None,
                        overwrite: bool = False) -> bool:
     """Publishes a manifest whose chain holds only blocks already stored (an assembled model),
@@ -360,7 +367,7 @@ class Zoo:
   def stats(self) -> ZooStats:
     models = self._readable_manifests()
     stored = set(self.block_ids())
-    referenced = {i for m in models.values() for i in m["chain"]}
+    referenced = {i for m in models.values() for i in m["chain"] + (m.get("deltas") or []) if i}
     stored_bytes, parts = 0, set()
     for block_id in stored:
       try:
@@ -376,7 +383,8 @@ class Zoo:
     return ZooStats(
         models=len(models), stored_blocks=len(stored), referenced_blocks=len(referenced),
         orphan_blocks=len(stored - referenced), missing_blocks=len(referenced - stored),
-        logical_bytes=sum(sum(m["block_bytes"]) for m in models.values()),
+        logical_bytes=sum(sum(m["block_bytes"]) + sum(m.get("delta_bytes") or [])
+                          for m in models.values()),
         stored_bytes=stored_bytes,
         disk_bytes=_dir_size(self.blocks_dir) + _dir_size(self._parts.dir),
         stored_parts=len(parts))
@@ -412,6 +420,9 @@ class Zoo:
     for i, block_id in enumerate(chain):
       if not self.has_block(block_id):
         problems.append(f"model {name!r}: chain[{i}] block {block_id} is missing")
+    for i, block_id in enumerate(data.get("deltas") or ()):
+      if block_id and not self.has_block(block_id):
+        problems.append(f"model {name!r}: deltas[{i}] block {block_id} is missing")
     if self.has_block(chain[0]) and self.has_block(chain[-1]):
       try:
         embed, head = self.block_record(chain[0]), self.block_record(chain[-1])
@@ -438,8 +449,10 @@ class Zoo:
       referenced, chains = set(), {}
       for name in self.models():
         try:
-          chains[name] = self.manifest(name)["chain"]
+          data = self.manifest(name)
+          chains[name] = data["chain"]
           referenced.update(chains[name])
+          referenced.update(d for d in data.get("deltas") or () if d)  # LoRA delta blocks
         except CorruptedManifestError as e:
           raise JBlockError(f"gc refused: {e}") from e
         except NotFoundError:

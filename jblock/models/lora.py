@@ -1,0 +1,57 @@
+"""LoRA deltas applied per row from an adapter bank (S-LoRA / Punica style).
+
+A layers block's bank holds, for every projection it has (`layer_{i}/attn/q`, ...,
+`layer_{i}/mlp/down`), the factors of the adapters currently resident: `a` [S, in, R] and `b`
+[S, R, out] for S bank slots, each zero-padded to the bank's max rank R, with the adapter's
+scaling already folded into `b`. One batch mixes rows of many adapters: row r adds
+`(x_r · a[s_r]) · b[s_r]` to the base projection, where s_r = meta["adapter"][r]; s_r = -1 is
+exactly the base (the delta is selected away, not added as zeros).
+
+Blocks see the bank through their `meta`: `meta["lora"]` (path -> {"a", "b"}) and
+`meta["adapter"]` (int32 [B]). Without `meta["lora"]` the projections compile to what they
+were without LoRA.
+"""
+
+from typing import Any
+
+import jax.numpy as jnp
+
+ATTN_TARGETS = ("attn/q", "attn/k", "attn/v", "attn/o")
+MLP_TARGETS = ("mlp/gate", "mlp/up", "mlp/down", "mlp/fc", "mlp/proj")
+TARGETS = ATTN_TARGETS + MLP_TARGETS
+
+Lora = tuple[Any, Any, Any]  # (a [S, in, R], b [S, R, out], slot per row [B])
+
+
+def select(meta, layer: int, target: str) -> Lora | None:
+  """The bank entry of one projection of layer `layer`, or None (no bank, or no such entry)."""
+  bank = meta.get("lora") if isinstance(meta, dict) else None
+  if not bank:
+    return None
+  entry = bank.get(f"layer_{layer}/{target}")
+  if entry is None:
+    return None
+  return entry["a"], entry["b"], meta["adapter"]
+
+
+def select_mlp(meta, layer: int) -> dict[str, Lora] | None:
+  """{"gate": ..., "down": ...} for the layer's MLP projections in the bank, or None."""
+  found = {t.split("/")[1]: select(meta, layer, t) for t in MLP_TARGETS}
+  found = {k: v for k, v in found.items() if v is not None}
+  return found or None
+
+
+def delta(x, a, b, slots):
+  """Per-row low-rank update: x [B, T, in] -> [B, T, out] = (x · a[slot]) · b[slot]."""
+  safe = jnp.maximum(slots, 0)
+  a_rows = jnp.take(a, safe, axis=0)  # [B, in, R]
+  b_rows = jnp.take(b, safe, axis=0)  # [B, R, out]
+  h = jnp.einsum("bti,bir->btr", x.astype(a.dtype), a_rows)
+  return jnp.einsum("btr,bro->bto", h, b_rows)
+
+
+def apply(x, y, lora: Lora):
+  """y (the base projection of x) plus each row's delta; rows with slot -1 get y unchanged."""
+  a, b, slots = lora
+  d = delta(x, a, b, slots).astype(y.dtype)
+  return jnp.where((slots >= 0)[:, None, None], y + d, y)

@@ -1,0 +1,222 @@
+"""Adapter banks: LoRA delta blocks resident in fixed slots of their base layers instances.
+
+Every layers instance some adapter touches holds a bank (`inst.lora_bank`): for each of its
+projections, `a` [S, in, R] and `b` [S, R, out] — S slots, factors zero-padded to the max rank
+R, the scaling folded into `b` — so the shapes, and the compiled segment functions, never change
+when adapters come and go. Slots are engine-wide: an adapter resident in slot s occupies slot s
+of every banked instance (zeros where it has no delta), so one per-row index (StepMeta.adapter)
+serves every layers block of a fused segment.
+
+More adapters may be registered than there are slots. Their factors stay in host memory; a
+request's admission acquires its adapter's slot (a hit when resident, else a swap into a free
+slot or the least recently used one that no running request holds) and pins it until the request
+finishes, so a slot is never rewritten under a batch that reads it.
+"""
+
+import collections
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jblock.blocks import Block
+from jblock.errors import InvalidRequestError, JBlockError
+from jblock.models.lora import TARGETS
+from jblock.runtime import mesh as mesh_lib
+
+
+@jax.jit
+def _write_slot(bank, slot, factors):
+  return jax.tree.map(lambda arr, f: arr.at[slot].set(f.astype(arr.dtype)), bank, factors)
+
+
+def _projections(params: dict[str, Any]) -> dict[str, tuple[int, int]]:
+  """'layer_k/attn/q' -> (in, out) for every LoRA-able projection of a layers block."""
+  out = {}
+  for layer, sub in params.items():
+    for target in TARGETS:
+      node = sub
+      for p in target.split("/"):
+        node = node.get(p) if isinstance(node, dict) else None
+      if isinstance(node, dict) and "kernel" in node:
+        d_in, d_out = node["kernel"].shape
+        out[f"{layer}/{target}"] = (int(d_in), int(d_out))
+  return out
+
+
+class AdapterBanks:
+  """Slot manager over the banks of every instance adapters touch (used under the engine lock)."""
+
+  def __init__(self, slots: int, max_rank: int):
+    if slots < 1 or max_rank < 1:
+      raise ValueError("lora_slots and lora_max_rank must be >= 1")
+    self.slots = slots
+    self.max_rank = max_rank
+    self._host: dict[str, dict[str, dict[str, dict[str, np.ndarray]]]] = {}  # model -> key -> path -> a/b
+    self._host_bytes: dict[str, int] = {}
+    self._instances: dict[str, Any] = {}  # banked instance key -> instance
+    self._slot_of: dict[str, int] = {}  # resident adapter -> slot
+    self._owner: list[str | None] = [None] * slots
+    self._dirty: set[tuple[str, int]] = set()  # (instance key, slot) holding non-zero factors
+    self._pins: collections.Counter = collections.Counter()
+    self._lru: collections.OrderedDict = collections.OrderedDict()  # resident, unpinned
+    self.hits = self.misses = self.evictions = 0
+    self.swap_s = 0.0
+
+  # ---- registration -----------------------------------------------------------------------
+
+  def is_adapter(self, model: str) -> bool:
+    return model in self._host
+
+  def register(self, model: str, deltas: list[tuple[Any, Block]]) -> None:
+    """Keeps the adapter's factors (padded, scaled) in host memory; banks the instances."""
+    host, nbytes = {}, 0
+    for inst, delta in deltas:
+      if not hasattr(inst, "mesh"):
+        raise JBlockError(f"adapter {model!r}: its base block {inst.block_id[:12]} is not on "
+                          "this process's mesh (adapters on workers are not supported)")
+      projections = _projections(inst.params)
+      ranks, scaling = delta.config["ranks"], delta.config["scaling"]
+      factors = {}
+      for path, rank in ranks.items():
+        if path not in projections:
+          raise JBlockError(f"adapter {model!r}: base block {inst.block_id[:12]} has no "
+                            f"projection {path}")
+        if rank > self.max_rank:
+          raise InvalidRequestError("model", f"adapter {model!r} has rank {rank} at {path}, "
+                                    f"more than the engine's lora_max_rank={self.max_rank}")
+        d_in, d_out = projections[path]
+        node = delta.params
+        for p in path.split("/"):
+          node = node[p]
+        a = np.zeros((d_in, self.max_rank), np.float32)
+        b = np.zeros((self.max_rank, d_out), np.float32)
+        a[:, :rank] = np.asarray(node["a"], np.float32)
+        b[:rank] = np.asarray(node["b"], np.float32) * np.float32(scaling[path])
+        factors[path] = {"a": a, "b": b}
+        nbytes += int(np.asarray(node["a"]).nbytes + np.asarray(node["b"]).nbytes)
+      host[inst.key] = factors
+    for inst, _ in deltas:
+      self._ensure_bank(inst)
+    self._host[model] = host
+    self._host_bytes[model] = nbytes
+
+  def unregister(self, model: str) -> None:
+    """Forgets the adapter and frees (zeroes) its slot."""
+    if model not in self._host:
+      return
+    slot = self._slot_of.pop(model, None)
+    if slot is not None:
+      self._owner[slot] = None
+      self._lru.pop(model, None)
+      self._write(slot, None)
+    del self._host[model]
+    del self._host_bytes[model]
+    self._pins.pop(model, None)
+
+  def _ensure_bank(self, inst) -> None:
+    if getattr(inst, "lora_bank", None) is not None:
+      self._instances[inst.key] = inst
+      return
+    rep = mesh_lib.replicated(inst.mesh)
+    bank = {}
+    for path, (d_in, d_out) in _projections(inst.params).items():
+      bank[path] = {
+          "a": jax.device_put(np.zeros((self.slots, d_in, self.max_rank), inst.dtype), rep),
+          "b": jax.device_put(np.zeros((self.slots, self.max_rank, d_out), inst.dtype), rep)}
+    inst.lora_bank = bank
+    inst.lora_bank_bytes = sum(int(x.nbytes) for e in bank.values() for x in e.values())
+    self._instances[inst.key] = inst
+
+  def drop_instance(self, key: str) -> None:
+    self._instances.pop(key, None)
+    self._dirty = {d for d in self._dirty if d[0] != key}
+
+  # ---- slots --------------------------------------------------------------------------------
+
+  def can_acquire(self, model: str) -> bool:
+    if model not in self._host or model in self._slot_of:
+      return True
+    return None in self._owner or bool(self._lru)
+
+  def acquire(self, model: str) -> int:
+    """The adapter's slot, pinned (-1 for a model that is no adapter)."""
+    if model not in self._host:
+      return -1
+    slot = self._slot_of.get(model)
+    if slot is not None:
+      self.hits += 1
+    else:
+      self.misses += 1
+      if None in self._owner:
+        slot = self._owner.index(None)
+      elif self._lru:
+        victim, _ = self._lru.popitem(last=False)
+        slot = self._slot_of.pop(victim)
+        self.evictions += 1
+      else:
+        raise JBlockError("every adapter bank slot is held by running requests")
+      t0 = time.perf_counter()
+      self._write(slot, model)
+      self.swap_s += time.perf_counter() - t0
+      self._owner[slot] = model
+      self._slot_of[model] = slot
+    self._pins[model] += 1
+    self._lru.pop(model, None)
+    return slot
+
+  def release(self, model: str) -> None:
+    if model not in self._pins:
+      return
+    self._pins[model] -= 1
+    if self._pins[model] <= 0:
+      del self._pins[model]
+      if model in self._slot_of:
+        self._lru[model] = None
+
+  def _write(self, slot: int, model: str | None) -> None:
+    """Slot `slot` of every banked instance := the model's factors (zeros where it has none)."""
+    host = self._host.get(model, {}) if model else {}
+    for key, inst in self._instances.items():
+      factors = host.get(key)
+      if factors is None and (key, slot) not in self._dirty:
+        continue
+      if factors is None:
+        factors = {p: {"a": np.zeros(e["a"].shape[1:], np.float32),
+                       "b": np.zeros(e["b"].shape[1:], np.float32)}
+                   for p, e in inst.lora_bank.items()}
+        self._dirty.discard((key, slot))
+      else:
+        factors = {p: factors.get(p) or {"a": np.zeros(e["a"].shape[1:], np.float32),
+                                         "b": np.zeros(e["b"].shape[1:], np.float32)}
+                   for p, e in inst.lora_bank.items()}
+        self._dirty.add((key, slot))
+      inst.lora_bank = _write_slot(inst.lora_bank, np.int32(slot), factors)
+    for inst in self._instances.values():
+      jax.block_until_ready(inst.lora_bank)
+
+  def stats(self) -> dict[str, Any]:
+    return {
+        "slots": self.slots, "max_rank": self.max_rank,
+        "registered": sorted(self._host), "resident": {m: s for m, s in sorted(self._slot_of.items())},
+        "pinned": dict(self._pins), "hits": self.hits, "misses": self.misses,
+        "evictions": self.evictions, "swap_s": round(self.swap_s, 6),
+        "host_bytes": sum(self._host_bytes.values()),
+        "adapter_bytes": dict(self._host_bytes),
+        "bank_bytes": sum(getattr(i, "lora_bank_bytes", 0) for i in self._instances.values()),
+    }
+
+
+def single_bank(delta: Block, slot_dtype=jnp.float32) -> dict[str, dict[str, Any]]:
+  """A one-slot bank holding only `delta` at its own rank (reference paths and tests)."""
+  bank = {}
+  for path, rank in delta.config["ranks"].items():
+    node = delta.params
+    for p in path.split("/"):
+      node = node[p]
+    scale = np.float32(delta.config["scaling"][path])
+    bank[path] = {"a": jnp.asarray(np.asarray(node["a"], np.float32)[None], slot_dtype),
+                  "b": jnp.asarray((np.asarray(node["b"], np.float32) * scale)[None], slot_dtype)}
+  return bank
