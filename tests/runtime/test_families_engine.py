@@ -9,7 +9,7 @@ from jblock.convert import convert
 from jblock.runtime.engine import Engine, EngineConfig, ModelSpec
 from tests import hf_models
 
-NEW_TOKENS = 10
+NEW_TOKENS = 8
 CONFIG = EngineConfig(batch_size=4, kv_slots=6, max_seq_len=48, prefill_chunk=16,
                       length_buckets=(8, 16), warmup=False)
 # Lengths 3..20: some prompts take two prefill chunks; every window (4-6) is shorter.
@@ -17,8 +17,9 @@ PROMPTS = [[int(t) for t in np.random.default_rng(i).integers(0, 97, 3 + (i * 7)
            for i in range(6)]
 
 
-# (family, mesh): each family once, two of them on the 8-device (data 4, model 2) mesh.
-CASES = [("gemma2", (1, 1)), ("gemma3", (4, 2)), ("mixtral", (4, 2))]
+# (family, mesh): soft-capped, windowed Gemma 2 on one device; MoE on the 8-device (data 4,
+# model 2) mesh. The other families share these code paths (tests/models/test_parity.py).
+CASES = [("gemma2", (1, 1)), ("mixtral", (4, 2))]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[c[0] for c in CASES])
