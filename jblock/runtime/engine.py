@@ -31,6 +31,7 @@ from jblock.runtime.engine_api import ModelInfo, RequestHandle, SamplingParams, 
 from jblock.runtime.executor import LocalExecutor, ThreadExecutor
 from jblock.runtime.instance import LocalBlockInstance
 from jblock.runtime.kv import pages_for
+from jblock.runtime.lora import AdapterBanks
 from jblock.runtime.scheduler import Request, Scheduler, SchedulerConfig
 from jblock.runtime.segments import Segment, local_segment_fn, plan_segments
 from jblock.runtime.step import BlockBatch, ChainStep, StepMeta
@@ -55,6 +56,8 @@ class EngineConfig:
   warmup: bool = True  # compile every decode bucket (and the prefill buckets) at start-up
   compilation_cache_dir: str | None = None  # persistent XLA compilation cache
   trace_size: int = 2000  # batches kept for the trace view
+  lora_slots: int = 4  # LoRA adapters resident at once (bank slots per base layers block)
+  lora_max_rank: int = 16  # bank factors are padded to this rank; larger adapters are refused
 
   def kv_slots_for(self, block_id: str) -> int:
     for prefix, slots in self.kv_slots_by_block:
@@ -97,14 +100,22 @@ class ModelSpec:
   chain: list[Block]  # params may be empty: loaded from the zoo onto devices, or hosted elsewhere
   tokenizer_dir: str | None = None
   block_ids: list[str] | None = None  # the chain's ids (from a manifest); hashed from params if None
+  # A LoRA adapter: per chain position, its delta block (kind "lora") or None; params may be
+  # empty (read from the zoo into host memory when the model is added).
+  deltas: list[Block | None] | None = None
+  delta_ids: list[str | None] | None = None
+  base_model: str | None = None  # an adapter's base model
 
   def __post_init__(self):
     if self.block_ids is None:
       self.block_ids = [b.id for b in self.chain]
+    if self.deltas is not None and self.delta_ids is None:
+      self.delta_ids = [d.id if d is not None else None for d in self.deltas]
 
   @property
   def steps(self) -> list[ChainStep]:
-    return [ChainStep(i, b.kind) for i, b in zip(self.block_ids, self.chain)]
+    deltas = self.delta_ids or [None] * len(self.chain)
+    return [ChainStep(i, b.kind, delta=d) for i, b, d in zip(self.block_ids, self.chain, deltas)]
 
 
 # (key, block, block_id, batch_size, tied embedding table or None) -> a block instance.
@@ -128,6 +139,8 @@ class Engine:
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     self._lock = threading.Condition()
     self._scheduler = Scheduler(self.config.scheduler_config(), on_finish=self._on_finish)
+    self._adapters = AdapterBanks(self.config.lora_slots, self.config.lora_max_rank)
+    self._scheduler.adapters = self._adapters
     self._instances: dict[str, Any] = {}
     self._models: dict[str, tuple[ModelSpec, list[Any]]] = {}
     self._segments: dict[str, list[Segment]] = {}
@@ -182,12 +195,22 @@ class Engine:
       if block.kind == EMBED:
         table = getattr(inst, "embed_table", None)
       chain.append(inst)
+    deltas = self._delta_blocks(spec)  # host reads outside the lock
     with self._lock:
       for i, inst in enumerate(chain):
         if inst.key not in self._instances:
           self._instances[inst.key] = inst
         chain[i] = self._instances[inst.key]  # a concurrent load may have registered it first
-        chain[i].models.add(spec.name)
+      if deltas:
+        try:
+          self._adapters.register(spec.name, [(chain[p], d) for p, d in deltas])
+        except Exception:
+          for inst in chain:
+            if not inst.models:
+              self._instances.pop(inst.key, None)
+          raise
+      for inst in chain:
+        inst.models.add(spec.name)
       self._models[spec.name] = (spec, chain)
       self._replan()
       segments = self._segments[spec.name]
@@ -197,6 +220,23 @@ class Engine:
           self._warm(seg)
     with self._lock:
       return self._info(spec)
+
+  def _delta_blocks(self, spec: ModelSpec) -> list[tuple[int, Block]]:
+    """(chain position, delta block with params) of an adapter; [] for other models."""
+    out = []
+    for pos, delta in enumerate(spec.deltas or ()):
+      if delta is None:
+        continue
+      if not flat_leaves(delta.params):
+        if self.zoo is None:
+          raise NotFoundError(f"model {spec.name!r}: delta block params missing and no zoo")
+        delta = self.zoo.load_block(spec.delta_ids[pos])
+      if delta.config.get("base") != spec.block_ids[pos]:
+        raise NotFoundError(f"model {spec.name!r}: delta block at chain position {pos} is for "
+                            f"block {str(delta.config.get('base'))[:12]}, the chain has "
+                            f"{spec.block_ids[pos][:12]}")
+      out.append((pos, delta))
+    return out
 
   def _replan(self) -> None:
     """Re-cuts every chain into segments (new requests use them; running ones keep theirs)."""
@@ -221,7 +261,7 @@ class Engine:
       with self._local.dispatch_lock:  # serving may dispatch to the same KV buffers meanwhile
         ints, floats = meta.pack()
         y, kvs = fn([i.run_params for i in seg.instances], [i.kv for i in seg.layers], x, ints,
-                    floats)
+                    floats, [getattr(i, "lora_bank", None) for i in seg.layers])
         for inst, kv in zip(seg.layers, kvs):
           inst.kv = kv
       jax.block_until_ready(y)
@@ -231,7 +271,7 @@ class Engine:
     return ModelInfo(name=spec.name, family=c.family, vocab_size=c.vocab_size,
                      max_seq_len=min(c.max_position_embeddings, self.config.max_seq_len),
                      chain=tuple(spec.block_ids), tokenizer_dir=spec.tokenizer_dir,
-                     eos_token_ids=tuple(c.eos_token_ids))
+                     eos_token_ids=tuple(c.eos_token_ids), base_model=spec.base_model)
 
   def list_models(self) -> list[ModelInfo]:
     with self._lock:
@@ -266,10 +306,12 @@ class Engine:
             raise UnavailableError(f"model {name!r} did not drain within {timeout}s")
       _, chain = self._models.pop(name)
       self._draining.discard(name)
+      self._adapters.unregister(name)
       for inst in chain:
         inst.models.discard(name)
         if not inst.models and inst.key in self._instances:
           del self._instances[inst.key]
+          self._adapters.drop_instance(inst.key)
           close = getattr(inst, "close", None)
           if close is not None:
             close()
@@ -286,7 +328,9 @@ class Engine:
     with self._lock:
       if self._closed:
         raise UnavailableError("engine is shut down")
-      if model not in self._models or model in self._draining:
+      if model in self._draining:
+        raise UnavailableError(f"model {model!r} is being unloaded")
+      if model not in self._models:
         raise NotFoundError(f"model {model!r} is not loaded")
       spec, _ = self._models[model]
       validate_request(self._info(spec), prompt_tokens, params)
@@ -298,6 +342,7 @@ class Engine:
                                 self._segments[model], stop)
       self._requests[rid] = req
       handle._engine_request = req
+      self._scheduler.admit()  # leases its KV now if it fits: no wait for the loop
       self._lock.notify_all()
     return handle
 
@@ -373,11 +418,12 @@ class Engine:
           "blocks": blocks,
           "resident_bytes": sum(b["resident_bytes"] for b in blocks),
           "kv_bytes": sum(b["kv_bytes"] for b in blocks),
-          "queue_depth": sched.num_waiting + sum(len(q) for q in sched.queues.values()),
+          "queue_depth": sched.num_waiting,
           "requests": {"waiting": sched.num_waiting, "active": len(sched.active),
                        "finished": dict(sched.finished)},
           "models": {name: [inst.key for inst in chain] for name, (_, chain) in self._models.items()},
           "segments": {name: [list(s.key) for s in segs] for name, segs in self._segments.items()},
+          "adapters": self._adapters.stats(),
       }
 
   def trace(self) -> list[dict[str, Any]]:
@@ -407,7 +453,7 @@ class Engine:
       deadline = time.monotonic() + drain_timeout
       while self._scheduler.has_work() and time.monotonic() < deadline:
         self._lock.wait(timeout=0.05)
-      self._scheduler.drop_all(UnavailableError("engine shut down before the request finished"))
+      self._scheduler.drop_all(UnavailableError("engine closed before the request finished"))
       self._lock.notify_all()
     self._thread.join(30.0)
     for ex in self._executors.values():
@@ -441,6 +487,10 @@ def _spec_from_zoo(zoo, name: str, cache: dict[str, Block], load_params: bool = 
   Without params (blocks hosted by workers) only each block's kind and config are read.
   """
   manifest = zoo.manifest(name)
+  deltas = None
+  if manifest.get("deltas"):  # a LoRA adapter: delta blocks over its base's chain
+    deltas = [Block(zoo.block_record(d)["kind"], zoo.block_record(d)["config"], {}) if d else None
+              for d in manifest["deltas"]]
   chain = []
   for block_id in manifest["chain"]:
     if block_id not in cache:
@@ -451,4 +501,6 @@ def _spec_from_zoo(zoo, name: str, cache: dict[str, Block], load_params: bool = 
         cache[block_id] = Block(record["kind"], record["config"], {})
     chain.append(cache[block_id])
   return ModelSpec(name, ModelConfig.from_dict(manifest["config"]), chain, zoo.tokenizer_dir(name),
-                   block_ids=list(manifest["chain"]))
+                   block_ids=list(manifest["chain"]), deltas=deltas,
+                   delta_ids=list(manifest["deltas"]) if deltas else None,
+                   base_model=(manifest.get("adapter") or {}).get("base_model"))

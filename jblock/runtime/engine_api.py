@@ -49,6 +49,7 @@ class ModelInfo:
   chain: tuple[str, ...]  # block ids, embedding first
   tokenizer_dir: str | None = None  # holds tokenizer.json; None: token ids only
   eos_token_ids: tuple[int, ...] = ()
+  base_model: str | None = None  # a LoRA adapter's base model (None: not an adapter)
 
 
 def new_request_id() -> str:

@@ -1,24 +1,31 @@
-"""A real threaded engine with fake arithmetic, so serving is testable on CPU without models.
+"""The real engine over fake block instances, so serving is testable on CPU without models.
 
-MockEngine does everything the block engine does around the model: admission with a
-bounded queue, one KV slot per request in every block of its chain, per-block batching
-stats, continuous batching in a step loop, stop ids, cancel, drain on unload. Only the
-next token is fake and deterministic (`mock_next_token`), a function of the request's own
+MockEngine is the block `Engine` — its scheduler (admission, fairness, KV page leases, cancel,
+drain on unload), its segments and executors — with one difference: each block instance computes
+fake arithmetic in numpy instead of a model. The fake layers blocks really store every token in
+their KV pages and read them back through the page tables, so a wrong page table shows up as
+wrong tokens. The next token is deterministic (`mock_next_token`), a function of the request's own
 context, so a request's output never depends on its batch-mates.
 """
 
-import collections
-import dataclasses
-import math
-import threading
 import time
 from typing import Mapping, Sequence
 
+import numpy as np
+
+from jblock.blocks import EMBED, HEAD, LAYERS, Block
 from jblock.errors import NotFoundError, OverloadedError, UnavailableError
+from jblock.models.config import ModelConfig
 from jblock.runtime import engine_api
+from jblock.runtime.engine import Engine, EngineConfig, ModelSpec
 from jblock.runtime.engine_api import ModelInfo, RequestHandle, SamplingParams
+from jblock.runtime.executor import stage_input
+from jblock.runtime.instance import instance_stats
+from jblock.runtime.kv import PagePool
+from jblock.runtime.step import BlockBatch
 
 MOCK_PLACEMENT = "mock:0"
+_PAGE_SIZE = 16
 
 
 def mock_next_token(context_sum: int, step: int, vocab_size: int, seed: int = 0,
@@ -59,262 +66,146 @@ def mock_models(names: Sequence[str], vocab_size: int = 256, max_seq_len: int = 
   }
 
 
-@dataclasses.dataclass
-class _Block:
-  block_id: str
-  kind: str
-  kv_slots: int
-  batch_size: int
-  resident_bytes: int
-  models: set[str] = dataclasses.field(default_factory=set)
-  holders: set[str] = dataclasses.field(default_factory=set)  # request ids holding a slot
-  batches_run: int = 0
-  occupancy_sum: float = 0.0  # sum over batches of rows / batch_size
-
-  def stats(self) -> dict:
-    return {
-        "block_id": self.block_id, "kind": self.kind, "models": sorted(self.models),
-        "resident_bytes": self.resident_bytes, "batch_size": self.batch_size,
-        "batches_run": self.batches_run,
-        "mean_occupancy": self.occupancy_sum / self.batches_run if self.batches_run else 0.0,
-        "kv_slots_used": len(self.holders), "kv_slots_free": self.kv_slots - len(self.holders),
-        "placement": MOCK_PLACEMENT,
-    }
-
-
-@dataclasses.dataclass(eq=False)  # identity: two requests are never the same
-class _Request:
-  handle: RequestHandle
-  info: ModelInfo
-  params: SamplingParams
-  stop_ids: frozenset[int]
-  context_sum: int
-  length: int
-  generated: int = 0
-
-
 def _block_kind(position: int, chain_len: int) -> str:
   if position == 0:
-    return "embed"
-  return "head" if position == chain_len - 1 else "layers"
+    return EMBED
+  return HEAD if position == chain_len - 1 else LAYERS
 
 
-class MockEngine:
-  """Implements engine_api.Engine with fake tokens; see the module docstring."""
+class FakeInstance:
+  """A block with fake arithmetic. Hidden states are int64 [B, T, 2]: (token, sum of the row's
+  context up to this position as read back from the KV pages)."""
+
+  def __init__(self, key: str, block_id: str, kind: str, batch_size: int, kv_slots: int,
+               max_seq_len: int, resident_bytes: int, vocab_size: int, step_delay_s: float):
+    self.key, self.block_id, self.kind, self.batch_size = key, block_id, kind, batch_size
+    self.config = {"vocab_size": vocab_size}
+    self.models: set[str] = set()
+    self.resident_bytes = resident_bytes
+    self.placement = MOCK_PLACEMENT
+    self.executor_key = MOCK_PLACEMENT  # one executor thread for every fake block
+    self.batches_run = self.items_run = 0
+    self._delay = step_delay_s if kind == HEAD else 0.0  # one step costs one delay
+    self.pool = None
+    if kind == LAYERS:
+      pages = kv_slots * -(-max_seq_len // _PAGE_SIZE)
+      self.pool = PagePool(pages, _PAGE_SIZE, kv_slots)
+      self.kv = np.zeros((pages, _PAGE_SIZE), np.int64)
+
+  def run_batch(self, batch: BlockBatch):
+    x = np.asarray(stage_input(batch))
+    meta = batch.meta
+    if self.kind == EMBED:
+      return np.stack([x.astype(np.int64), np.zeros_like(x, np.int64)], axis=-1)
+    if self.kind == LAYERS:
+      return self._layers(x.copy(), meta, batch.segment.layers.index(self))
+    if self._delay:
+      time.sleep(self._delay)
+    last = np.maximum(meta.n_valid - 1, 0)
+    sums = x[np.arange(x.shape[0]), last, 1]
+    salt = np.where(meta.temperature > 0, _seeds(meta) * 7919, 0)
+    return ((sums * 31 + meta.step + salt) % self.config["vocab_size"]).astype(np.int32)
+
+  def _layers(self, x, meta, table_index: int):
+    tables = meta.page_tables[table_index]
+    for row in range(x.shape[0]):
+      start, n = int(meta.starts[row]), int(meta.n_valid[row])
+      for j in range(n):  # write this chunk's tokens into the row's pages
+        pos = start + j
+        self.kv[tables[row, pos // _PAGE_SIZE], pos % _PAGE_SIZE] = x[row, j, 0]
+      if n:  # read the whole context back through the page table
+        context = self.kv[tables[row, :-(-(start + n) // _PAGE_SIZE)]].reshape(-1)[:start + n]
+        x[row, :n, 1] = np.cumsum(context)[start:start + n]
+    return x
+
+  def stats(self) -> dict:
+    return instance_stats(self)
+
+
+def _seeds(meta) -> np.ndarray:
+  lo = meta.seed_lo.view(np.uint32).astype(np.int64)
+  hi = meta.seed_hi.view(np.uint32).astype(np.int64)
+  return (hi << 32) | lo
+
+
+def _mock_spec(info: ModelInfo) -> ModelSpec:
+  """A chain of fake blocks; a chain with no layers block gets a private one (the fake KV lives
+  there), named `<model>:kv`, which the model's ModelInfo does not list."""
+  chain = list(info.chain)
+  if len(chain) < 2:
+    raise ValueError(f"mock model {info.name!r}: the chain needs an embed and a head, got {chain}")
+  if len(chain) == 2:
+    chain.insert(1, f"{info.name}:kv")
+  kinds = [_block_kind(p, len(chain)) for p in range(len(chain))]
+  config = ModelConfig(
+      family=info.family, architecture="mock", vocab_size=info.vocab_size, hidden_size=2,
+      num_layers=kinds.count(LAYERS), num_heads=1, num_kv_heads=1, head_dim=1,
+      intermediate_size=1, norm="rms", norm_eps=1e-6, mlp="plain", activation="relu",
+      qkv_bias=False, o_bias=False, mlp_bias=False, rope=None,
+      max_position_embeddings=info.max_seq_len, learned_positions=False,
+      tie_word_embeddings=False, sliding_windows=(0,) * kinds.count(LAYERS),
+      eos_token_ids=tuple(info.eos_token_ids))
+  return ModelSpec(info.name, config, [Block(k, {}, {}) for k in kinds], info.tokenizer_dir,
+                   block_ids=chain)
+
+
+class MockEngine(Engine):
+  """The block engine with FakeInstance blocks; see the module docstring."""
 
   def __init__(self, models: Mapping[str, ModelInfo], *, step_delay_s: float = 0.0,
                max_queue: int = 64, kv_slots: int = 16, batch_size: int = 8,
                block_bytes: int = 1 << 20, zoo: Mapping[str, ModelInfo] | None = None):
     """`models` are loaded at start; `zoo` (default: `models`) is what load_model can load.
-    Every block gets `kv_slots` slots and runs batches of up to `batch_size` rows."""
+    Every layers block has `kv_slots` leases and every block runs batches of `batch_size` rows."""
     for name, info in models.items():
       if name != info.name:
         raise ValueError(f"model key {name!r} differs from its ModelInfo.name {info.name!r}")
-    self._zoo = dict(zoo if zoo is not None else models)
-    self._step_delay_s = step_delay_s
-    self._max_queue = max_queue
-    self._kv_slots = kv_slots
-    self._batch_size = batch_size
-    self._block_bytes = block_bytes
-    self._cond = threading.Condition()
-    self._loaded: dict[str, ModelInfo] = {}
-    self._unloading: set[str] = set()
-    self._blocks: dict[str, _Block] = {}
-    self._queue: collections.deque[_Request] = collections.deque()
-    self._running: dict[str, _Request] = {}
-    self._counters = collections.Counter()
-    self._closed = False
+    self._mock_zoo = dict(zoo if zoo is not None else models)
     for info in models.values():
-      self._zoo.setdefault(info.name, info)
-      self._load_locked(info)
-    self._thread = threading.Thread(target=self._loop, name="mock-engine", daemon=True)
-    self._thread.start()
+      self._mock_zoo.setdefault(info.name, info)
+    max_len = max([i.max_seq_len for i in self._mock_zoo.values()] + [1])
+    infos = {**self._mock_zoo}
 
-  # --- Engine API
+    def factory(key, block, block_id, size, table):
+      info = next(i for i in infos.values() if block_id in _mock_spec(i).block_ids)
+      return FakeInstance(key, block_id, block.kind, size, kv_slots, max_len, block_bytes,
+                          info.vocab_size, step_delay_s)
 
-  def submit(self, model: str, prompt_tokens: Sequence[int], *, max_new_tokens: int = 32,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             stop_token_ids: Sequence[int] = (), request_id: str | None = None) -> RequestHandle:
-    prompt_tokens = list(prompt_tokens)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                            top_p=top_p, seed=seed, stop_token_ids=tuple(stop_token_ids))
-    with self._cond:
-      if self._closed:
-        raise UnavailableError("engine is closed")
-      info = self._admitting_model_locked(model)
-      engine_api.validate_request(info, prompt_tokens, params)
-      handle = RequestHandle(request_id or engine_api.new_request_id(), model,
-                             len(prompt_tokens), params, on_cancel=self._cancel)
-      request = _Request(handle, info, params,
-                         frozenset(params.stop_token_ids) | frozenset(info.eos_token_ids),
-                         context_sum=sum(int(t) for t in prompt_tokens), length=len(prompt_tokens))
-      if self._fits_locked(request):
-        self._start_locked(request)
-      elif len(self._queue) >= self._max_queue:
-        self._counters["rejected"] += 1
-        raise OverloadedError(
-            f"admission queue is full ({self._max_queue} waiting, every KV slot of model "
-            f"{model!r}'s blocks in use); retry later")
-      else:
-        self._queue.append(request)
-      self._counters["submitted"] += 1
-      self._cond.notify_all()
-      return handle
+    self._counts = {"submitted": 0, "rejected": 0}
+    config = EngineConfig(batch_size=batch_size, kv_slots=kv_slots, max_seq_len=max_len,
+                          page_size=_PAGE_SIZE, max_waiting=max_queue, warmup=False)
+    super().__init__([_mock_spec(i) for i in models.values()], config=config,
+                     instance_factory=factory, mesh_shape=(1, 1))
 
-  def list_models(self) -> list[ModelInfo]:
-    with self._cond:
-      return [info for name, info in self._loaded.items() if name not in self._unloading]
+  def submit(self, model: str, prompt_tokens: Sequence[int], **kwargs) -> RequestHandle:
+    try:
+      handle = super().submit(model, prompt_tokens, **kwargs)
+    except OverloadedError:
+      self._counts["rejected"] += 1
+      raise
+    self._counts["submitted"] += 1
+    return handle
 
   def load_model(self, name: str) -> ModelInfo:
-    with self._cond:
-      if name in self._unloading:
+    with self._lock:
+      if name in self._draining:
         raise UnavailableError(f"model {name!r} is being unloaded; load it again afterwards")
-      if name in self._loaded:
-        return self._loaded[name]
-      if name not in self._zoo:
-        raise NotFoundError(f"model {name!r} is not in the zoo; known: {sorted(self._zoo)}")
-      self._load_locked(self._zoo[name])
-      return self._zoo[name]
+      if name in self._models:
+        return self._info(self._models[name][0])
+    if name not in self._mock_zoo:
+      raise NotFoundError(f"model {name!r} is not in the zoo; known: {sorted(self._mock_zoo)}")
+    self._add_model(_mock_spec(self._mock_zoo[name]))
+    return self._mock_zoo[name]
 
-  def unload_model(self, name: str) -> None:
-    with self._cond:
-      self._admitting_model_locked(name)
-      self._unloading.add(name)
-      # Drains: every request of the model finishes (each is bounded by max_new_tokens).
-      while self._has_requests_locked(name) and not self._closed:
-        self._cond.wait(engine_api.WAIT_POLL_S)
-      for block_id in self._loaded.pop(name).chain:
-        block = self._blocks[block_id]
-        block.models.discard(name)
-        if not block.models:
-          del self._blocks[block_id]
-      self._unloading.discard(name)
+  def _info(self, spec: ModelSpec) -> ModelInfo:
+    return self._mock_zoo[spec.name]
 
   def stats(self) -> dict:
-    with self._cond:
-      return {
-          "blocks": [block.stats() for block in self._blocks.values()],
-          "queue_depth": len(self._queue),
-          "requests": {
-              "submitted": self._counters["submitted"], "running": len(self._running),
-              "queued": len(self._queue), "completed": self._counters["completed"],
-              "cancelled": self._counters["cancelled"], "failed": self._counters["failed"],
-              "rejected": self._counters["rejected"],
-          },
-      }
-
-  def close(self) -> None:
-    with self._cond:
-      if self._closed:
-        return
-      self._closed = True
-      outstanding = list(self._running.values()) + list(self._queue)
-      for request in outstanding:
-        self._end_locked(request, engine_api.ERROR, UnavailableError("engine closed"))
-      self._queue.clear()
-      self._cond.notify_all()
-    self._thread.join(timeout=5)
-
-  # --- internals; *_locked methods run under self._cond
-
-  def _admitting_model_locked(self, name: str) -> ModelInfo:
-    if name in self._unloading:
-      raise UnavailableError(f"model {name!r} is being unloaded")
-    if name not in self._loaded:
-      raise NotFoundError(f"model {name!r} is not loaded; loaded: {sorted(self._loaded)}")
-    return self._loaded[name]
-
-  def _load_locked(self, info: ModelInfo) -> None:
-    for position, block_id in enumerate(info.chain):
-      block = self._blocks.get(block_id)
-      if block is None:
-        block = _Block(block_id, _block_kind(position, len(info.chain)), self._kv_slots,
-                       self._batch_size, self._block_bytes)
-        self._blocks[block_id] = block
-      block.models.add(info.name)
-    self._loaded[info.name] = info
-
-  def _has_requests_locked(self, model: str) -> bool:
-    return any(r.info.name == model for r in [*self._running.values(), *self._queue])
-
-  def _fits_locked(self, request: _Request) -> bool:
-    return all(len(self._blocks[b].holders) < self._blocks[b].kv_slots for b in request.info.chain)
-
-  def _start_locked(self, request: _Request) -> None:
-    for block_id in request.info.chain:
-      self._blocks[block_id].holders.add(request.handle.request_id)
-    self._running[request.handle.request_id] = request
-
-  def _admit_queued_locked(self) -> None:
-    # First fit in arrival order: a request waiting on one model's blocks does not hold up
-    # requests of other models whose blocks have room.
-    for request in list(self._queue):
-      if self._fits_locked(request):
-        self._queue.remove(request)
-        self._start_locked(request)
-
-  def _end_locked(self, request: _Request, reason: str, error: BaseException | None = None):
-    request_id = request.handle.request_id
-    if self._running.pop(request_id, None) is not None:
-      for block_id in request.info.chain:
-        block = self._blocks.get(block_id)
-        if block is not None:
-          block.holders.discard(request_id)
-    elif request in self._queue:
-      self._queue.remove(request)
-    else:
-      return  # already ended
-    key = {engine_api.STOP: "completed", engine_api.LENGTH: "completed",
-           engine_api.CANCELLED: "cancelled", engine_api.ERROR: "failed"}[reason]
-    self._counters[key] += 1
-    request.handle._finish(reason, error)
-
-  def _cancel(self, handle: RequestHandle) -> None:
-    with self._cond:
-      request = self._running.get(handle.request_id)
-      if request is None:
-        request = next((r for r in self._queue if r.handle is handle), None)
-      if request is not None:
-        self._end_locked(request, engine_api.CANCELLED)
-        self._admit_queued_locked()
-      self._cond.notify_all()
-
-  def _loop(self) -> None:
-    while True:
-      with self._cond:
-        while not self._running and not self._closed:
-          self._cond.wait(engine_api.WAIT_POLL_S)
-        if self._closed:
-          return
-      # The "compute" of one step, outside the lock so submit/cancel/stats stay responsive.
-      if self._step_delay_s:
-        time.sleep(self._step_delay_s)
-      with self._cond:
-        if self._closed:
-          return
-        self._step_locked()
-        self._admit_queued_locked()
-        self._cond.notify_all()
-      if not self._step_delay_s:
-        time.sleep(0)  # let waiting threads take the lock between steps
-
-  def _step_locked(self) -> None:
-    requests = list(self._running.values())
-    rows = collections.Counter(b for r in requests for b in r.info.chain)
-    for block_id, n in rows.items():
-      block = self._blocks[block_id]
-      block.batches_run += math.ceil(n / block.batch_size)
-      block.occupancy_sum += n / block.batch_size
-    for request in requests:
-      params = request.params
-      token = mock_next_token(request.context_sum, request.generated, request.info.vocab_size,
-                              params.seed, params.temperature)
-      if token in request.stop_ids:
-        self._end_locked(request, engine_api.STOP)
-        continue
-      request.handle._emit(token)
-      request.context_sum += token
-      request.length += 1
-      request.generated += 1
-      if request.generated == params.max_new_tokens or request.length >= request.info.max_seq_len:
-        self._end_locked(request, engine_api.LENGTH)
+    out = super().stats()
+    finished = out["requests"]["finished"]
+    out["requests"].update(
+        submitted=self._counts["submitted"], rejected=self._counts["rejected"],
+        running=out["requests"]["active"], queued=out["requests"]["waiting"],
+        completed=finished.get(engine_api.STOP, 0) + finished.get(engine_api.LENGTH, 0),
+        cancelled=finished.get(engine_api.CANCELLED, 0), failed=finished.get(engine_api.ERROR, 0))
+    return out

@@ -160,10 +160,12 @@ class Scheduler:
     return all(pools[k].can_lease(pools[k].lease_tokens(req.tokens_needed, chunk), n)
                for k, n in need.items())
 
-  def _admit(self) -> None:
+  def admit(self) -> None:
+    """Starts every waiting request that fits now (see the module docstring for the order)."""
     active_by_tenant = collections.Counter(r.tenant for r in self.active)
     while True:
       best = None
+      blocked = self._oldest_waiting_for_adapter_slot()
       for queue in self.waiting.values():
         if not queue:
           continue
@@ -172,6 +174,8 @@ class Scheduler:
           queue.popleft()
           self.finish(head, "cancelled")
           continue
+        if blocked is not None and head.arrived > blocked and self.adapters.is_adapter(head.model):
+          continue  # younger adapter requests let the pinned bank slots drain (no starvation)
         if not self._fits(head):
           continue  # this queue waits; the others go on
         score = (active_by_tenant[head.tenant], head.arrived)
@@ -182,6 +186,13 @@ class Scheduler:
       req = best[1].popleft()
       self._start(req)
       active_by_tenant[req.tenant] += 1
+
+  def _oldest_waiting_for_adapter_slot(self) -> int | None:
+    """Arrival of the oldest queue head whose adapter finds no bank slot, if any."""
+    if self.adapters is None:
+      return None
+    return min((q[0].arrived for q in self.waiting.values()
+                if q and not self.adapters.can_acquire(q[0].model)), default=None)
 
   def _start(self, req: Request) -> None:
     rid = req.handle.request_id
@@ -217,7 +228,7 @@ class Scheduler:
 
   def schedule(self) -> list[BlockBatch]:
     """Admits what fits, then returns batches for every segment that has work and room."""
-    self._admit()
+    self.admit()
     batches = []
     while True:
       best, best_score = None, None

@@ -23,4 +23,6 @@ def wait_until(predicate, timeout: float = 5.0, interval: float = 0.01):
 
 
 def kv_slots_used(stats: dict) -> dict[str, int]:
-  return {block["block_id"]: block["kv_slots_used"] for block in stats["blocks"]}
+  """KV leases in use per layers block (the only blocks that hold KV)."""
+  return {block["block_id"]: block["kv_slots_used"] for block in stats["blocks"]
+          if block["kind"] == "layers"}

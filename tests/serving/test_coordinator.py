@@ -177,9 +177,9 @@ def test_client_cancel_frees_the_kv_slots(serve, catalog):
   stream = client.generate("mock-a", prompt_tokens=[1, 2], max_tokens=100, timeout=20)
   next(stream)
   used = kv_slots_used(client.stats())
-  assert used == {"mock-embed": 1, "mock-layers-0": 1, "mock-layers-1-mock-a": 1,
-                  "mock-head-mock-a": 1, "mock-layers-1-mock-b": 0, "mock-head-mock-b": 0,
-                  "ids-embed": 0, "ids-head": 0}
+  # KV lives in layers blocks (mock-ids, a chain without one, gets a private "mock-ids:kv").
+  assert used == {"mock-layers-0": 1, "mock-layers-1-mock-a": 1, "mock-layers-1-mock-b": 0,
+                  "mock-ids:kv": 0}
   stream.cancel()
   assert _rpc_error(lambda: list(stream)).code() == grpc.StatusCode.CANCELLED
   wait_until(lambda: set(kv_slots_used(client.stats()).values()) == {0})
@@ -239,7 +239,8 @@ def test_list_models_health_and_admin(serve, catalog):
   assert _rpc_error(lambda: client.load_model("nope")).code() == grpc.StatusCode.NOT_FOUND
   client.unload_model("mock-a")
   assert [m.name for m in client.list_models()] == ["mock-ids"]
-  assert [b.block_id for b in client.stats_proto().blocks] == ["ids-embed", "ids-head"]
+  assert [b.block_id for b in client.stats_proto().blocks] == ["ids-embed", "mock-ids:kv",
+                                                               "ids-head"]
   error = _rpc_error(lambda: client.unload_model("mock-a"))
   assert error.code() == grpc.StatusCode.NOT_FOUND
   error = _rpc_error(lambda: client.load_model(""))
@@ -257,7 +258,9 @@ def test_stats_are_structured_and_json(serve, engine):
       "mock-embed", "embed", ["mock-a", "mock-b"])
   assert embed.resident_bytes == 1 << 20 and embed.batch_size == 8
   assert embed.batches_run == 4 and embed.mean_occupancy == pytest.approx(1 / 8)
-  assert (embed.kv_slots_used, embed.kv_slots_free, embed.placement) == (0, 16, "mock:0")
+  assert (embed.kv_slots_used, embed.kv_slots_free, embed.placement) == (0, 0, "mock:0")
+  shared = next(b for b in response.blocks if b.block_id == "mock-layers-0")
+  assert (shared.kv_slots_used, shared.kv_slots_free) == (0, 16)  # the KV lives here
   assert response.requests["completed"] == 1 and response.queue_depth == 0
   assert as_dict["requests"]["completed"] == 1
 
@@ -284,5 +287,5 @@ def test_an_engine_failure_mid_stream_reaches_the_client_as_its_status(serve, ca
   assert len(next(stream).token_ids) >= 1
   engine.close()
   error = _rpc_error(lambda: list(stream))
-  assert error.code() == grpc.StatusCode.UNAVAILABLE and error.details() == "engine closed"
+  assert error.code() == grpc.StatusCode.UNAVAILABLE and error.details() == "engine closed before the request finished"
   assert client.health() == "SERVING"  # the server itself is still up

@@ -67,8 +67,10 @@ def test_metrics_endpoint_exposes_histograms_statuses_and_block_gauges(serve, en
   assert _sample(text, 'jblock_requests_total{status="NOT_FOUND"}') == 1
   assert _sample(text, "jblock_queue_depth") == 0
   embed = '{block_id="mock-embed",kind="embed"}'
-  assert _sample(text, f"jblock_block_kv_slots_used{embed}") == 0
-  assert _sample(text, f"jblock_block_kv_slots_free{embed}") == 16
+  shared = '{block_id="mock-layers-0",kind="layers"}'  # KV lives in the layers blocks
+  assert _sample(text, f"jblock_block_kv_slots_used{shared}") == 0
+  assert _sample(text, f"jblock_block_kv_slots_free{shared}") == 16
+  assert _sample(text, f"jblock_block_kv_slots_free{embed}") == 0
   assert _sample(text, f"jblock_block_resident_bytes{embed}") == 1 << 20
   # 2 requests x 6 steps, one row in a batch of 8 each time.
   assert _sample(text, f"jblock_block_batch_occupancy{embed}") == pytest.approx(1 / 8)
