@@ -1,8 +1,12 @@
 """The coordinator's gRPC services (Inference, Admin) over any engine_api.Engine.
 
-Every failure reaches the client as a gRPC status with a readable message (a JBlockError's
-`grpc_code`, INTERNAL for bugs) and never takes the server down. A client that cancels or
-misses its deadline cancels its engine request, so its KV slots are freed at once.
+A thin adapter over the protocol-neutral frontend (frontend.py: keys, tenants, quotas,
+prompts, stop strings, text), like the OpenAI-compatible HTTP API (http.py). Every failure
+reaches the client as a gRPC status with a readable message (a JBlockError's `grpc_code`,
+INTERNAL for bugs) and never takes the server down. A client that cancels or misses its
+deadline cancels its engine request, so its KV slots are freed at once. The caller's key is
+the metadata `authorization: Bearer KEY`; Admin needs the admin key. The server also serves
+grpc.health.v1 and server reflection.
 """
 
 import functools

@@ -30,7 +30,6 @@ from tokenizers import decoders
 from jblock.errors import InvalidRequestError, JBlockError, NotFoundError, OverloadedError
 from jblock.errors import UnavailableError
 from jblock.runtime.engine_api import Engine, ModelInfo, RequestHandle
-from jblock.serving import tenants as tenants_lib
 from jblock.serving import text
 from jblock.serving.tenants import OPEN, PermissionDeniedError, Principal, Tenants
 
@@ -368,6 +367,9 @@ class Frontend:
     mt = self._model_text(info)
     self._precheck(request, mt)
     stop = _check_stop(request.stop)
+    if stop and mt.tokenizer is None:
+      raise InvalidRequestError("stop", f"model {mt.info.name!r} has no tokenizer; use stop "
+                                "token ids")
     request.stop = stop
     return mt, self._tokenize_async(request, mt)
 
@@ -590,4 +592,4 @@ def tenants_from_flag(path: str | None) -> Tenants | None:
 
 
 __all__ = ["DrainState", "Delta", "Frontend", "Generation", "GenerationRequest", "Usage",
-           "HTTP_STATUS", "error_code", "tenants_lib", "tenants_from_flag"]
+           "HTTP_STATUS", "error_code", "tenants_from_flag"]

@@ -111,11 +111,14 @@ def _bool(data: dict, key: str) -> bool:
   return value
 
 
-def _unsupported(data: dict, key: str, allowed=(None, False, 0, 0.0)) -> None:
+def _unsupported(data: dict, key: str, allowed=(False, 0)) -> None:
+  """Refuses a field set to anything but its no-op values (absent, null, empty, `allowed`)."""
   value = data.get(key)
-  if not any(value is a or (type(value) is type(a) and value == a) for a in allowed) and \
-      value not in ({}, []):
-    raise InvalidRequestError(key, "is not supported by this server")
+  if value is None or value in ({}, [], ""):
+    return
+  if isinstance(value, (bool, int, float)) and value in allowed:
+    return
+  raise InvalidRequestError(key, "is not supported by this server")
 
 
 def _common(data: dict, *, chat: bool) -> tuple[GenerationRequest, dict]:
@@ -127,10 +130,9 @@ def _common(data: dict, *, chat: bool) -> tuple[GenerationRequest, dict]:
   if n not in (None, 1):
     raise InvalidRequestError("n", "only n=1 is supported")
   for key in ("presence_penalty", "frequency_penalty", "logit_bias", "suffix", "tools",
-              "functions", "response_format", "best_of"):
-    _unsupported(data, key, allowed=(None, 0, 0.0, 1) if key == "best_of" else
-                 (None, 0, 0.0))
-  _unsupported(data, "echo", (None, False))
+              "functions", "tool_choice", "response_format", "echo"):
+    _unsupported(data, key)
+  _unsupported(data, "best_of", allowed=(1,))
   logprobs = data.get("logprobs")
   if logprobs not in (None, False) and not (isinstance(logprobs, int) and logprobs == 0
                                             and not isinstance(logprobs, bool)):

@@ -10,10 +10,10 @@ from jblock.serving.frontend import DEFAULT_MAX_REQUEST_BYTES, Frontend
 from jblock.serving.metrics import ServingMetrics
 from jblock.serving.tenants import Tenants
 
-# Printed (and flushed) once the server listens; scripts and tests wait for it.
-READY_LINE = "jblock: serving on {host}:{port} (metrics port {metrics_port}) http {http}"
-OPEN_WARNING = ("jblock: no --tenants file: the server is open (no API keys, Admin for anyone) "
-                "and listens on 127.0.0.1 only")
+# Printed (and flushed) once the server listens, the only line on stdout: scripts and tests
+# wait for it.
+READY_LINE = "jblock: serving on {host}:{port} (metrics port {metrics_port}) http {http}{note}"
+OPEN_NOTE = "; open: no --tenants, so no API keys, Admin for anyone, 127.0.0.1 only"
 
 
 def serve(engine: Engine, port: int, metrics_port: int = 0, *, host: str = "127.0.0.1",
@@ -36,7 +36,8 @@ def serve(engine: Engine, port: int, metrics_port: int = 0, *, host: str = "127.
       logging.warning("jblock: --host=%s ignored: without --tenants the server listens on "
                       "127.0.0.1 only", host)
     host = "127.0.0.1"
-    print(OPEN_WARNING, flush=True)
+    logging.warning("jblock: no --tenants file: the server is open (no API keys, Admin for "
+                    "anyone) and listens on 127.0.0.1 only")
   stop = stop or threading.Event()
   metrics = ServingMetrics(engine)
   frontend = Frontend(engine, tenants, metrics=metrics, max_request_bytes=max_request_bytes,
@@ -57,8 +58,8 @@ def serve(engine: Engine, port: int, metrics_port: int = 0, *, host: str = "127.
       http_server.start()
     metrics_bound = metrics.start_http(metrics_port, host)
     http = f"on {host}:{http_server.port}" if http_server else "off"
-    print(READY_LINE.format(host=host, port=bound_port, metrics_port=metrics_bound, http=http),
-          flush=True)
+    print(READY_LINE.format(host=host, port=bound_port, metrics_port=metrics_bound, http=http,
+                            note="" if tenants is not None else OPEN_NOTE), flush=True)
     # Short waits: the main thread must get back to the interpreter to run signal handlers.
     while not stop.wait(0.2):
       pass

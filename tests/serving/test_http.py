@@ -325,6 +325,9 @@ def test_quotas_give_429_with_a_retry_hint_and_spare_other_tenants(stack, catalo
     ({"model": "mock-a", "prompt": "hi", "top_k": 2**40}, "top_k"),
     ({"model": "mock-a", "prompt": "hi", "seed": -1}, "seed"),
     ({"model": 5, "prompt": "hi"}, "model"),
+    ({"model": "mock-ids", "prompt": [1], "stop": "x"}, "stop token ids"),
+    ({"model": "mock-a", "prompt": "hi", "echo": True}, "echo"),
+    ({"model": "mock-a", "prompt": "hi", "presence_penalty": 0.5}, "presence_penalty"),
 ])
 def test_bad_completion_requests_are_400_and_the_server_lives(stack, catalog, body, phrase):
   s = stack(MockEngine(catalog))

@@ -111,9 +111,8 @@ def test_open_server_binds_loopback_only_and_says_so(tmp_path):
        "--http_port=0", "--mock_models=m1"],
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
-    first = proc.stdout.readline()
-    assert "no --tenants file" in first and "127.0.0.1 only" in first
     line = _read_ready_line(proc, timeout=60).string  # 127.0.0.1, not 0.0.0.0
+    assert "open: no --tenants" in line and "127.0.0.1 only" in line
     http_port = int(re.search(r"http on 127\.0\.0\.1:(\d+)", line).group(1))
     with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v1/models", timeout=10) as r:
       assert [m["id"] for m in json.load(r)["data"]] == ["m1"]
