@@ -55,7 +55,8 @@ class LocalExecutor:
       layers = seg.layers
       fn = local_segment_fn(seg)
       with self.dispatch_lock:
-        y, kvs = fn([i.run_params for i in seg.instances], [i.kv for i in layers], x, ints, floats)
+        y, kvs = fn([i.run_params for i in seg.instances], [i.kv for i in layers], x, ints, floats,
+                    [getattr(i, "lora_bank", None) for i in layers])
         for inst, kv in zip(layers, kvs):
           inst.kv = kv
       seg.instances[0].dispatch_s += time.perf_counter() - t0

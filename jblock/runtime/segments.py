@@ -96,22 +96,26 @@ def plan_segments(chains: dict[str, Sequence[Any]], fuse: bool = True) -> dict[s
 def segment_fn(structure: tuple[tuple[str, str], ...], kv_shardings: tuple, mesh):
   """The jitted step of a segment with this structure ((kind, config JSON) per block).
 
-  fn(params list, KV pools list (donated), x, ints, floats) -> (y, KV pools): y is the hidden
-  state [B, T, D], or the sampled tokens [B] int32 when the segment ends at the head. `ints` and
-  `floats` are a packed StepMeta. One compiled function serves every segment of this structure
+  fn(params list, KV pools list (donated), x, ints, floats, banks) -> (y, KV pools): y is the
+  hidden state [B, T, D], or the sampled tokens [B] int32 when the segment ends at the head.
+  `ints` and `floats` are a packed StepMeta; `banks` (optional) has one LoRA adapter bank or None
+  per layers block (jblock.runtime.lora), applied per row by StepMeta.adapter. One compiled function serves every segment of this structure
   (all variants of a model and every fine-tune that shares its shapes).
   """
   applies = [block_fns.apply_fn(kind, json.loads(cfg)) for kind, cfg in structure]
   n_tables = sum(kind == LAYERS for kind, _ in structure)
   rep = mesh_lib.replicated(mesh)
 
-  def step(params, kvs, x, ints, floats):
+  def step(params, kvs, x, ints, floats, banks=None):
     m = unpack(ints, floats, n_tables)
     base = {"starts": m["starts"], "n_valid": m["n_valid"]}
     new_kvs, li = [], 0
     for (kind, _), apply, p in zip(structure, applies, params):
       if kind == LAYERS:
-        x, kv = apply(p, kvs[li], x, {**base, "page_table": m["page_tables"][li]})
+        meta = {**base, "page_table": m["page_tables"][li]}
+        if banks is not None and banks[li] is not None:
+          meta.update(lora=banks[li], adapter=m["adapter"])
+        x, kv = apply(p, kvs[li], x, meta)
         new_kvs.append(kv)
         li += 1
       elif kind == EMBED:

@@ -24,6 +24,7 @@ class ChainStep:
   block_id: str
   kind: str
   alternatives: tuple[str, ...] = ()  # equivalent block ids that may serve this step
+  delta: str | None = None  # a LoRA delta block over this block (jblock.runtime.lora)
 
 
 @dataclasses.dataclass

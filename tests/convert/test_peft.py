@@ -156,3 +156,20 @@ def test_malformed_adapters_are_refused_naming_the_culprit(llama, tmp_path):
   with pytest.raises(ConversionError, match="c_attn"):
     zoo.convert_peft(d, "base", "wrong-base")
   assert not any(n.startswith("bad") or n == "wrong-base" for n in zoo.models())
+
+
+def test_tools_convert_peft_dir(llama):
+  import subprocess
+  import sys
+  root, base, zoo = llama
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  peft_dir = make_adapter(base, str(root / "cli.peft"), targets=["q_proj", "down_proj"], r=2)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": repo}
+  run = lambda *a: subprocess.run([sys.executable, "-m", "tools.convert", *a], cwd=repo, env=env,
+                                  capture_output=True, text=True, timeout=120)
+  ok = run(f"--peft_dir={peft_dir}", "--base=base", "--name=cli-lora", f"--zoo={zoo.root}")
+  assert ok.returncode == 0, ok.stderr
+  assert "adapter over base: 3 delta blocks" in ok.stdout
+  assert zoo.manifest("cli-lora")["adapter"]["modules"]
+  bad = run(f"--peft_dir={peft_dir}", "--name=x", f"--zoo={zoo.root}")
+  assert bad.returncode != 0 and "--base" in bad.stderr and "Traceback" not in bad.stderr
