@@ -45,3 +45,29 @@ def test_stop_strings_are_held_back_and_cut_in_one_place(catalog):
   finally:
     frontend.close()
     engine.close()
+
+
+def test_eos_ids_of_generation_config_json_end_generation(tmp_path, tokenizer, tokenizer_dir,
+                                                          catalog):
+  import json
+  import shutil
+  from jblock.runtime.engine_api import ModelInfo, SamplingParams
+  from jblock.runtime.mock_engine import mock_generate
+  info = catalog["mock-a"]
+  prompt = text.encode(tokenizer, "hello")
+  full, _ = mock_generate(info, prompt, SamplingParams(max_new_tokens=20))
+  eos = full[5]
+  gen_dir = tmp_path / "tok"
+  shutil.copytree(tokenizer_dir, gen_dir)
+  (gen_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, 10**9]}))
+  models = {"g": ModelInfo("g", "mock", info.vocab_size, info.max_seq_len, info.chain,
+                           tokenizer_dir=str(gen_dir))}
+  engine = MockEngine(models)
+  frontend = Frontend(engine)
+  try:
+    g = frontend.generate(OPEN, GenerationRequest(model="g", text="hello", max_tokens=20))
+    tokens = [t for d in g for t in d.token_ids]
+    assert tokens == full[:full.index(eos)] and g.finish_reason == "stop"
+  finally:
+    frontend.close()
+    engine.close()
