@@ -219,8 +219,18 @@ def test_a_non_streaming_client_that_disconnects_frees_the_kv(stack, catalog):
   assert not any(kv_slots_used(engine.stats()).values())
 
 
+class _TenantRecorder(MockEngine):
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.tenants_seen = []
+
+  def submit(self, model, prompt_tokens, **kwargs):
+    self.tenants_seen.append(kwargs.get("tenant"))
+    return super().submit(model, prompt_tokens, **kwargs)
+
+
 def test_keys_models_and_admin_per_tenant(stack, catalog):
-  s = stack(MockEngine(catalog, step_delay_s=0.001), _tenants())
+  s = stack(_TenantRecorder(catalog, step_delay_s=0.001), _tenants())
   # No key / a wrong key: 401 and UNAUTHENTICATED.
   with pytest.raises(openai.AuthenticationError):
     s.openai(key="wrong").models.list()
@@ -252,6 +262,7 @@ def test_keys_models_and_admin_per_tenant(stack, catalog):
   with pytest.raises(openai.NotFoundError):
     a.models.retrieve("mock-b")
   assert a.completions.create(model="mock-a", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+  assert s.engine.tenants_seen == ["a"]  # the engine schedules fairly by this label
 
   # Admin: PERMISSION_DENIED for a tenant, fine with the admin key.
   for call in ("stats", "unload_model"):
