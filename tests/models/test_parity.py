@@ -60,8 +60,15 @@ def test_greedy_generate_matches_transformers(pair):
     assert ours[row].tolist() == ref.tolist(), name
 
 
+# Models whose layers differ from each other (windows, RoPE per layer type, dense and MoE
+# layers), where grouping layers into blocks could go wrong, plus one per block layout.
+GROUPING = {"llama", "gpt2", "qwen2_sliding", "gemma2", "gemma3", "qwen2_moe", "mixtral"}
+
+
 def test_layers_per_block_does_not_change_logits(pair):
-  _, hf_dir, _ = pair
+  name, hf_dir, _ = pair
+  if name not in GROUPING:
+    pytest.skip("same layer structure as a model in GROUPING")
   one = jblock.from_hf(hf_dir, layers_per_block=1)
   two = jblock.from_hf(hf_dir, layers_per_block=2)
   assert len(two.blocks) == 2 + (one.config.num_layers + 1) // 2
