@@ -211,7 +211,9 @@ class Engine:
           raise
       for inst in chain:
         inst.models.add(spec.name)
-      self._models[spec.name] = (spec, chain)
+      # The instances hold the params on their devices; the engine keeps no host copy.
+      stripped = [Block(b.kind, b.config, {}) for b in spec.chain]
+      self._models[spec.name] = (dataclasses.replace(spec, chain=stripped), chain)
       self._replan()
       segments = self._segments[spec.name]
     if self.config.warmup:
