@@ -1,7 +1,7 @@
 """Adapter banks: LoRA delta blocks resident in fixed slots of their base layers instances.
 
 Every layers instance some adapter touches holds a bank (`inst.lora_bank`): for each of its
-projections, `a` [S, in, R] and `b` [S, R, out] — S slots, factors zero-padded to the max rank
+projections, `a` [in, S, R] and `b` [S, R, out] — S slots, factors zero-padded to the max rank
 R, the scaling folded into `b` — so the shapes, and the compiled segment functions, never change
 when adapters come and go. Slots are engine-wide: an adapter resident in slot s occupies slot s
 of every banked instance (zeros where it has no delta), so one per-row index (StepMeta.adapter)
@@ -20,16 +20,24 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jblock.blocks import Block
 from jblock.errors import InvalidRequestError, JBlockError
 from jblock.models.lora import TARGETS
-from jblock.runtime import mesh as mesh_lib
 
 
 @jax.jit
 def _write_slot(bank, slot, factors):
-  return jax.tree.map(lambda arr, f: arr.at[slot].set(f.astype(arr.dtype)), bank, factors)
+  return {p: {"a": e["a"].at[:, slot].set(factors[p]["a"].astype(e["a"].dtype)),
+              "b": e["b"].at[slot].set(factors[p]["b"].astype(e["b"].dtype))}
+          for p, e in bank.items()}
+
+
+def _zeros(entry) -> dict[str, np.ndarray]:
+  """Zero factors of one bank slot: a [in, R], b [R, out]."""
+  a, b = entry["a"].shape, entry["b"].shape
+  return {"a": np.zeros((a[0], a[2]), np.float32), "b": np.zeros(b[1:], np.float32)}
 
 
 def _projections(params: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -120,12 +128,19 @@ class AdapterBanks:
     if getattr(inst, "lora_bank", None) is not None:
       self._instances[inst.key] = inst
       return
-    rep = mesh_lib.replicated(inst.mesh)
     bank = {}
     for path, (d_in, d_out) in _projections(inst.params).items():
+      # Factors sharded like their base kernel: a row-parallel kernel's input dim is split, so
+      # is a's; a column-parallel kernel's output dim is split, so is b's.
+      node = inst.params
+      for p in path.split("/"):
+        node = node[p]
+      spec = tuple(getattr(node["kernel"].sharding, "spec", ())) + (None, None)
+      a_spec = NamedSharding(inst.mesh, P(spec[0], None, None))
+      b_spec = NamedSharding(inst.mesh, P(None, None, spec[1]))
       bank[path] = {
-          "a": jax.device_put(np.zeros((self.slots, d_in, self.max_rank), inst.dtype), rep),
-          "b": jax.device_put(np.zeros((self.slots, self.max_rank, d_out), inst.dtype), rep)}
+          "a": jax.device_put(np.zeros((d_in, self.slots, self.max_rank), inst.dtype), a_spec),
+          "b": jax.device_put(np.zeros((self.slots, self.max_rank, d_out), inst.dtype), b_spec)}
     inst.lora_bank = bank
     inst.lora_bank_bytes = sum(int(x.nbytes) for e in bank.values() for x in e.values())
     self._instances[inst.key] = inst
@@ -184,14 +199,10 @@ class AdapterBanks:
       if factors is None and (key, slot) not in self._dirty:
         continue
       if factors is None:
-        factors = {p: {"a": np.zeros(e["a"].shape[1:], np.float32),
-                       "b": np.zeros(e["b"].shape[1:], np.float32)}
-                   for p, e in inst.lora_bank.items()}
+        factors = {p: _zeros(e) for p, e in inst.lora_bank.items()}
         self._dirty.discard((key, slot))
       else:
-        factors = {p: factors.get(p) or {"a": np.zeros(e["a"].shape[1:], np.float32),
-                                         "b": np.zeros(e["b"].shape[1:], np.float32)}
-                   for p, e in inst.lora_bank.items()}
+        factors = {p: factors.get(p) or _zeros(e) for p, e in inst.lora_bank.items()}
         self._dirty.add((key, slot))
       inst.lora_bank = _write_slot(inst.lora_bank, np.int32(slot), factors)
     for inst in self._instances.values():
@@ -217,6 +228,6 @@ def single_bank(delta: Block, slot_dtype=jnp.float32) -> dict[str, dict[str, Any
     for p in path.split("/"):
       node = node[p]
     scale = np.float32(delta.config["scaling"][path])
-    bank[path] = {"a": jnp.asarray(np.asarray(node["a"], np.float32)[None], slot_dtype),
+    bank[path] = {"a": jnp.asarray(np.asarray(node["a"], np.float32)[:, None], slot_dtype),
                   "b": jnp.asarray((np.asarray(node["b"], np.float32) * scale)[None], slot_dtype)}
   return bank

@@ -68,14 +68,13 @@ def engine(setup):
 
 def test_mixed_batches_of_base_finetune_and_adapters_match_transformers(engine, setup):
   _, expected = setup
-  jobs = [(MODELS[i % 3], i) for i in range(len(PROMPTS))]  # base, ft, a1 (a2 below)
-  jobs += [("a2", i) for i in range(0, len(PROMPTS), 2)]
+  jobs = [(m, i) for i in range(6) for m in ("base", "ft", "a1", "a2")]
   handles = [(m, i, engine.submit(m, PROMPTS[i], max_new_tokens=NEW_TOKENS)) for m, i in jobs]
   for m, i, h in handles:
     assert h.result(timeout=300) == expected[m, i], (m, i)
-  shared = [t for t in engine.trace() if {"base", "a1", "a2"} <= set(t["models"])]
+  # Base rows, two adapters and the partial fine-tune (its shared bottom blocks) in one batch.
+  shared = [t for t in engine.trace() if {"base", "ft", "a1", "a2"} <= set(t["models"])]
   assert shared, engine.trace_text()
-  assert any("ft" in t["models"] for t in shared)  # the partial fine-tune's bottom blocks too
   stats = engine.stats()
   adapters = stats["adapters"]
   assert adapters["registered"] == ["a1", "a2", "a3", "a4"]
@@ -113,3 +112,16 @@ def test_unload_frees_the_slot_and_load_brings_it_back(engine, setup):
   engine.load_model("a3")
   assert engine.generate("a3", PROMPTS[2], max_new_tokens=NEW_TOKENS) == expected["a3", 2]
   assert engine.generate("base", PROMPTS[2], max_new_tokens=NEW_TOKENS) == expected["base", 2]
+
+
+def test_adapters_on_a_sharded_mesh(setup):
+  zoo, expected = setup
+  with Engine.from_zoo(zoo.root, models=["base", "a1", "a4"], mesh_shape=(2, 2),
+                       config=CONFIG) as engine:
+    jobs = [(m, i) for i in range(4) for m in ("base", "a1", "a4")]
+    handles = [(m, i, engine.submit(m, PROMPTS[i], max_new_tokens=NEW_TOKENS)) for m, i in jobs]
+    for m, i, h in handles:
+      assert h.result(timeout=300) == expected[m, i], (m, i)
+    inst = next(i for i in engine._instances.values() if i.lora_bank is not None)
+    bank = inst.lora_bank["layer_0/attn/q"]["b"]  # column-parallel: b's outputs on "model"
+    assert "model" in tuple(bank.sharding.spec)
