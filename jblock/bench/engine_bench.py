@@ -196,6 +196,41 @@ def compare(job: Job, work_dir: str, vllm_python: str | None, progress: Callable
   return report
 
 
+def long_context_step(work_dir: str, shape: str = "mha512", rows: int = 16, repeats: int = 3,
+                      progress: Callable = print) -> dict[str, Any]:
+  """Decode steps of short (16-token) contexts under max_seq_len 128 and 2048: median device
+  time of the decode batches (from the engine trace), alternating the two engines."""
+  converted = convert(checkpoint(work_dir, shape))
+  rng = np.random.default_rng(1)
+  prompts = [rng.integers(0, converted.config.vocab_size, 8).tolist() for _ in range(rows)]
+  engines = {}
+  for max_len in (128, 2048):
+    progress(f"[{shape}] max_seq_len={max_len}: compiling")
+    cfg = EngineConfig(batch_size=rows, kv_slots=rows, max_seq_len=max_len, prefill_chunk=16,
+                       length_buckets=(16,), warmup=False,
+                       compilation_cache_dir=os.path.join(work_dir, "xla_cache"))
+    engines[max_len] = Engine([ModelSpec("m", converted.config, converted.blocks)],
+                              mesh_shape=(1, 1), config=cfg)
+  steps = {128: [], 2048: []}
+  try:
+    for rep in range(repeats + 1):  # the first round compiles what it meets: not counted
+      for max_len, engine in engines.items():
+        n0 = len(engine.trace())
+        for h in [engine.submit("m", p, max_new_tokens=8) for p in prompts]:
+          h.result(600)
+        if rep == 0:
+          continue
+        steps[max_len] += [t["done"] - t["dispatched"] for t in engine.trace()[n0:]
+                           if t["length"] == 1 and t["items"] == rows]
+    kv = {m: e.stats()["kv_bytes"] for m, e in engines.items()}
+  finally:
+    for e in engines.values():
+      e.close()
+  ms = {m: 1e3 * float(np.median(v)) for m, v in steps.items()}
+  return {"shape": shape, "rows": rows, "context": 16, "decode_step_ms": ms,
+          "ratio_2048_over_128": ms[2048] / ms[128], "kv_bytes": kv}
+
+
 def roofline(report: dict[str, Any], bandwidth: float) -> dict[str, Any]:
   """Batch-1 decode step vs (weight + KV bytes of that step) / bandwidth."""
   cost = next(c for c in report["decode_cost"] if c["batch"] == 1)
@@ -232,7 +267,11 @@ def run_all(shapes, work_dir: str, vllm_python: str | None, pairs: int, progress
     report = compare(Job(shape, pairs=pairs), work_dir, vllm_python, progress)
     report["roofline"] = roofline(report, bandwidth)
     reports.append(report)
+  long_context = long_context_step(work_dir, progress=progress)
+  progress(f"long context: {long_context['decode_step_ms']}, ratio "
+           f"{long_context['ratio_2048_over_128']:.2f}")
   return {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "jax": jax.__version__,
+          "long_context": long_context,
           "cpu_count": os.cpu_count(), "python": sys.version.split()[0],
           "bandwidth_bytes_per_s": bandwidth, "reports": reports,
           "table": summary_rows(reports)}
