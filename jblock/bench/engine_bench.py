@@ -117,6 +117,28 @@ class VLLMProcess:
       self._proc.kill()
 
 
+def fusion_gain(engine: Engine, converted, prompts, job: Job, work_dir: str) -> dict[str, Any]:
+  """The same closed batch with every block its own call (fuse_segments=False), alternated
+  with the fused engine: what running a chain as one jitted call gains."""
+  cfg = dataclasses.replace(engine_config(job, os.path.join(work_dir, "xla_cache")),
+                            fuse_segments=False)
+  unfused = Engine([ModelSpec("m", converted.config, converted.blocks)], mesh_shape=(1, 1),
+                   config=cfg)
+  try:
+    run_jblock(unfused, prompts, job)  # warm-up
+    fused_runs, unfused_runs = [], []
+    for _ in range(2):
+      fused_runs.append(run_jblock(engine, prompts, job))
+      unfused_runs.append(run_jblock(unfused, prompts, job))
+  finally:
+    unfused.close()
+  tok_s = lambda runs: float(np.median([r["tokens"] / r["wall_s"] for r in runs]))
+  ms = lambda runs: float(np.median([r["batch1_ms"] for r in runs]))
+  return {"fused_tok_s": tok_s(fused_runs), "unfused_tok_s": tok_s(unfused_runs),
+          "fused_batch1_ms": ms(fused_runs), "unfused_batch1_ms": ms(unfused_runs),
+          "same_tokens": all(a["outputs"] == b["outputs"] for a, b in zip(fused_runs, unfused_runs))}
+
+
 def decode_cost(engine: Engine, batch: int, context: int) -> dict[str, Any]:
   """XLA cost analysis of one decode step of the model's fused segment at `batch` rows of
   `context` cached tokens, beside the bytes it must read: weights + live KV."""
@@ -186,6 +208,8 @@ def compare(job: Job, work_dir: str, vllm_python: str | None, progress: Callable
       report["pairs"].append(pair)
       progress(f"[{job.shape}] pair {i + 1}/{job.pairs}: " +
                ", ".join(f"{k}={v:.3g}" for k, v in pair.items()))
+    report["fusion"] = fusion_gain(engine, converted, prompts, job, work_dir)
+    progress(f"[{job.shape}] fused vs one call per block: {report['fusion']}")
     context = (job.min_len + job.max_len) // 2 + job.new_tokens // 2
     report["decode_cost"] = [decode_cost(engine, b, context) for b in (1, job.num_prompts)]
     report["segments"] = engine.stats()["segments"]
