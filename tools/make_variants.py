@@ -3,6 +3,8 @@
   python -m tools.make_variants --base_hf_dir=DIR --out_dir=DIR --n=3 --trainable_top_layers=1
   python -m tools.make_variants --init_config=family:llama,hidden:64,layers:4,heads:4,vocab:257 \
       --out_dir=DIR --n=3            # makes the base first, into DIR/base
+  python -m tools.make_variants --base_hf_dir=DIR --out_dir=DIR --n=4 --lora \
+      --lora_targets=q_proj,v_proj --lora_ranks=8,16   # PEFT adapters DIR/lora_1.. (trained)
 
 The logic lives in jblock.variants; this script only reads flags.
 """
@@ -34,6 +36,11 @@ _CORPUS = flags.DEFINE_string("corpus", None,
 _LR = flags.DEFINE_float("lr", 3e-3, "Adam learning rate.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Training windows per step.")
 _SEQ = flags.DEFINE_integer("seq_len", 32, "Tokens per training window.")
+_LORA = flags.DEFINE_bool("lora", False, "Make PEFT LoRA adapters (out_dir/lora_{1..n}) instead "
+                          "of fine-tuned checkpoints (jblock.lora_train).")
+_LORA_TARGETS = flags.DEFINE_list("lora_targets", ["q_proj", "v_proj"],
+                                  "HF module names the adapters target (e.g. c_attn for GPT-2).")
+_LORA_RANKS = flags.DEFINE_list("lora_ranks", ["8"], "Adapter ranks, cycled over the adapters.")
 
 
 class FlagError(Exception):
@@ -95,6 +102,17 @@ def main(argv: list[str]) -> None:
     if spec is not None:
       base_dir = variants.init_base(spec, os.path.join(_OUT.value, "base"), seed=_SEED.value)
       print(f"made base {base_dir}")
+    if _LORA.value:
+      from jblock.lora_train import make_lora_variants
+      try:
+        ranks = [int(r) for r in _LORA_RANKS.value]
+        dirs = make_lora_variants(base_dir, _OUT.value, _N.value, _LORA_TARGETS.value, ranks,
+                                  steps=_STEPS.value, seed=_SEED.value, lr=_LR.value,
+                                  batch_size=_BATCH.value, seq_len=_SEQ.value)
+      except ValueError as e:
+        raise FlagError(f"--lora: {e}") from None
+      print(f"wrote {len(dirs)} LoRA adapters under {_OUT.value}")
+      return
     data = _corpus_tokens(_CORPUS.value, base_dir) if _CORPUS.value else None
     dirs = variants.make_variants(base_dir, _OUT.value, _N.value, _TOP.value, _STEPS.value,
                                   _SEED.value, full=_FULL.value, data=data, lr=_LR.value,
