@@ -14,8 +14,8 @@ jblock.zoo.experts); optional `shared/{gate,up,down}` and `shared_gate/kernel` [
 
 Cost follows the routed tokens: the token-expert assignments are sorted by expert and cut into
 tiles of `tile` rows that all go to one expert; a scan over the tiles slices each tile's expert
-weights and runs dense matmuls (see `tiling`). A decode step of one token with top-2 reads 2 experts, not E; a
-long prefill computes at most about twice its routed rows, not tokens * E.
+weights and runs dense matmuls (see `tiling`). A decode step of one token with top-2 reads 2
+experts, not E; a long prefill computes at most about twice its routed rows, not tokens * E.
 """
 
 from typing import Any
@@ -34,9 +34,10 @@ def tiling(assignments: int, num_experts: int) -> tuple[int, int]:
   """(rows per tile, number of tiles) that fit every routing of `assignments` token-expert pairs.
 
   Expert e's c_e rows take ceil(c_e / tile) tiles, so assignments // tile + (experts used) tiles
-  always suffice. Tiles of ~assignments / experts-used rows keep padding under one tile per used
-  expert (compute <= 2x the routed rows); at least MIN_TILE rows keep small (decode) steps at
-  about one weight read per used expert.
+  always suffice, computing the routed rows plus at most one tile of padding per used expert.
+  Tiles of >= assignments / experts-used rows bound that padding by the routed rows (long
+  prefills: <= 2x); tiles of >= MIN_TILE rows keep small (decode) steps at about one weight read
+  per used expert.
   """
   used = min(num_experts, assignments)
   tile = max(-(-assignments // used), min(assignments, MIN_TILE))
