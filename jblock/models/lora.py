@@ -7,9 +7,10 @@ scaling already folded into `b`. One batch mixes rows of many adapters: row r ad
 `(x_r · a[s_r]) · b[s_r]` to the base projection, where s_r = meta["adapter"][r]; s_r = -1 is
 exactly the base (the delta is selected away, not added as zeros).
 
-`a` is laid out [in, S, R], so the delta is two dense matmuls over all S·R bank columns with
-the columns of other slots masked to zero per row: for the bank sizes served here (S·R a
-fraction of the hidden size) that beats gathering every row's factors (Punica's BGMV).
+`a` is laid out [in, S, R]. With few bank columns (S·R) or at least as many rows as slots, the
+delta is two dense matmuls over all S·R columns with the other slots' columns masked to zero per
+row; otherwise each row's factors are gathered first (Punica's BGMV), which reads R columns per
+row instead of S·R. The choice is static (shapes), so it costs nothing at run time.
 
 Blocks see the bank through their `meta`: `meta["lora"]` (path -> {"a", "b"}) and
 `meta["adapter"]` (int32 [B]). Without `meta["lora"]` the projections compile to what they
@@ -49,6 +50,10 @@ def delta(x, a, b, slots):
   """Per-row low-rank update: x [B, T, in] -> [B, T, out] = (x · a[:, slot]) · b[slot]."""
   d_in, s, r = a.shape
   batch, t, _ = x.shape
+  if s > batch and s * r >= 512:  # gathered: R columns per row, not S·R
+    safe = jnp.maximum(slots, 0)
+    h = jnp.einsum("bti,ibr->btr", x.astype(a.dtype), jnp.take(a, safe, axis=1))
+    return jnp.einsum("btr,bro->bto", h, jnp.take(b, safe, axis=0))
   h = (x.astype(a.dtype) @ a.reshape(d_in, s * r)).reshape(batch, t, s, r)
   own = (slots[:, None] == jnp.arange(s, dtype=slots.dtype)[None, :]).astype(h.dtype)  # [B, S]
   h = h * own[:, None, :, None]

