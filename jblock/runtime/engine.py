@@ -28,7 +28,7 @@ from jblock.errors import NotFoundError, UnavailableError
 from jblock.models.config import ModelConfig
 from jblock.runtime import mesh as mesh_lib
 from jblock.runtime.engine_api import ModelInfo, RequestHandle, SamplingParams, validate_request
-from jblock.runtime.executor import LocalExecutor, ThreadExecutor
+from jblock.runtime.executor import LocalExecutor, ThreadExecutor, start_thread
 from jblock.runtime.instance import LocalBlockInstance
 from jblock.runtime.kv import pages_for
 from jblock.runtime.lora import AdapterBanks
@@ -156,8 +156,7 @@ class Engine:
     self._closed = False
     for spec in models:
       self._add_model(spec)
-    self._thread = threading.Thread(target=self._loop, name="jblock-engine", daemon=True)
-    self._thread.start()
+    self._thread = start_thread(self._loop, "jblock-engine")
 
   @classmethod
   def from_zoo(cls, zoo_dir: str, models: Sequence[str], sharing: bool = True,

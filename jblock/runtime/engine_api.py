@@ -235,9 +235,12 @@ class Engine(Protocol):
 
   def submit(self, model: str, prompt_tokens: Sequence[int], *, max_new_tokens: int = 32,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             stop_token_ids: Sequence[int] = (), request_id: str | None = None) -> RequestHandle:
+             stop_token_ids: Sequence[int] = (), request_id: str | None = None,
+             tenant: str | None = None) -> RequestHandle:
     """Admits a request. Raises NotFoundError (unknown model), InvalidRequestError
-    (validate_request), OverloadedError (the bounded queue is full)."""
+    (validate_request), OverloadedError (the bounded queue is full), UnavailableError (the
+    model is being unloaded). `tenant` names whose request it is: admission is fair across
+    tenants."""
     ...
 
   def list_models(self) -> list[ModelInfo]:

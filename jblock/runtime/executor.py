@@ -25,6 +25,21 @@ from jblock.runtime.step import BlockBatch
 # on_done(batch, output or None, error or None); called from executor threads.
 DoneCallback = Callable[[BlockBatch, Any, BaseException | None], None]
 
+# Threads that may compile a fused segment (XLA/LLVM recurse deeply on big modules) get a
+# larger stack than the platform default.
+COMPILE_STACK_BYTES = 256 << 20
+
+
+def start_thread(target: Callable[[], None], name: str) -> threading.Thread:
+  """A daemon thread with COMPILE_STACK_BYTES of stack."""
+  previous = threading.stack_size(COMPILE_STACK_BYTES)
+  try:
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+  finally:
+    threading.stack_size(previous)
+  return thread
+
 
 def stage_input(batch: BlockBatch):
   """The batch's input: tokens [B, T] int32 (numpy) at an embed, else hidden rows [B, T, D]."""
@@ -88,9 +103,7 @@ class ThreadExecutor:
     self._run = run
     self._on_done = on_done
     self._queue: queue.Queue = queue.Queue()
-    self._thread = threading.Thread(target=self._loop, name=f"jblock-exec-{placement}",
-                                    daemon=True)
-    self._thread.start()
+    self._thread = start_thread(self._loop, f"jblock-exec-{placement}")
 
   def submit(self, batch: BlockBatch) -> None:
     self._queue.put(batch)

@@ -25,6 +25,9 @@ _MODEL_DIM_RULES = [
     (r"mlp/(gate|up|fc)/kernel$", 1),
     (r"mlp/(gate|up|fc)/bias$", 0),
     (r"mlp/(down|proj)/kernel$", 0),
+    # Stacked experts of a mixture-of-experts layer: [experts, in, out] and [experts, out, in].
+    (r"mlp/experts/(gate|up)$", 2),
+    (r"mlp/experts/down$", 1),
     (r"^lm_head$", 1),
     (r"^embedding$", 0),  # vocab-parallel table (embed and tied head)
 ]
