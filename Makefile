@@ -21,8 +21,12 @@ venv: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/python -m launch.serve --demo $(ARGS)
 
+# Two pytest processes: the transformers parity suite (tests/models: dozens of torch models) and the
+# system suite. In one process, after the parity suite, an XLA compile in the engine thread of
+# tests/serving/test_http_demo.py segfaulted (reproducible only in the combined run; see the notes).
 test: $(STAMP)
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(VENV)/bin/python -m pytest -q tests $(ARGS)
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(VENV)/bin/python -m pytest -q tests/models $(ARGS)
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(VENV)/bin/python -m pytest -q tests --ignore=tests/models $(ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m tools.bench $(ARGS)
