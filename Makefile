@@ -21,9 +21,9 @@ venv: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/python -m launch.serve --demo $(ARGS)
 
-# Two pytest processes: the transformers parity suite (tests/models: dozens of torch models) and the
-# system suite. In one process, after the parity suite, an XLA compile in the engine thread of
-# tests/serving/test_http_demo.py segfaulted (reproducible only in the combined run; see the notes).
+# Two pytest processes: the transformers parity suite (tests/models: dozens of models) and the system
+# suite. In one process the compiled executables of both exhausted the kernel's 65530 memory mappings
+# per process ("LLVM compilation error: Cannot allocate memory", then a segfault in XLA).
 test: $(STAMP)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(VENV)/bin/python -m pytest -q tests/models $(ARGS)
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(VENV)/bin/python -m pytest -q tests --ignore=tests/models $(ARGS)

@@ -18,7 +18,7 @@ from jblock.models.attention import contiguous_meta
 from jblock.models.config import ModelConfig
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=64)  # bounded: compiled executables hold memory mappings
 def _jitted(kind: str, config_json: str):
   # One compiled function per (kind, config): variants sharing a shape share compiled code.
   return jax.jit(block_fns.apply_fn(kind, json.loads(config_json)), donate_argnums=(1,))

@@ -92,7 +92,9 @@ def plan_segments(chains: dict[str, Sequence[Any]], fuse: bool = True) -> dict[s
   return out
 
 
-@functools.lru_cache(maxsize=None)
+# Bounded: every compiled executable holds executable memory mappings (the kernel allows 65530 per
+# process); a process that builds many engines must let old segment functions go.
+@functools.lru_cache(maxsize=32)
 def segment_fn(structure: tuple[tuple[str, str], ...], kv_shardings: tuple, mesh):
   """The jitted step of a segment with this structure ((kind, config JSON) per block).
 
