@@ -11,13 +11,11 @@ another system's runs). No jblock import: this file only needs vLLM.
 
 import argparse
 import json
-import os
 import time
 
-for key, value in {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_HOST_IP": "127.0.0.1",
-                   "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-                   "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}.items():
-  os.environ.setdefault(key, value)
+import vllm_env  # this script's folder is on sys.path when it runs as a script
+
+vllm_env.apply()
 
 
 def main() -> None:
