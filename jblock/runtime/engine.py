@@ -28,12 +28,13 @@ from jblock.errors import NotFoundError, UnavailableError
 from jblock.models.config import ModelConfig
 from jblock.runtime import mesh as mesh_lib
 from jblock.runtime.engine_api import ModelInfo, RequestHandle, SamplingParams, validate_request
-from jblock.runtime.executor import LocalExecutor, ThreadExecutor, start_thread
+from jblock.runtime.executor import (LocalExecutor, ThreadExecutor, run_local_segment,
+                                     start_thread)
 from jblock.runtime.instance import LocalBlockInstance
 from jblock.runtime.kv import pages_for
 from jblock.runtime.lora import AdapterBanks
 from jblock.runtime.scheduler import Request, Scheduler, SchedulerConfig
-from jblock.runtime.segments import Segment, local_segment_fn, plan_segments
+from jblock.runtime.segments import Segment, plan_segments
 from jblock.runtime.step import BlockBatch, ChainStep, StepMeta
 
 
@@ -248,7 +249,6 @@ class Engine:
     """Compiles the segment's decode buckets (every batch and page-table width) and its
     prefill buckets, with every write disabled (n_valid = 0)."""
     cfg = self._scheduler.config
-    fn = local_segment_fn(seg)
     hidden = seg.instances[0].config.get("hidden_size")
     dtype = seg.instances[0].dtype
     shapes = [(b, 1, w) for b in cfg.batch_buckets(seg.batch_size) for w in cfg.width_buckets()]
@@ -259,12 +259,9 @@ class Engine:
       meta = StepMeta.empty(b, len(seg.layers), w)
       x = (np.zeros((b, t), np.int32) if seg.starts_at_embed
            else jax.numpy.zeros((b, t, hidden), dtype))
+      ints, floats = meta.pack()
       with self._local.dispatch_lock:  # serving may dispatch to the same KV buffers meanwhile
-        ints, floats = meta.pack()
-        y, kvs = fn([i.run_params for i in seg.instances], [i.kv for i in seg.layers], x, ints,
-                    floats, [getattr(i, "lora_bank", None) for i in seg.layers])
-        for inst, kv in zip(seg.layers, kvs):
-          inst.kv = kv
+        y = run_local_segment(seg, x, ints, floats)
       jax.block_until_ready(y)
 
   def _info(self, spec: ModelSpec) -> ModelInfo:

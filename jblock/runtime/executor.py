@@ -52,6 +52,18 @@ def stage_input(batch: BlockBatch):
   return gather_rows([it.x for it in items], batch.b_pad)
 
 
+def run_local_segment(seg, x, ints, floats):
+  """Dispatches one fused segment call on this process's devices and swaps in the updated
+  (donated) KV pools; returns y as a device array. Callers hold the lock that guards the pools."""
+  layers = seg.layers
+  y, kvs = local_segment_fn(seg)([i.run_params for i in seg.instances], [i.kv for i in layers],
+                                 x, ints, floats,
+                                 [getattr(i, "lora_bank", None) for i in layers])
+  for inst, kv in zip(layers, kvs):
+    inst.kv = kv
+  return y
+
+
 class LocalExecutor:
   placement = "local"
 
@@ -67,13 +79,8 @@ class LocalExecutor:
       t0 = time.perf_counter()
       x = stage_input(batch)
       ints, floats = batch.meta.pack()
-      layers = seg.layers
-      fn = local_segment_fn(seg)
       with self.dispatch_lock:
-        y, kvs = fn([i.run_params for i in seg.instances], [i.kv for i in layers], x, ints, floats,
-                    [getattr(i, "lora_bank", None) for i in layers])
-        for inst, kv in zip(layers, kvs):
-          inst.kv = kv
+        y = run_local_segment(seg, x, ints, floats)
       seg.instances[0].dispatch_s += time.perf_counter() - t0
     except Exception as e:  # a failed batch fails its requests, never the engine
       self._on_done(batch, None, e)

@@ -12,7 +12,8 @@ from jblock.blocks import EMBED, LAYERS, Block
 from jblock.runtime import mesh as mesh_lib
 from jblock.runtime.instance import LocalBlockInstance
 from jblock.runtime.kv import pages_for
-from jblock.runtime.segments import Segment, local_segment_fn
+from jblock.runtime.executor import run_local_segment
+from jblock.runtime.segments import Segment
 from jblock.runtime.step import StepMeta
 
 
@@ -40,7 +41,6 @@ def time_block_steps(chain: list[Block], batch_sizes=(1, 2, 4, 8), length: int =
       continue
     seen_kinds.add(block.kind)
     seg = Segment([inst], 0)
-    fn = local_segment_fn(seg)
     for b in batch_sizes:
       meta = StepMeta.empty(b, len(seg.layers), pages_for(max_len // 2 + length, page_size))
       meta.page_tables[:] = np.arange(b)[None, :, None] * width + np.arange(meta.page_tables.shape[2])
@@ -52,10 +52,7 @@ def time_block_steps(chain: list[Block], batch_sizes=(1, 2, 4, 8), length: int =
       times = []
       for i in range(repeats + 2):
         t0 = time.perf_counter()
-        y, kvs = fn([inst.run_params], [inst.kv] if inst.kv else [], x, ints, floats)
-        if inst.kv:
-          inst.kv = kvs[0]
-        jax.block_until_ready(y)
+        jax.block_until_ready(run_local_segment(seg, x, ints, floats))
         if i >= 2:  # the first calls compile
           times.append(time.perf_counter() - t0)
       rows.append({"kind": block.kind, "batch": b, "length": length,

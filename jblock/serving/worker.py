@@ -21,10 +21,10 @@ from jblock.blocks import HEAD, LAYERS, Block
 from jblock.errors import JBlockError, UnavailableError
 from jblock.runtime import mesh as mesh_lib
 from jblock.runtime.engine import _load_on_devices
-from jblock.runtime.executor import stage_input
+from jblock.runtime.executor import run_local_segment, stage_input
 from jblock.runtime.instance import LocalBlockInstance, instance_stats
 from jblock.runtime.kv import PagePool
-from jblock.runtime.segments import Segment, local_segment_fn
+from jblock.runtime.segments import Segment
 from jblock.runtime.step import BlockBatch
 from jblock.serving.coordinator import status_code
 from jblock.serving.proto import jblock_pb2 as pb
@@ -90,11 +90,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
       if inst.kind != LAYERS and inst.kind != HEAD:
         x = np.asarray(x, np.int32)
       with self._lock:  # one batch at a time per worker swaps the KV buffers
-        seg = Segment([inst], 0)
-        y, kvs = local_segment_fn(seg)([inst.run_params], [inst.kv] if inst.kv else [], x,
-                                       ints, floats)
-        if inst.kv:
-          inst.kv = kvs[0]
+        y = run_local_segment(Segment([inst], 0), x, ints, floats)
       inst.batches_run += 1
       response = pb.RunBlockResponse()
       to_tensor_map({"y": np.asarray(y)}, response.outputs)
