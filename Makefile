@@ -21,12 +21,14 @@ venv: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/python -m launch.serve --demo $(ARGS)
 
-# Two pytest processes: the transformers parity suite (tests/models: dozens of models) and the system
-# suite. In one process the compiled executables of both exhausted the kernel's 65530 memory mappings
-# per process ("LLVM compilation error: Cannot allocate memory", then a segfault in XLA).
+# Three pytest processes: the transformers parity suite (tests/models: dozens of models), the serving
+# suite and the rest. In one process the compiled executables of all exhausted the kernel's 65530
+# memory mappings per process ("LLVM compilation error: Cannot allocate memory", then a segfault in XLA).
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8
 test: $(STAMP)
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(VENV)/bin/python -m pytest -q tests/models $(ARGS)
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(VENV)/bin/python -m pytest -q tests --ignore=tests/models $(ARGS)
+	$(TEST_ENV) $(VENV)/bin/python -m pytest -q tests/models $(ARGS)
+	$(TEST_ENV) $(VENV)/bin/python -m pytest -q tests/serving $(ARGS)
+	$(TEST_ENV) $(VENV)/bin/python -m pytest -q tests --ignore=tests/models --ignore=tests/serving $(ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m tools.bench $(ARGS)
