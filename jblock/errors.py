@@ -51,3 +51,11 @@ class UnavailableError(JBlockError):
   """The server is draining or a worker is gone."""
 
   grpc_code = "UNAVAILABLE"
+
+
+class InstanceLostError(UnavailableError):
+  """The process hosting a block instance is gone; `placement` names it (an executor key)."""
+
+  def __init__(self, placement: str, message: str):
+    super().__init__(message)
+    self.placement = placement

@@ -4,12 +4,16 @@
   python -m launch.worker --coordinator=127.0.0.1:50060 --zoo=DIR     # once per worker
 
 Waits for the workers to register, places each model's chain across them in contiguous
-segments, then serves the client API. SIGTERM drains as launch.serve does.
+segments, then serves the client API. Workers may join later and keep sending heartbeats; a
+worker silent for --dead_after_s (or whose RPC fails) is declared dead and its blocks are
+re-placed on the others, its requests replaying their KV there. SIGTERM drains as launch.serve
+does.
 """
 
 from absl import app
 from absl import flags
 
+from jblock.cluster.membership import MembershipConfig
 from jblock.zoo.cli import quiet_libraries
 from launch import engine_flags
 from jblock.serving import server
@@ -21,6 +25,10 @@ _REGISTRY_PORT = flags.DEFINE_integer("registry_port", 50060, "Port workers regi
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 1, "Workers to wait for.", lower_bound=1)
 _WORKER_WAIT_S = flags.DEFINE_float("worker_wait_s", 300.0, "How long to wait for the workers.")
 _METRICS_PORT = flags.DEFINE_integer("metrics_port", 0, "Prometheus port; 0 = off.", lower_bound=0)
+_HEARTBEAT_S = flags.DEFINE_float("heartbeat_interval_s", 0.5, "How often workers send heartbeats.",
+                                  lower_bound=0.01)
+_DEAD_AFTER_S = flags.DEFINE_float("dead_after_s", 3.0, "Heartbeat silence after which a worker "
+                                   "is declared dead.", lower_bound=0.05)
 _DRAIN_TIMEOUT_S = flags.DEFINE_float("drain_timeout_s", 30.0,
                                       "On SIGTERM, how long in-flight requests may finish.")
 
@@ -29,8 +37,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   quiet_libraries()
+  if _DEAD_AFTER_S.value <= _HEARTBEAT_S.value:
+    raise app.UsageError(f"--dead_after_s ({_DEAD_AFTER_S.value}) must exceed "
+                         f"--heartbeat_interval_s ({_HEARTBEAT_S.value})")
   engine, registry = engine_flags.build_distributed_engine(
-      _NUM_WORKERS.value, _REGISTRY_PORT.value, _HOST.value, _WORKER_WAIT_S.value)
+      _NUM_WORKERS.value, _REGISTRY_PORT.value, _HOST.value, _WORKER_WAIT_S.value,
+      MembershipConfig(_HEARTBEAT_S.value, _DEAD_AFTER_S.value))
   try:
     server.serve(engine, _PORT.value, _METRICS_PORT.value, host=_HOST.value,
                  drain_timeout_s=_DRAIN_TIMEOUT_S.value)

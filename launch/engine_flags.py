@@ -90,7 +90,9 @@ def build_engine():
     raise app.UsageError(str(e))
 
 
-def build_distributed_engine(num_workers: int, registry_port: int, host: str, wait_s: float):
+def build_distributed_engine(num_workers: int, registry_port: int, host: str, wait_s: float,
+                             membership=None):
   from jblock.serving.engines import distributed_engine
   return distributed_engine(prepare_zoo(), _MODELS.value, num_workers, registry_port, host=host,
-                            sharing=_SHARING.value, config=engine_config(), wait_s=wait_s)
+                            sharing=_SHARING.value, config=engine_config(), wait_s=wait_s,
+                            membership=membership)

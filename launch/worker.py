@@ -1,15 +1,22 @@
 """A jblock worker: hosts block instances from its zoo and runs them for the coordinator.
 
   python -m launch.worker --coordinator=127.0.0.1:50060 --zoo=checkpoints/zoo [--port=0]
+
+Registers (the coordinator may start before or after it), then sends heartbeats; exits by
+itself (status 3) when the coordinator has not answered for --coordinator_timeout_s or no
+longer counts it as a member.
 """
 
 import signal
+import sys
 import threading
 import uuid
 
+import grpc
 from absl import app
 from absl import flags
 
+from jblock.cluster import heartbeat
 from jblock.zoo.cli import quiet_libraries
 from jblock.serving import worker
 
@@ -18,7 +25,15 @@ _ZOO = flags.DEFINE_string("zoo", "checkpoints/zoo", "Block zoo directory (same 
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on and advertise.")
 _PORT = flags.DEFINE_integer("port", 0, "Worker service port; 0 picks a free one.", lower_bound=0)
 _MESH_SHAPE = flags.DEFINE_list("mesh_shape", [], "data,model device mesh; empty = all devices.")
+_REGISTER_TIMEOUT_S = flags.DEFINE_float("register_timeout_s", 120.0,
+                                         "How long to wait for the coordinator at start-up.",
+                                         lower_bound=0.1)
+_COORDINATOR_TIMEOUT_S = flags.DEFINE_float(
+    "coordinator_timeout_s", 10.0, "Exit when heartbeats have failed for this long.",
+    lower_bound=0.1)
 flags.mark_flag_as_required("coordinator")
+
+ORPHANED = 3  # exit status of a worker whose coordinator is gone
 
 
 def main(argv):
@@ -26,16 +41,27 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   quiet_libraries()
   mesh = tuple(int(v) for v in _MESH_SHAPE.value) if _MESH_SHAPE.value else None
-  server, port, _ = worker.start_worker_server(_ZOO.value, _PORT.value, _HOST.value, mesh)
+  server, port, host = worker.start_worker_server(_ZOO.value, _PORT.value, _HOST.value, mesh)
   address = f"{_HOST.value}:{port}"
   stop = threading.Event()
   for signum in (signal.SIGTERM, signal.SIGINT):
     signal.signal(signum, lambda *_: stop.set())
-  worker.register(_COORDINATOR.value, f"worker-{uuid.uuid4().hex[:8]}", address)
-  print(f"jblock: worker serving on {address}", flush=True)
-  while not stop.wait(0.2):
-    pass
+  with grpc.insecure_channel(_COORDINATOR.value) as channel:
+    try:
+      joined = heartbeat.register(channel, f"worker-{uuid.uuid4().hex[:8]}", address,
+                                  timeout=_REGISTER_TIMEOUT_S.value)
+    except grpc.RpcError as e:
+      print(f"jblock: worker could not register with {_COORDINATOR.value}: "
+            f"{e.code().name}: {e.details()}", file=sys.stderr, flush=True)
+      server.stop(0)
+      sys.exit(ORPHANED)
+    print(f"jblock: worker serving on {address} as {joined.worker_id}", flush=True)
+    why = heartbeat.run(channel, joined.worker_id, joined.heartbeat_interval_s or 0.5, host.load,
+                        stop, _COORDINATOR_TIMEOUT_S.value)
   server.stop(5).wait()
+  if why != "stopped":
+    print(f"jblock: worker exiting: {why}", file=sys.stderr, flush=True)
+    sys.exit(ORPHANED)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from jblock.blocks import EMBED, LAYERS, Block, flat_leaves
-from jblock.errors import NotFoundError, UnavailableError
+from jblock.errors import InstanceLostError, NotFoundError, UnavailableError
 from jblock.models.config import ModelConfig
 from jblock.runtime import mesh as mesh_lib
 from jblock.runtime.engine_api import ModelInfo, RequestHandle, SamplingParams, validate_request
@@ -32,6 +32,7 @@ from jblock.runtime.executor import (LocalExecutor, ThreadExecutor, run_local_se
                                      start_thread)
 from jblock.runtime.instance import LocalBlockInstance
 from jblock.runtime.kv import pages_for
+from jblock.runtime import replay
 from jblock.runtime.lora import AdapterBanks
 from jblock.runtime.scheduler import Request, Scheduler, SchedulerConfig
 from jblock.runtime.segments import Segment, plan_segments
@@ -154,6 +155,7 @@ class Engine:
     self._local = LocalExecutor(self._batch_done)
     self._executors: dict[str, Any] = {"local": self._local}
     self._executor_factory = executor_factory
+    self.cluster_stats: Callable[[], Any] | None = None  # the workers' view, when there are any
     self._closed = False
     for spec in models:
       self._add_model(spec)
@@ -323,6 +325,7 @@ class Engine:
              request_id: str | None = None, tenant: str | None = None) -> RequestHandle:
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, stop_token_ids=tuple(stop_token_ids))
+    self._adapters.stage(model)  # an adapter's host->device copy, before the lock (no-op else)
     with self._lock:
       if self._closed:
         raise UnavailableError("engine is shut down")
@@ -330,7 +333,10 @@ class Engine:
         raise UnavailableError(f"model {model!r} is being unloaded")
       if model not in self._models:
         raise NotFoundError(f"model {model!r} is not loaded")
-      spec, _ = self._models[model]
+      spec, chain = self._models[model]
+      lost = next((i.lost_reason for i in chain if getattr(i, "lost_reason", "")), None)
+      if lost:
+        raise UnavailableError(f"model {model!r} cannot run: block {lost}")
       validate_request(self._info(spec), prompt_tokens, params)
       prompt = [int(t) for t in prompt_tokens]
       rid = request_id or f"req-{next(self._request_ids)}"
@@ -384,6 +390,8 @@ class Engine:
         while self._done:
           batch, output, error = self._done.popleft()
           self._record(batch, time.perf_counter())
+          if isinstance(error, InstanceLostError):
+            self.placement_lost(error.placement, str(error))  # its requests pause, not fail
           self._scheduler.complete(batch, output, error)
         if self._closed and not self._scheduler.has_work() and not self._dispatched:
           return
@@ -396,6 +404,59 @@ class Engine:
           self._dispatched[b.seq] = now
       for b in batches:  # dispatch outside the lock: executors call back into _batch_done
         self._executor_for(b.segment).submit(b)
+
+  # ---- failures -----------------------------------------------------------------------------
+
+  def placement_lost(self, placement: str, reason: str) -> None:
+    """The instances at `placement` (an executor key: a worker) lost their state. The requests
+    through them pause; on another thread each instance is re-placed (`inst.recover`), then the
+    requests replay their KV there and go on (jblock.runtime.replay). Requests through an
+    instance that cannot be re-placed fail with UnavailableError naming why. Idempotent."""
+    with self._lock:
+      lost = [i for i in self._instances.values() if hasattr(i, "recover")
+              and getattr(i, "executor_key", None) == placement and i.available]
+      if not lost:
+        return
+      for inst in lost:
+        inst.available = False
+      affected = replay.pause_all(self._scheduler, {i.key for i in lost})
+    start_thread(lambda: self._recover(lost, affected, reason), "jblock-recover")
+
+  def retry_lost(self) -> None:
+    """Tries again to place the instances that found no worker (say, when a worker joins)."""
+    with self._lock:
+      lost = [i for i in self._instances.values() if getattr(i, "lost_reason", "")]
+      for inst in lost:
+        inst.lost_reason = ""
+    if lost:
+      start_thread(lambda: self._recover(lost, [], "re-placed when a worker joined"),
+                   "jblock-recover")
+
+  def _recover(self, lost: list, affected: list[Request], reason: str) -> None:
+    failed: dict[str, Exception] = {}
+    for inst in lost:  # RPCs: outside the lock, serving goes on meanwhile
+      try:
+        inst.recover(reason)
+      except Exception as e:
+        failed[inst.key] = e
+    with self._lock:
+      for inst in lost:
+        inst.available = inst.key not in failed
+      doomed = [r for r in list(self._scheduler.active) if replay.uses(r, set(failed))]
+      for req in doomed:
+        if req not in affected:
+          replay.pause(self._scheduler, req)
+      for queue in self._scheduler.waiting.values():  # would wait for the lost block forever
+        for req in [r for r in queue if replay.uses(r, set(failed))]:
+          queue.remove(req)
+          doomed.append(req)
+      for req in set(affected) | set(doomed):
+        bad = next((k for k in failed if replay.uses(req, {k})), None)
+        if bad is not None:
+          self._scheduler.finish(req, "error", UnavailableError(str(failed[bad])))
+        else:
+          replay.resume(self._scheduler, req)
+      self._lock.notify_all()
 
   def _record(self, batch: BlockBatch, done_at: float) -> None:
     seg = batch.segment
@@ -422,6 +483,7 @@ class Engine:
           "models": {name: [inst.key for inst in chain] for name, (_, chain) in self._models.items()},
           "segments": {name: [list(s.key) for s in segs] for name, segs in self._segments.items()},
           "adapters": self._adapters.stats(),
+          "workers": self.cluster_stats() if self.cluster_stats else [],
       }
 
   def trace(self) -> list[dict[str, Any]]:

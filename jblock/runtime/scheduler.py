@@ -63,6 +63,8 @@ class Request:
   adapter_slot: int = -1  # LoRA bank slot the request holds while active (-1 = none)
   in_flight: bool = False
   done: bool = False
+  epoch: int = 0  # bumped when the request is paused (jblock.runtime.replay): older steps are stale
+  replay_to: int = 0  # > 0 while replaying: tokens of prompt + generated to write into KV again
 
   @property
   def tokens_needed(self) -> int:
@@ -207,17 +209,21 @@ class Scheduler:
     if self.adapters is not None:
       req.adapter_slot = self.adapters.acquire(req.model)
     self.active.add(req)
-    self._enqueue_prefill(req)
+    self.enqueue_prefill(req)
 
-  def _enqueue_prefill(self, req: Request) -> None:
+  def enqueue_prefill(self, req: Request) -> None:
+    """Queues the request's next prompt chunk (or replay chunk: jblock.runtime.replay)."""
     cfg = self.config
     start = req.cached
-    n = min(cfg.prefill_chunk, len(req.prompt) - start)
+    tokens = req.prompt + req.generated if req.replay_to else req.prompt
+    end = req.replay_to or len(req.prompt)
+    n = min(cfg.prefill_chunk, end - start)
     t_pad = next(b for b in sorted(cfg.prefill_buckets) + [cfg.prefill_chunk] if b >= n)
-    final = start + n == len(req.prompt)
-    self._enqueue(StepItem(req, 0, start, n, t_pad, final, req.prompt[start:start + n]))
+    final = start + n == len(req.prompt) and not req.replay_to
+    self._enqueue(StepItem(req, 0, start, n, t_pad, final, tokens[start:start + n]))
 
   def _enqueue(self, item: StepItem) -> None:
+    item.epoch = item.req.epoch
     item.req.item = item
     item.enqueued = time.perf_counter()
     seg = item.req.segments[item.pos]
@@ -235,6 +241,8 @@ class Scheduler:
       for key, queue in self.queues.items():
         if not queue or self.in_flight[key] >= self.config.max_in_flight_per_segment:
           continue
+        if not all(getattr(i, "available", True) for i in self.segments[key].instances):
+          continue  # an instance is being re-placed: its queue waits
         seg = queue[0].req.segments[queue[0].pos]
         score = (min(len(queue), seg.batch_size) / seg.batch_size, -queue[0].enqueued)
         if best_score is None or score > best_score:
@@ -285,6 +293,8 @@ class Scheduler:
       inst.items_run += len(batch.items)
     for row, item in enumerate(batch.items):
       req = item.req
+      if item.epoch != req.epoch:
+        continue  # paused (and maybe replayed) since this batch left: its result is stale
       req.in_flight = False
       if req.done:
         continue
@@ -300,7 +310,11 @@ class Scheduler:
     req = item.req
     if not item.final and item.pos >= req.last_kv_segment:
       req.cached = item.start + item.n  # this chunk is in every KV pool: send the next one
-      self._enqueue_prefill(req)
+      if req.replay_to and req.cached >= req.replay_to:
+        req.replay_to = 0  # KV rebuilt: the pending decode step goes on
+        self._enqueue(StepItem(req, 0, req.cached, 1, 1, True, [req.generated[-1]]))
+      else:
+        self.enqueue_prefill(req)
       return
     if not seg.ends_at_head:
       self._enqueue(dataclasses.replace(item, pos=item.pos + 1, x=(y, row)))

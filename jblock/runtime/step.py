@@ -88,6 +88,7 @@ class StepItem:
   final: bool  # last chunk of the prompt, or a decode step: samples a token at the head
   x: Any  # token list (at the embed) or (hidden array, row)
   enqueued: float = 0.0
+  epoch: int = 0  # the request's epoch when queued (a paused request's older items are stale)
 
 
 @dataclasses.dataclass(eq=False)

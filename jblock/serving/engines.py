@@ -5,9 +5,10 @@ from typing import Sequence
 
 import grpc
 
+from jblock.cluster.membership import Membership, MembershipConfig
 from jblock.runtime.engine import Engine, EngineConfig, _spec_from_zoo
 from jblock.serving.proto import jblock_pb2_grpc as pb_grpc
-from jblock.serving.worker import WorkerRegistry, plan_placement, remote_factory
+from jblock.serving.worker import Placer, plan_placement, remote_factory
 
 
 def zoo_models(zoo_dir: str, models: Sequence[str] | None) -> list[str]:
@@ -29,16 +30,19 @@ def local_engine(zoo_dir: str, models: Sequence[str] | None, sharing: bool = Tru
 def distributed_engine(zoo_dir: str, models: Sequence[str] | None, num_workers: int,
                        registry_port: int, host: str = "127.0.0.1", sharing: bool = True,
                        config: EngineConfig | None = None, wait_s: float = 120.0,
-                       progress=print) -> tuple[Engine, grpc.Server]:
+                       progress=print,
+                       membership: MembershipConfig | None = None) -> tuple[Engine, grpc.Server]:
   """Waits for `num_workers` workers to register, then places each chain across them.
 
-  Returns the engine and the registry server (stop it on shutdown).
+  Workers may join later (blocks of models loaded afterwards, and blocks re-placed after a
+  worker dies, go to the live worker hosting the fewest). Returns the engine and the registry
+  server (stop it on shutdown).
   """
   from jblock.zoo.store import Zoo
   config = config or EngineConfig()
-  registry = WorkerRegistry()
-  server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4))
-  pb_grpc.add_WorkerServicer_to_server(registry, server)
+  registry = Membership(membership)
+  server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8))
+  pb_grpc.add_RegistryServicer_to_server(registry, server)
   bound = server.add_insecure_port(f"{host}:{registry_port}")
   server.start()
   progress(f"jblock: worker registry on {host}:{bound}, waiting for {num_workers} worker(s)")
@@ -50,10 +54,14 @@ def distributed_engine(zoo_dir: str, models: Sequence[str] | None, num_workers: 
     specs = [_spec_from_zoo(zoo, name, cache, load_params=False) for name in names]
     placement = plan_placement([s.block_ids for s in specs], workers)
     progress(f"jblock: placing {len(placement)} blocks on {', '.join(workers)}")
-    factory = remote_factory(placement, zoo_dir, config)
+    factory = remote_factory(Placer(registry, placement), zoo_dir, config)
     engine = Engine(specs, sharing=sharing, mesh_shape=(1, 1), config=config, zoo=zoo,
                     instance_factory=factory)
+    engine.cluster_stats = registry.stats
+    registry.on_dead(lambda address, reason: engine.placement_lost(f"worker:{address}", reason))
+    registry.on_join(lambda address: engine.retry_lost())
     return engine, server
   except Exception:
     server.stop(0)
+    registry.stop()
     raise

@@ -6,11 +6,14 @@ at the same time) with one RunBlock RPC per batch. The worker keeps the params a
 pool (donated in place, as in process); the coordinator keeps the page leases and sends each
 batch's page tables in its packed step metadata. Hidden states between blocks on different
 workers travel through the coordinator.
+
+A worker that dies (an RPC to it fails, or its heartbeats stop: jblock.cluster.membership) loses
+its blocks: each `RemoteBlockInstance` there is re-hosted on a live worker (`recover`), keeping
+its page leases, and the engine replays the affected requests' KV into it (jblock.runtime.replay).
 """
 
 import concurrent.futures
 import threading
-import time
 from typing import Any, Sequence
 
 import grpc
@@ -18,7 +21,7 @@ import jax
 import numpy as np
 
 from jblock.blocks import HEAD, LAYERS, Block
-from jblock.errors import JBlockError, UnavailableError
+from jblock.errors import InstanceLostError, JBlockError, UnavailableError
 from jblock.runtime import mesh as mesh_lib
 from jblock.runtime.engine import _load_on_devices
 from jblock.runtime.executor import run_local_segment, stage_input
@@ -38,7 +41,7 @@ def _abort(context, error: Exception):
   context.abort(status_code(error), str(error))
 
 
-class WorkerServicer(pb_grpc.WorkerServicer):
+class BlockHostServicer(pb_grpc.BlockHostServicer):
   """A worker's side: hosts blocks from its zoo on its own mesh and runs batches of them."""
 
   def __init__(self, zoo_dir: str, mesh_shape: Sequence[int] | None = None):
@@ -47,6 +50,16 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     self.mesh = mesh_lib.make_mesh(mesh_shape)
     self._instances: dict[str, LocalBlockInstance] = {}
     self._lock = threading.Lock()
+    self._batches_run = 0
+    self._running = 0  # RunBlock calls in progress
+
+  def load(self) -> pb.WorkerLoad:
+    """What this worker holds and does, for its heartbeats."""
+    instances = list(self._instances.values())
+    return pb.WorkerLoad(blocks_hosted=len(instances),
+                         resident_bytes=sum(i.resident_bytes for i in instances),
+                         kv_bytes=sum(i.kv_bytes for i in instances),
+                         batches_run=self._batches_run, batches_running=self._running)
 
   def _table_for(self, head: Block):
     """A tied head needs its embedding table: the hosted embed's buffer, or loaded for it."""
@@ -89,9 +102,15 @@ class WorkerServicer(pb_grpc.WorkerServicer):
       x, ints, floats = inputs["x"], inputs["ints"], inputs["floats"]
       if inst.kind != LAYERS and inst.kind != HEAD:
         x = np.asarray(x, np.int32)
-      with self._lock:  # one batch at a time per worker swaps the KV buffers
-        y = run_local_segment(Segment([inst], 0), x, ints, floats)
+      self._running += 1
+      try:
+        with self._lock:  # one batch at a time per worker swaps the KV buffers
+          y = run_local_segment(Segment([inst], 0), x, ints, floats)
+          y = np.asarray(y)
+      finally:
+        self._running -= 1
       inst.batches_run += 1
+      self._batches_run += 1
       response = pb.RunBlockResponse()
       to_tensor_map({"y": np.asarray(y)}, response.outputs)
       return response
@@ -104,61 +123,103 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     # Slots are bookkept by the coordinator; a freed slot's stale keys are masked, never read.
     return pb.FreeSlotsResponse()
 
-  def Register(self, request, context):
-    context.abort(grpc.StatusCode.UNIMPLEMENTED, "workers register with the coordinator")
 
 
-class WorkerRegistry(pb_grpc.WorkerServicer):
-  """The coordinator's side of Register: remembers workers until the engine places blocks."""
+class Placer:
+  """Where blocks live: the initial plan, then the live worker hosting the fewest blocks for a
+  block loaded later or re-placed after its worker died."""
 
-  def __init__(self):
-    self.workers: dict[str, str] = {}  # worker id -> address
-    self._cond = threading.Condition()
+  def __init__(self, membership, plan: dict[str, str]):
+    self.membership = membership  # jblock.cluster.membership.Membership
+    self.plan = dict(plan)  # block id -> worker address
 
-  def Register(self, request, context):
-    if not request.address:
-      context.abort(grpc.StatusCode.INVALID_ARGUMENT, "address: the worker's host:port is required")
-    with self._cond:
-      self.workers[request.worker_id or request.address] = request.address
-      self._cond.notify_all()
-    return pb.RegisterResponse()
+  def candidates(self, block_id: str, exclude: Sequence[str] = ()) -> list[str]:
+    """Live workers for `block_id`, best first: its planned one, then the least loaded."""
+    alive = [w for w in self.membership.alive() if w not in exclude]
+    load = {w: 0 for w in alive}
+    for w in self.plan.values():
+      if w in load:
+        load[w] += 1
+    planned = self.plan.get(block_id)
+    return sorted(alive, key=lambda w: (w != planned, load[w], w))
 
-  def wait_for(self, count: int, timeout: float) -> list[str]:
-    deadline = time.monotonic() + timeout
-    with self._cond:
-      while len(self.workers) < count:
-        left = deadline - time.monotonic()
-        if left <= 0:
-          raise UnavailableError(f"{len(self.workers)} of {count} workers registered within {timeout}s")
-        self._cond.wait(min(left, 0.5))
-      return [self.workers[k] for k in sorted(self.workers)][:count]
+  def placed(self, block_id: str, address: str) -> None:
+    self.plan[block_id] = address
+
+  def failed(self, address: str, reason: str) -> None:
+    """An RPC to `address` failed as a dead worker's would: it is declared dead."""
+    self.membership.mark_dead(address, reason)
+
+
+def _lost(code: grpc.StatusCode) -> bool:
+  """The worker is gone (crashed, killed, unreachable) or its channel was closed on its death."""
+  return code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
 class RemoteBlockInstance:
   """A block hosted by a worker: the engine's view (page leases kept here, params there)."""
 
   def __init__(self, key: str, block: Block, block_id: str, batch_size: int, config,
-               address: str, zoo_dir: str):
+               placer: Placer, zoo_dir: str):
     self.key, self.block_id, self.kind, self.config = key, block_id, block.kind, block.config
     self.batch_size = batch_size
     self.models: set[str] = set()
-    self.address = address
-    self.executor_key = f"worker:{address}"  # one executor thread per worker
-    self._channel = grpc.insecure_channel(address, options=[
-        ("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)])
-    self._stub = pb_grpc.WorkerStub(self._channel)
+    self._placer = placer
     slots = config.kv_slots_for(block_id)
     pages = config.kv_pages_for(block_id) if self.kind == LAYERS else 0
-    response = self._stub.HostBlock(pb.HostBlockRequest(
+    self._host_request = pb.HostBlockRequest(
         block_id=block_id, zoo_dir=zoo_dir, batch_size=batch_size, kv_slots=slots,
-        max_len=config.max_seq_len, kv_pages=pages, page_size=config.page_size),
-        timeout=RPC_TIMEOUT_S)
-    self.resident_bytes = response.resident_bytes
-    self.placement = f"worker {address}: {response.placement}"
+        max_len=config.max_seq_len, kv_pages=pages, page_size=config.page_size)
     self.pool = PagePool(pages, config.page_size, slots) if self.kind == LAYERS else None
     self.embed_table = None  # a remote tied head resolves its table on its worker
     self.batches_run = 0
     self.items_run = 0
+    self.available = True  # False while its worker is lost and it is being re-placed
+    self.lost_reason = ""  # set when it could not be re-placed anywhere
+    self.moves: list[str] = []  # why it left each earlier worker
+    self.address = ""
+    self._channel = None
+    self._host_somewhere()
+
+  def _host_somewhere(self, exclude: Sequence[str] = ()) -> None:
+    """Hosts the block on the first candidate worker that takes it; UnavailableError naming
+    every refusal when none does."""
+    refusals = []
+    for address in self._placer.candidates(self.block_id, exclude):
+      channel = grpc.insecure_channel(address, options=[
+          ("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)])
+      stub = pb_grpc.BlockHostStub(channel)
+      try:
+        response = stub.HostBlock(self._host_request, timeout=RPC_TIMEOUT_S)
+      except grpc.RpcError as e:
+        channel.close()
+        refusals.append(f"{address}: {e.code().name}: {e.details()}")
+        if _lost(e.code()):
+          self._placer.failed(address, f"HostBlock failed: {e.code().name}")
+        continue
+      self._channel, self._stub, self.address = channel, stub, address
+      self.executor_key = f"worker:{address}"  # one executor thread per worker
+      self.resident_bytes = response.resident_bytes
+      self.placement = f"worker {address}: {response.placement}"
+      self._placer.placed(self.block_id, address)
+      return
+    raise UnavailableError(f"block {self.block_id[:12]} ({self.kind}) could not be placed on any "
+                           f"worker: " + ("; ".join(refusals) or "no live worker"))
+
+  def recover(self, reason: str) -> None:
+    """Re-hosts the block on a live worker after its worker was lost (fresh, empty KV pool;
+    the page leases stay here, so callers replay what the requests had cached)."""
+    old = self.address
+    if self._channel is not None:
+      self._channel.close()  # fails whatever was still waiting on the dead worker at once
+      self._channel = None
+    self.moves.append(f"{old}: {reason}")
+    try:
+      self._host_somewhere(exclude=[old])
+    except UnavailableError as e:
+      self.lost_reason = f"its worker {old} was lost ({reason}) and {e}"
+      self.placement = f"lost: {self.lost_reason}"
+      raise UnavailableError(self.lost_reason) from None
 
   def run_batch(self, batch: BlockBatch):
     """One RunBlock RPC: the staged input and the packed metadata in, y (numpy) out."""
@@ -166,14 +227,22 @@ class RemoteBlockInstance:
     ints, floats = batch.meta.pack()
     request = pb.RunBlockRequest(block_id=self.block_id)
     to_tensor_map({"x": np.asarray(x), "ints": ints, "floats": floats}, request.inputs)
+    address, stub = self.address, self._stub
     try:
-      response = self._stub.RunBlock(request, timeout=RPC_TIMEOUT_S)
+      response = stub.RunBlock(request, timeout=RPC_TIMEOUT_S)
     except grpc.RpcError as e:
-      raise UnavailableError(f"worker {self.address} failed block {self.block_id[:12]}: "
-                             f"{e.code().name}: {e.details()}") from e
+      message = (f"worker {address} failed block {self.block_id[:12]}: "
+                 f"{e.code().name}: {e.details()}")
+      if _lost(e.code()):
+        self._placer.failed(address, f"RunBlock failed: {e.code().name}")
+        raise InstanceLostError(f"worker:{address}", message) from e
+      raise UnavailableError(message) from e
     return from_tensor_map(response.outputs)["y"]
 
   def close(self) -> None:
+    self._placer.plan.pop(self.block_id, None)
+    if self._channel is None:
+      return  # lost with its worker: nothing left to free
     try:
       self._stub.UnhostBlock(pb.UnhostBlockRequest(block_id=self.block_id), timeout=30.0)
     except grpc.RpcError:
@@ -181,7 +250,9 @@ class RemoteBlockInstance:
     self._channel.close()
 
   def stats(self) -> dict[str, Any]:
-    return instance_stats(self)
+    out = instance_stats(self)
+    out.update(worker=self.address, available=self.available, moves=list(self.moves))
+    return out
 
 
 def plan_placement(chains: Sequence[Sequence[str]], workers: Sequence[str]) -> dict[str, str]:
@@ -197,38 +268,23 @@ def plan_placement(chains: Sequence[Sequence[str]], workers: Sequence[str]) -> d
   return placement
 
 
-def remote_factory(placement: dict[str, str], zoo_dir: str, config):
+def remote_factory(placer: Placer, zoo_dir: str, config):
   """An engine InstanceFactory that hosts every block on its planned worker; a block of a model
-  loaded later (Admin LoadModel) goes to the worker hosting the fewest blocks."""
-  workers = sorted(set(placement.values()))
+  loaded later (Admin LoadModel) goes to the live worker hosting the fewest blocks, late
+  joiners included."""
 
   def make(key: str, block: Block, block_id: str, batch_size: int, table) -> RemoteBlockInstance:
-    if block_id not in placement:
-      load = {w: 0 for w in workers}
-      for w in placement.values():
-        load[w] += 1
-      placement[block_id] = min(workers, key=lambda w: (load[w], w))
-    return RemoteBlockInstance(key, block, block_id, batch_size, config, placement[block_id],
-                               zoo_dir)
+    return RemoteBlockInstance(key, block, block_id, batch_size, config, placer, zoo_dir)
 
   return make
 
 
 def start_worker_server(zoo_dir: str, port: int = 0, host: str = "127.0.0.1",
-                        mesh_shape: Sequence[int] | None = None) -> tuple[grpc.Server, int, WorkerServicer]:
-  servicer = WorkerServicer(zoo_dir, mesh_shape)
+                        mesh_shape: Sequence[int] | None = None) -> tuple[grpc.Server, int, BlockHostServicer]:
+  servicer = BlockHostServicer(zoo_dir, mesh_shape)
   server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8), options=[
       ("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)])
-  pb_grpc.add_WorkerServicer_to_server(servicer, server)
+  pb_grpc.add_BlockHostServicer_to_server(servicer, server)
   bound = server.add_insecure_port(f"{host}:{port}")
   server.start()
   return server, bound, servicer
-
-
-def register(coordinator: str, worker_id: str, address: str, timeout: float = 60.0) -> None:
-  """Registers with the coordinator's registry, retrying until it is up (bounded)."""
-  devices = [pb.Device(id=d.id, platform=d.platform, kind=d.device_kind) for d in jax.local_devices()]
-  with grpc.insecure_channel(coordinator) as channel:
-    stub = pb_grpc.WorkerStub(channel)
-    stub.Register(pb.RegisterRequest(worker_id=worker_id, address=address, devices=devices),
-                  timeout=timeout, wait_for_ready=True)

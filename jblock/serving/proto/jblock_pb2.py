@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!jblock/serving/proto/jblock.proto\x12\tjblock.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.jblock.v1.ChatMessage\"\x82\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12%\n\x06tokens\x18\x03 \x01(\x0b\x32\x13.jblock.v1.TokenIdsH\x00\x12\'\n\x04\x63hat\x18\x0c \x01(\x0b\x32\x17.jblock.v1.ChatMessagesH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x05\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x17\n\nrequest_id\x18\n \x01(\tH\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\tB\x08\n\x06promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_request_id\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\x98\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.jblock.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.jblock.v1.Usage\"\x13\n\x11ListModelsRequest\"\x8f\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x13\n\x0bmax_seq_len\x18\x04 \x01(\x05\x12\r\n\x05\x63hain\x18\x05 \x03(\t\x12\x15\n\rhas_tokenizer\x18\x06 \x01(\x08\x12\x15\n\reos_token_ids\x18\x07 \x03(\x05\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.jblock.v1.ModelInfo\"\x0f\n\rHealthRequest\"d\n\x0eHealthResponse\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.jblock.v1.ServingStatus\x12\x15\n\rmodels_loaded\x18\x02 \x01(\x05\x12\x11\n\tin_flight\x18\x03 \x01(\x05\" \n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"8\n\x11LoadModelResponse\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.jblock.v1.ModelInfo\"\"\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13UnloadModelResponse\"\x0e\n\x0cStatsRequest\"\xd6\x01\n\nBlockStats\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x16\n\x0eresident_bytes\x18\x04 \x01(\x03\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x13\n\x0b\x62\x61tches_run\x18\x06 \x01(\x03\x12\x16\n\x0emean_occupancy\x18\x07 \x01(\x01\x12\x15\n\rkv_slots_used\x18\x08 \x01(\x05\x12\x15\n\rkv_slots_free\x18\t \x01(\x05\x12\x11\n\tplacement\x18\n \x01(\t\"\xc4\x01\n\rStatsResponse\x12%\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x15.jblock.v1.BlockStats\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\x05\x12\x38\n\x08requests\x18\x03 \x03(\x0b\x32&.jblock.v1.StatsResponse.RequestsEntry\x12\x0c\n\x04json\x18\x04 \x01(\t\x1a/\n\rRequestsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"J\n\x06\x44\x65vice\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x10\n\x08platform\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x03\"Y\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\"\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x11.jblock.v1.Device\"\x12\n\x10RegisterResponse\"\x91\x01\n\x10HostBlockRequest\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x0f\n\x07zoo_dir\x18\x02 \x01(\t\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x10\n\x08kv_slots\x18\x04 \x01(\x05\x12\x0f\n\x07max_len\x18\x05 \x01(\x05\x12\x10\n\x08kv_pages\x18\x06 \x01(\x05\x12\x11\n\tpage_size\x18\x07 \x01(\x05\">\n\x11HostBlockResponse\x12\x16\n\x0eresident_bytes\x18\x01 \x01(\x03\x12\x11\n\tplacement\x18\x02 \x01(\t\"&\n\x12UnhostBlockRequest\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\"\x15\n\x13UnhostBlockResponse\"\x9d\x01\n\x0fRunBlockRequest\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x36\n\x06inputs\x18\x02 \x03(\x0b\x32&.jblock.v1.RunBlockRequest.InputsEntry\x1a@\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12 \n\x05value\x18\x02 \x01(\x0b\x32\x11.jblock.v1.Tensor:\x02\x38\x01\"\x90\x01\n\x10RunBlockResponse\x12\x39\n\x07outputs\x18\x01 \x03(\x0b\x32(.jblock.v1.RunBlockResponse.OutputsEntry\x1a\x41\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12 \n\x05value\x18\x02 \x01(\x0b\x32\x11.jblock.v1.Tensor:\x02\x38\x01\"3\n\x10\x46reeSlotsRequest\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\r\n\x05slots\x18\x02 \x03(\x05\"\x13\n\x11\x46reeSlotsResponse*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03*J\n\rServingStatus\x12\x1e\n\x1aSERVING_STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0c\n\x08\x44RAINING\x10\x02\x32\xdc\x01\n\tInference\x12\x45\n\x08Generate\x12\x1a.jblock.v1.GenerateRequest\x1a\x1b.jblock.v1.GenerateResponse0\x01\x12I\n\nListModels\x12\x1c.jblock.v1.ListModelsRequest\x1a\x1d.jblock.v1.ListModelsResponse\x12=\n\x06Health\x12\x18.jblock.v1.HealthRequest\x1a\x19.jblock.v1.HealthResponse2\xd9\x01\n\x05\x41\x64min\x12\x46\n\tLoadModel\x12\x1b.jblock.v1.LoadModelRequest\x1a\x1c.jblock.v1.LoadModelResponse\x12L\n\x0bUnloadModel\x12\x1d.jblock.v1.UnloadModelRequest\x1a\x1e.jblock.v1.UnloadModelResponse\x12:\n\x05Stats\x12\x17.jblock.v1.StatsRequest\x1a\x18.jblock.v1.StatsResponse2\xf0\x02\n\x06Worker\x12\x43\n\x08Register\x12\x1a.jblock.v1.RegisterRequest\x1a\x1b.jblock.v1.RegisterResponse\x12\x46\n\tHostBlock\x12\x1b.jblock.v1.HostBlockRequest\x1a\x1c.jblock.v1.HostBlockResponse\x12L\n\x0bUnhostBlock\x12\x1d.jblock.v1.UnhostBlockRequest\x1a\x1e.jblock.v1.UnhostBlockResponse\x12\x43\n\x08RunBlock\x12\x1a.jblock.v1.RunBlockRequest\x1a\x1b.jblock.v1.RunBlockResponse\x12\x46\n\tFreeSlots\x12\x1b.jblock.v1.FreeSlotsRequest\x1a\x1c.jblock.v1.FreeSlotsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!jblock/serving/proto/jblock.proto\x12\tjblock.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.jblock.v1.ChatMessage\"\x82\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12%\n\x06tokens\x18\x03 \x01(\x0b\x32\x13.jblock.v1.TokenIdsH\x00\x12\'\n\x04\x63hat\x18\x0c \x01(\x0b\x32\x17.jblock.v1.ChatMessagesH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x05\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x17\n\nrequest_id\x18\n \x01(\tH\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\tB\x08\n\x06promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_request_id\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\x98\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12.\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x17.jblock.v1.FinishReason\x12\x1f\n\x05usage\x18\x05 \x01(\x0b\x32\x10.jblock.v1.Usage\"\x13\n\x11ListModelsRequest\"\x8f\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x13\n\x0bmax_seq_len\x18\x04 \x01(\x05\x12\r\n\x05\x63hain\x18\x05 \x03(\t\x12\x15\n\rhas_tokenizer\x18\x06 \x01(\x08\x12\x15\n\reos_token_ids\x18\x07 \x03(\x05\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.jblock.v1.ModelInfo\"\x0f\n\rHealthRequest\"d\n\x0eHealthResponse\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.jblock.v1.ServingStatus\x12\x15\n\rmodels_loaded\x18\x02 \x01(\x05\x12\x11\n\tin_flight\x18\x03 \x01(\x05\" \n\x10LoadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"8\n\x11LoadModelResponse\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.jblock.v1.ModelInfo\"\"\n\x12UnloadModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x15\n\x13UnloadModelResponse\"\x0e\n\x0cStatsRequest\"\xd6\x01\n\nBlockStats\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0e\n\x06models\x18\x03 \x03(\t\x12\x16\n\x0eresident_bytes\x18\x04 \x01(\x03\x12\x12\n\nbatch_size\x18\x05 \x01(\x05\x12\x13\n\x0b\x62\x61tches_run\x18\x06 \x01(\x03\x12\x16\n\x0emean_occupancy\x18\x07 \x01(\x01\x12\x15\n\rkv_slots_used\x18\x08 \x01(\x05\x12\x15\n\rkv_slots_free\x18\t \x01(\x05\x12\x11\n\tplacement\x18\n \x01(\t\"\xc4\x01\n\rStatsResponse\x12%\n\x06\x62locks\x18\x01 \x03(\x0b\x32\x15.jblock.v1.BlockStats\x12\x13\n\x0bqueue_depth\x18\x02 \x01(\x05\x12\x38\n\x08requests\x18\x03 \x03(\x0b\x32&.jblock.v1.StatsResponse.RequestsEntry\x12\x0c\n\x04json\x18\x04 \x01(\t\x1a/\n\rRequestsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"f\n\x06\x44\x65vice\x12\n\n\x02id\x18\x01 \x01(\x05\x12\x10\n\x08platform\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x03\x12\x1a\n\x12memory_limit_bytes\x18\x05 \x01(\x03\"Y\n\x0fRegisterRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\"\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x11.jblock.v1.Device\"C\n\x10RegisterResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\"{\n\nWorkerLoad\x12\x15\n\rblocks_hosted\x18\x01 \x01(\x05\x12\x16\n\x0eresident_bytes\x18\x02 \x01(\x03\x12\x10\n\x08kv_bytes\x18\x03 \x01(\x03\x12\x13\n\x0b\x62\x61tches_run\x18\x04 \x01(\x03\x12\x17\n\x0f\x62\x61tches_running\x18\x05 \x01(\x05\"n\n\x10HeartbeatRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\"\n\x07\x64\x65vices\x18\x02 \x03(\x0b\x32\x11.jblock.v1.Device\x12#\n\x04load\x18\x03 \x01(\x0b\x32\x15.jblock.v1.WorkerLoad\"\x13\n\x11HeartbeatResponse\"\x91\x01\n\x10HostBlockRequest\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x0f\n\x07zoo_dir\x18\x02 \x01(\t\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\x12\x10\n\x08kv_slots\x18\x04 \x01(\x05\x12\x0f\n\x07max_len\x18\x05 \x01(\x05\x12\x10\n\x08kv_pages\x18\x06 \x01(\x05\x12\x11\n\tpage_size\x18\x07 \x01(\x05\">\n\x11HostBlockResponse\x12\x16\n\x0eresident_bytes\x18\x01 \x01(\x03\x12\x11\n\tplacement\x18\x02 \x01(\t\"&\n\x12UnhostBlockRequest\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\"\x15\n\x13UnhostBlockResponse\"\x9d\x01\n\x0fRunBlockRequest\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\x36\n\x06inputs\x18\x02 \x03(\x0b\x32&.jblock.v1.RunBlockRequest.InputsEntry\x1a@\n\x0bInputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12 \n\x05value\x18\x02 \x01(\x0b\x32\x11.jblock.v1.Tensor:\x02\x38\x01\"\x90\x01\n\x10RunBlockResponse\x12\x39\n\x07outputs\x18\x01 \x03(\x0b\x32(.jblock.v1.RunBlockResponse.OutputsEntry\x1a\x41\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12 \n\x05value\x18\x02 \x01(\x0b\x32\x11.jblock.v1.Tensor:\x02\x38\x01\"3\n\x10\x46reeSlotsRequest\x12\x10\n\x08\x62lock_id\x18\x01 \x01(\t\x12\r\n\x05slots\x18\x02 \x03(\x05\"\x13\n\x11\x46reeSlotsResponse*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03*J\n\rServingStatus\x12\x1e\n\x1aSERVING_STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0c\n\x08\x44RAINING\x10\x02\x32\xdc\x01\n\tInference\x12\x45\n\x08Generate\x12\x1a.jblock.v1.GenerateRequest\x1a\x1b.jblock.v1.GenerateResponse0\x01\x12I\n\nListModels\x12\x1c.jblock.v1.ListModelsRequest\x1a\x1d.jblock.v1.ListModelsResponse\x12=\n\x06Health\x12\x18.jblock.v1.HealthRequest\x1a\x19.jblock.v1.HealthResponse2\xd9\x01\n\x05\x41\x64min\x12\x46\n\tLoadModel\x12\x1b.jblock.v1.LoadModelRequest\x1a\x1c.jblock.v1.LoadModelResponse\x12L\n\x0bUnloadModel\x12\x1d.jblock.v1.UnloadModelRequest\x1a\x1e.jblock.v1.UnloadModelResponse\x12:\n\x05Stats\x12\x17.jblock.v1.StatsRequest\x1a\x18.jblock.v1.StatsResponse2\x97\x01\n\x08Registry\x12\x43\n\x08Register\x12\x1a.jblock.v1.RegisterRequest\x1a\x1b.jblock.v1.RegisterResponse\x12\x46\n\tHeartbeat\x12\x1b.jblock.v1.HeartbeatRequest\x1a\x1c.jblock.v1.HeartbeatResponse2\xae\x02\n\tBlockHost\x12\x46\n\tHostBlock\x12\x1b.jblock.v1.HostBlockRequest\x1a\x1c.jblock.v1.HostBlockResponse\x12L\n\x0bUnhostBlock\x12\x1d.jblock.v1.UnhostBlockRequest\x1a\x1e.jblock.v1.UnhostBlockResponse\x12\x43\n\x08RunBlock\x12\x1a.jblock.v1.RunBlockRequest\x1a\x1b.jblock.v1.RunBlockResponse\x12\x46\n\tFreeSlots\x12\x1b.jblock.v1.FreeSlotsRequest\x1a\x1c.jblock.v1.FreeSlotsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,10 +37,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNBLOCKREQUEST_INPUTSENTRY']._serialized_options = b'8\001'
   _globals['_RUNBLOCKRESPONSE_OUTPUTSENTRY']._loaded_options = None
   _globals['_RUNBLOCKRESPONSE_OUTPUTSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2606
-  _globals['_FINISHREASON']._serialized_end=2730
-  _globals['_SERVINGSTATUS']._serialized_start=2732
-  _globals['_SERVINGSTATUS']._serialized_end=2806
+  _globals['_FINISHREASON']._serialized_start=2941
+  _globals['_FINISHREASON']._serialized_end=3065
+  _globals['_SERVINGSTATUS']._serialized_start=3067
+  _globals['_SERVINGSTATUS']._serialized_end=3141
   _globals['_TOKENIDS']._serialized_start=48
   _globals['_TOKENIDS']._serialized_end=71
   _globals['_CHATMESSAGE']._serialized_start=73
@@ -82,35 +82,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR']._serialized_start=1709
   _globals['_TENSOR']._serialized_end=1761
   _globals['_DEVICE']._serialized_start=1763
-  _globals['_DEVICE']._serialized_end=1837
-  _globals['_REGISTERREQUEST']._serialized_start=1839
-  _globals['_REGISTERREQUEST']._serialized_end=1928
-  _globals['_REGISTERRESPONSE']._serialized_start=1930
-  _globals['_REGISTERRESPONSE']._serialized_end=1948
-  _globals['_HOSTBLOCKREQUEST']._serialized_start=1951
-  _globals['_HOSTBLOCKREQUEST']._serialized_end=2096
-  _globals['_HOSTBLOCKRESPONSE']._serialized_start=2098
-  _globals['_HOSTBLOCKRESPONSE']._serialized_end=2160
-  _globals['_UNHOSTBLOCKREQUEST']._serialized_start=2162
-  _globals['_UNHOSTBLOCKREQUEST']._serialized_end=2200
-  _globals['_UNHOSTBLOCKRESPONSE']._serialized_start=2202
-  _globals['_UNHOSTBLOCKRESPONSE']._serialized_end=2223
-  _globals['_RUNBLOCKREQUEST']._serialized_start=2226
-  _globals['_RUNBLOCKREQUEST']._serialized_end=2383
-  _globals['_RUNBLOCKREQUEST_INPUTSENTRY']._serialized_start=2319
-  _globals['_RUNBLOCKREQUEST_INPUTSENTRY']._serialized_end=2383
-  _globals['_RUNBLOCKRESPONSE']._serialized_start=2386
-  _globals['_RUNBLOCKRESPONSE']._serialized_end=2530
-  _globals['_RUNBLOCKRESPONSE_OUTPUTSENTRY']._serialized_start=2465
-  _globals['_RUNBLOCKRESPONSE_OUTPUTSENTRY']._serialized_end=2530
-  _globals['_FREESLOTSREQUEST']._serialized_start=2532
-  _globals['_FREESLOTSREQUEST']._serialized_end=2583
-  _globals['_FREESLOTSRESPONSE']._serialized_start=2585
-  _globals['_FREESLOTSRESPONSE']._serialized_end=2604
-  _globals['_INFERENCE']._serialized_start=2809
-  _globals['_INFERENCE']._serialized_end=3029
-  _globals['_ADMIN']._serialized_start=3032
-  _globals['_ADMIN']._serialized_end=3249
-  _globals['_WORKER']._serialized_start=3252
-  _globals['_WORKER']._serialized_end=3620
+  _globals['_DEVICE']._serialized_end=1865
+  _globals['_REGISTERREQUEST']._serialized_start=1867
+  _globals['_REGISTERREQUEST']._serialized_end=1956
+  _globals['_REGISTERRESPONSE']._serialized_start=1958
+  _globals['_REGISTERRESPONSE']._serialized_end=2025
+  _globals['_WORKERLOAD']._serialized_start=2027
+  _globals['_WORKERLOAD']._serialized_end=2150
+  _globals['_HEARTBEATREQUEST']._serialized_start=2152
+  _globals['_HEARTBEATREQUEST']._serialized_end=2262
+  _globals['_HEARTBEATRESPONSE']._serialized_start=2264
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2283
+  _globals['_HOSTBLOCKREQUEST']._serialized_start=2286
+  _globals['_HOSTBLOCKREQUEST']._serialized_end=2431
+  _globals['_HOSTBLOCKRESPONSE']._serialized_start=2433
+  _globals['_HOSTBLOCKRESPONSE']._serialized_end=2495
+  _globals['_UNHOSTBLOCKREQUEST']._serialized_start=2497
+  _globals['_UNHOSTBLOCKREQUEST']._serialized_end=2535
+  _globals['_UNHOSTBLOCKRESPONSE']._serialized_start=2537
+  _globals['_UNHOSTBLOCKRESPONSE']._serialized_end=2558
+  _globals['_RUNBLOCKREQUEST']._serialized_start=2561
+  _globals['_RUNBLOCKREQUEST']._serialized_end=2718
+  _globals['_RUNBLOCKREQUEST_INPUTSENTRY']._serialized_start=2654
+  _globals['_RUNBLOCKREQUEST_INPUTSENTRY']._serialized_end=2718
+  _globals['_RUNBLOCKRESPONSE']._serialized_start=2721
+  _globals['_RUNBLOCKRESPONSE']._serialized_end=2865
+  _globals['_RUNBLOCKRESPONSE_OUTPUTSENTRY']._serialized_start=2800
+  _globals['_RUNBLOCKRESPONSE_OUTPUTSENTRY']._serialized_end=2865
+  _globals['_FREESLOTSREQUEST']._serialized_start=2867
+  _globals['_FREESLOTSREQUEST']._serialized_end=2918
+  _globals['_FREESLOTSRESPONSE']._serialized_start=2920
+  _globals['_FREESLOTSRESPONSE']._serialized_end=2939
+  _globals['_INFERENCE']._serialized_start=3144
+  _globals['_INFERENCE']._serialized_end=3364
+  _globals['_ADMIN']._serialized_start=3367
+  _globals['_ADMIN']._serialized_end=3584
+  _globals['_REGISTRY']._serialized_start=3587
+  _globals['_REGISTRY']._serialized_end=3738
+  _globals['_BLOCKHOST']._serialized_start=3741
+  _globals['_BLOCKHOST']._serialized_end=4043
 # @@protoc_insertion_point(module_scope)

@@ -351,9 +351,10 @@ class Admin:
             _registered_method=True)
 
 
-class WorkerStub:
-    """Worker: between the coordinator and the workers that host block instances.
-    Register is served by the coordinator; the others by each worker.
+class RegistryStub:
+    """Registry: served by the coordinator. Workers join at any time and keep sending
+    heartbeats; a worker whose heartbeats stop (or whose RPCs fail) is declared dead
+    and its blocks are re-placed on the survivors.
     """
 
     def __init__(self, channel):
@@ -363,35 +364,21 @@ class WorkerStub:
             channel: A grpc.Channel.
         """
         self.Register = channel.unary_unary(
-                '/jblock.v1.Worker/Register',
+                '/jblock.v1.Registry/Register',
                 request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.RegisterRequest.SerializeToString,
                 response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.RegisterResponse.FromString,
                 _registered_method=True)
-        self.HostBlock = channel.unary_unary(
-                '/jblock.v1.Worker/HostBlock',
-                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.HostBlockRequest.SerializeToString,
-                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.HostBlockResponse.FromString,
-                _registered_method=True)
-        self.UnhostBlock = channel.unary_unary(
-                '/jblock.v1.Worker/UnhostBlock',
-                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.UnhostBlockRequest.SerializeToString,
-                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.UnhostBlockResponse.FromString,
-                _registered_method=True)
-        self.RunBlock = channel.unary_unary(
-                '/jblock.v1.Worker/RunBlock',
-                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.RunBlockRequest.SerializeToString,
-                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.RunBlockResponse.FromString,
-                _registered_method=True)
-        self.FreeSlots = channel.unary_unary(
-                '/jblock.v1.Worker/FreeSlots',
-                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.FreeSlotsRequest.SerializeToString,
-                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.FreeSlotsResponse.FromString,
+        self.Heartbeat = channel.unary_unary(
+                '/jblock.v1.Registry/Heartbeat',
+                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
 
 
-class WorkerServicer:
-    """Worker: between the coordinator and the workers that host block instances.
-    Register is served by the coordinator; the others by each worker.
+class RegistryServicer:
+    """Registry: served by the coordinator. Workers join at any time and keep sending
+    heartbeats; a worker whose heartbeats stop (or whose RPCs fail) is declared dead
+    and its blocks are re-placed on the survivors.
     """
 
     def Register(self, request, context):
@@ -399,6 +386,131 @@ class WorkerServicer:
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
+
+    def Heartbeat(self, request, context):
+        """NOT_FOUND: the coordinator does not know this worker (declared dead, or restarted).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RegistryServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Register': grpc.unary_unary_rpc_method_handler(
+                    servicer.Register,
+                    request_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.RegisterRequest.FromString,
+                    response_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.RegisterResponse.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.HeartbeatRequest.FromString,
+                    response_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.HeartbeatResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'jblock.v1.Registry', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('jblock.v1.Registry', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Registry:
+    """Registry: served by the coordinator. Workers join at any time and keep sending
+    heartbeats; a worker whose heartbeats stop (or whose RPCs fail) is declared dead
+    and its blocks are re-placed on the survivors.
+    """
+
+    @staticmethod
+    def Register(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jblock.v1.Registry/Register',
+            jblock_dot_serving_dot_proto_dot_jblock__pb2.RegisterRequest.SerializeToString,
+            jblock_dot_serving_dot_proto_dot_jblock__pb2.RegisterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jblock.v1.Registry/Heartbeat',
+            jblock_dot_serving_dot_proto_dot_jblock__pb2.HeartbeatRequest.SerializeToString,
+            jblock_dot_serving_dot_proto_dot_jblock__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class BlockHostStub:
+    """BlockHost: served by each worker; the coordinator hosts blocks there and runs them.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.HostBlock = channel.unary_unary(
+                '/jblock.v1.BlockHost/HostBlock',
+                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.HostBlockRequest.SerializeToString,
+                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.HostBlockResponse.FromString,
+                _registered_method=True)
+        self.UnhostBlock = channel.unary_unary(
+                '/jblock.v1.BlockHost/UnhostBlock',
+                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.UnhostBlockRequest.SerializeToString,
+                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.UnhostBlockResponse.FromString,
+                _registered_method=True)
+        self.RunBlock = channel.unary_unary(
+                '/jblock.v1.BlockHost/RunBlock',
+                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.RunBlockRequest.SerializeToString,
+                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.RunBlockResponse.FromString,
+                _registered_method=True)
+        self.FreeSlots = channel.unary_unary(
+                '/jblock.v1.BlockHost/FreeSlots',
+                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.FreeSlotsRequest.SerializeToString,
+                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.FreeSlotsResponse.FromString,
+                _registered_method=True)
+
+
+class BlockHostServicer:
+    """BlockHost: served by each worker; the coordinator hosts blocks there and runs them.
+    """
 
     def HostBlock(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -425,13 +537,8 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
 
-def add_WorkerServicer_to_server(servicer, server):
+def add_BlockHostServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Register': grpc.unary_unary_rpc_method_handler(
-                    servicer.Register,
-                    request_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.RegisterRequest.FromString,
-                    response_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.RegisterResponse.SerializeToString,
-            ),
             'HostBlock': grpc.unary_unary_rpc_method_handler(
                     servicer.HostBlock,
                     request_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.HostBlockRequest.FromString,
@@ -454,43 +561,15 @@ def add_WorkerServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'jblock.v1.Worker', rpc_method_handlers)
+            'jblock.v1.BlockHost', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('jblock.v1.Worker', rpc_method_handlers)
+    server.add_registered_method_handlers('jblock.v1.BlockHost', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Worker:
-    """Worker: between the coordinator and the workers that host block instances.
-    Register is served by the coordinator; the others by each worker.
+class BlockHost:
+    """BlockHost: served by each worker; the coordinator hosts blocks there and runs them.
     """
-
-    @staticmethod
-    def Register(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/jblock.v1.Worker/Register',
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.RegisterRequest.SerializeToString,
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.RegisterResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
 
     @staticmethod
     def HostBlock(request,
@@ -506,7 +585,7 @@ class Worker:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/jblock.v1.Worker/HostBlock',
+            '/jblock.v1.BlockHost/HostBlock',
             jblock_dot_serving_dot_proto_dot_jblock__pb2.HostBlockRequest.SerializeToString,
             jblock_dot_serving_dot_proto_dot_jblock__pb2.HostBlockResponse.FromString,
             options,
@@ -533,7 +612,7 @@ class Worker:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/jblock.v1.Worker/UnhostBlock',
+            '/jblock.v1.BlockHost/UnhostBlock',
             jblock_dot_serving_dot_proto_dot_jblock__pb2.UnhostBlockRequest.SerializeToString,
             jblock_dot_serving_dot_proto_dot_jblock__pb2.UnhostBlockResponse.FromString,
             options,
@@ -560,7 +639,7 @@ class Worker:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/jblock.v1.Worker/RunBlock',
+            '/jblock.v1.BlockHost/RunBlock',
             jblock_dot_serving_dot_proto_dot_jblock__pb2.RunBlockRequest.SerializeToString,
             jblock_dot_serving_dot_proto_dot_jblock__pb2.RunBlockResponse.FromString,
             options,
@@ -587,7 +666,7 @@ class Worker:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/jblock.v1.Worker/FreeSlots',
+            '/jblock.v1.BlockHost/FreeSlots',
             jblock_dot_serving_dot_proto_dot_jblock__pb2.FreeSlotsRequest.SerializeToString,
             jblock_dot_serving_dot_proto_dot_jblock__pb2.FreeSlotsResponse.FromString,
             options,

@@ -1,0 +1,1 @@
+"""The cluster: membership and health of workers, and recovery from their failures."""
