@@ -227,7 +227,11 @@ class RemoteBlockInstance:
     ints, floats = batch.meta.pack()
     request = pb.RunBlockRequest(block_id=self.block_id)
     to_tensor_map({"x": np.asarray(x), "ints": ints, "floats": floats}, request.inputs)
-    address, stub = self.address, self._stub
+    address, stub = self.address, self._stub  # read before the epochs (see below)
+    if any(it.epoch != it.req.epoch for it in batch.items):
+      # Built before its requests paused for a lost worker, and now bound for the block's new
+      # worker: its writes would land in the KV being replayed there.
+      raise UnavailableError(f"batch for block {self.block_id[:12]} outlived its worker")
     try:
       response = stub.RunBlock(request, timeout=RPC_TIMEOUT_S)
     except grpc.RpcError as e:
