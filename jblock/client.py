@@ -51,12 +51,14 @@ class RemoteModel:
   chain: tuple[str, ...]
   has_tokenizer: bool
   eos_token_ids: tuple[int, ...]
+  base_model: str = ""  # a LoRA adapter's base model; "" for other models
 
 
 def _remote_model(info: pb.ModelInfo) -> RemoteModel:
   return RemoteModel(name=info.name, family=info.family, vocab_size=info.vocab_size,
                      max_seq_len=info.max_seq_len, chain=tuple(info.chain),
-                     has_tokenizer=info.has_tokenizer, eos_token_ids=tuple(info.eos_token_ids))
+                     has_tokenizer=info.has_tokenizer, eos_token_ids=tuple(info.eos_token_ids),
+                     base_model=info.base_model)
 
 
 def _chunk(response: pb.GenerateResponse) -> GenerateChunk:

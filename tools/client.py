@@ -81,7 +81,8 @@ def _list(client: Client) -> None:
   for model in client.list_models(timeout=_TIMEOUT.value):
     print(f"{model.name}\tfamily={model.family}\tvocab={model.vocab_size}\t"
           f"max_seq_len={model.max_seq_len}\tblocks={len(model.chain)}\t"
-          f"tokenizer={'yes' if model.has_tokenizer else 'no'}")
+          f"tokenizer={'yes' if model.has_tokenizer else 'no'}" +
+          (f"\tbase={model.base_model}" if model.base_model else ""))
 
 
 def main(argv):

@@ -7,13 +7,16 @@ scaling already folded into `b`. One batch mixes rows of many adapters: row r ad
 `(x_r · a[s_r]) · b[s_r]` to the base projection, where s_r = meta["adapter"][r]; s_r = -1 is
 exactly the base (the delta is selected away, not added as zeros).
 
-`a` is laid out [in, S, R]. With few bank columns (S·R) or at least as many rows as slots, the
-delta is two dense matmuls over all S·R columns with the other slots' columns masked to zero per
-row; otherwise each row's factors are gathered first (Punica's BGMV), which reads R columns per
-row instead of S·R. The choice is static (shapes), so it costs nothing at run time.
+`a` is laid out [in, S, R]: bank column c = s·R + j is rank component j of slot s. The host
+knows which slots a batch uses and their ranks, so it sends the batch's columns
+(`meta["lora_cols"]`, int32 [C], padded with -1 to a power-of-two bucket): the delta gathers
+those C columns of `a` and rows of `b` and runs two dense matmuls over them, each row masked to
+its own slot's columns (Punica's SGMV packed into one segment). The cost follows the ranks of the
+adapters in the batch, not S·R; C is static per bucket, so a few compiled shapes serve every mix.
+Without `lora_cols` every column is used.
 
 Blocks see the bank through their `meta`: `meta["lora"]` (path -> {"a", "b"}) and
-`meta["adapter"]` (int32 [B]). Without `meta["lora"]` the projections compile to what they
+`meta["adapter"]` (int32 [B]), optionally `meta["lora_cols"]`. Without `meta["lora"]` the projections compile to what they
 were without LoRA.
 """
 
@@ -25,7 +28,8 @@ ATTN_TARGETS = ("attn/q", "attn/k", "attn/v", "attn/o")
 MLP_TARGETS = ("mlp/gate", "mlp/up", "mlp/down", "mlp/fc", "mlp/proj")
 TARGETS = ATTN_TARGETS + MLP_TARGETS
 
-Lora = tuple[Any, Any, Any]  # (a [in, S, R], b [S, R, out], slot per row [B])
+# (a [in, S, R], b [S, R, out], slot per row [B], bank columns [C] or None = all)
+Lora = tuple[Any, Any, Any, Any]
 
 
 def select(meta, layer: int, target: str) -> Lora | None:
@@ -36,7 +40,7 @@ def select(meta, layer: int, target: str) -> Lora | None:
   entry = bank.get(f"layer_{layer}/{target}")
   if entry is None:
     return None
-  return entry["a"], entry["b"], meta["adapter"]
+  return entry["a"], entry["b"], meta["adapter"], meta.get("lora_cols")
 
 
 def select_mlp(meta, layer: int) -> dict[str, Lora] | None:
@@ -46,22 +50,26 @@ def select_mlp(meta, layer: int) -> dict[str, Lora] | None:
   return found or None
 
 
-def delta(x, a, b, slots):
-  """Per-row low-rank update: x [B, T, in] -> [B, T, out] = (x · a[:, slot]) · b[slot]."""
+def delta(x, a, b, slots, cols=None):
+  """Per-row low-rank update: x [B, T, in] -> [B, T, out] = (x · a[:, slot]) · b[slot].
+
+  Only bank columns `cols` (slot·R + j; -1 = padding) are computed; a row keeps the columns of
+  its own slot."""
   d_in, s, r = a.shape
-  batch, t, _ = x.shape
-  if s > batch and s * r >= 512:  # gathered: R columns per row, not S·R
-    safe = jnp.maximum(slots, 0)
-    h = jnp.einsum("bti,ibr->btr", x.astype(a.dtype), jnp.take(a, safe, axis=1))
-    return jnp.einsum("btr,bro->bto", h, jnp.take(b, safe, axis=0))
-  h = (x.astype(a.dtype) @ a.reshape(d_in, s * r)).reshape(batch, t, s, r)
-  own = (slots[:, None] == jnp.arange(s, dtype=slots.dtype)[None, :]).astype(h.dtype)  # [B, S]
-  h = h * own[:, None, :, None]
-  return h.reshape(batch, t, s * r) @ b.reshape(s * r, b.shape[-1])
+  a2, b2 = a.reshape(d_in, s * r), b.reshape(s * r, b.shape[-1])
+  if cols is None:
+    col_slot = jnp.arange(s * r, dtype=slots.dtype) // r
+  else:
+    safe = jnp.maximum(cols, 0)
+    a2, b2 = jnp.take(a2, safe, axis=1), jnp.take(b2, safe, axis=0)
+    col_slot = jnp.where(cols >= 0, cols // r, -2).astype(slots.dtype)  # -2: no row's slot
+  h = x.astype(a.dtype) @ a2  # [B, T, C]
+  own = (slots[:, None] == col_slot[None, :]).astype(h.dtype)  # [B, C]
+  return (h * own[:, None, :]) @ b2
 
 
 def apply(x, y, lora: Lora):
   """y (the base projection of x) plus each row's delta; rows with slot -1 get y unchanged."""
-  a, b, slots = lora
-  d = delta(x, a, b, slots).astype(y.dtype)
+  a, b, slots, cols = lora
+  d = delta(x, a, b, slots, cols).astype(y.dtype)
   return jnp.where((slots >= 0)[:, None, None], y + d, y)

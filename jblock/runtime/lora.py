@@ -10,10 +10,18 @@ serves every layers block of a fused segment.
 More adapters may be registered than there are slots. Their factors stay in host memory; a
 request's admission acquires its adapter's slot (a hit when resident, else a swap into a free
 slot or the least recently used one that no running request holds) and pins it until the request
-finishes, so a slot is never rewritten under a batch that reads it.
+finishes, so a slot is never rewritten under a batch that reads it. The host->device copy of an
+adapter's factors is staged before the engine lock is taken (`stage`, at submit); under the lock
+a swap only dispatches the (asynchronous) write of staged device arrays into the slot.
+
+Each batch sends the bank columns its adapters use (`columns`: the slots of its rows, each with
+its adapter's rank, padded to a power-of-two bucket), so the delta costs what the batch's ranks
+cost, not slots x max rank; the buckets are compiled at warm-up.
 """
 
+import bisect
 import collections
+import threading
 import time
 from typing import Any
 
@@ -29,15 +37,32 @@ from jblock.models.lora import TARGETS
 
 @jax.jit
 def _write_slot(bank, slot, factors):
-  return {p: {"a": e["a"].at[:, slot].set(factors[p]["a"].astype(e["a"].dtype)),
-              "b": e["b"].at[slot].set(factors[p]["b"].astype(e["b"].dtype))}
-          for p, e in bank.items()}
+  """Slot `slot` of every bank entry := factors[path] (a [in, R], b [R, out]), zeros if absent."""
+  out = {}
+  for p, e in bank.items():
+    f = factors.get(p)
+    a_in, _, r = e["a"].shape
+    a = f["a"].astype(e["a"].dtype) if f is not None else jnp.zeros((a_in, r), e["a"].dtype)
+    b = (f["b"].astype(e["b"].dtype) if f is not None
+         else jnp.zeros(e["b"].shape[1:], e["b"].dtype))
+    out[p] = {"a": e["a"].at[:, slot].set(a), "b": e["b"].at[slot].set(b)}
+  return out
 
 
-def _zeros(entry) -> dict[str, np.ndarray]:
-  """Zero factors of one bank slot: a [in, R], b [R, out]."""
-  a, b = entry["a"].shape, entry["b"].shape
-  return {"a": np.zeros((a[0], a[2]), np.float32), "b": np.zeros(b[1:], np.float32)}
+def _spec(x) -> tuple:
+  """x's partition spec, one entry per dim (None = replicated)."""
+  spec = tuple(getattr(x.sharding, "spec", None) or ())
+  return spec + (None,) * (x.ndim - len(spec))
+
+
+def column_buckets(slots: int, max_rank: int) -> tuple[int, ...]:
+  """Compiled sizes of a batch's bank-column list: powers of two from 8 up to slots x max_rank."""
+  total = slots * max_rank
+  out, c = [], min(8, total)
+  while c < total:
+    out.append(c)
+    c *= 2
+  return tuple(out) + (total,)
 
 
 def _projections(params: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -70,8 +95,14 @@ class AdapterBanks:
     self._dirty: set[tuple[str, int]] = set()  # (instance key, slot) holding non-zero factors
     self._pins: collections.Counter = collections.Counter()
     self._lru: collections.OrderedDict = collections.OrderedDict()  # resident, unpinned
-    self.hits = self.misses = self.evictions = 0
-    self.swap_s = 0.0
+    self._rank: dict[str, int] = {}  # adapter -> its largest rank (columns it uses per slot)
+    self._slot_rank = [0] * slots
+    self.buckets = column_buckets(slots, max_rank)
+    # Device copies of adapters' factors, made outside the engine lock: model -> key -> path -> a/b.
+    self._staged: collections.OrderedDict = collections.OrderedDict()
+    self._stage_lock = threading.Lock()
+    self.hits = self.misses = self.evictions = self.staged_installs = 0
+    self.swap_s = self.stage_s = 0.0
 
   # ---- registration -----------------------------------------------------------------------
 
@@ -110,6 +141,7 @@ class AdapterBanks:
       self._ensure_bank(inst, delta.config["ranks"])
     self._host[model] = host
     self._host_bytes[model] = nbytes
+    self._rank[model] = max((r for _, d in deltas for r in d.config["ranks"].values()), default=1)
 
   def unregister(self, model: str) -> None:
     """Forgets the adapter and frees (zeroes) its slot."""
@@ -122,7 +154,10 @@ class AdapterBanks:
       self._write(slot, None)
     del self._host[model]
     del self._host_bytes[model]
+    self._rank.pop(model, None)
     self._pins.pop(model, None)
+    with self._stage_lock:
+      self._staged.pop(model, None)
 
   def _ensure_bank(self, inst, paths) -> None:
     """The instance's bank covers `paths` (projections some registered adapter targets).
@@ -183,6 +218,7 @@ class AdapterBanks:
       t0 = time.perf_counter()
       self._write(slot, model)
       self.swap_s += time.perf_counter() - t0
+      self._slot_rank[slot] = self._rank[model]
       self._owner[slot] = model
       self._slot_of[model] = slot
     self._pins[model] += 1
@@ -198,22 +234,72 @@ class AdapterBanks:
       if model in self._slot_of:
         self._lru[model] = None
 
+  def stage(self, model: str) -> None:
+    """Copies the adapter's factors to the devices of its banks (call without the engine lock:
+    this is the host->device transfer of a swap). A no-op for other models or when staged."""
+    host = self._host.get(model)
+    with self._stage_lock:
+      if host is None or model in self._staged:
+        if host is not None:
+          self._staged.move_to_end(model)
+        return
+    t0 = time.perf_counter()
+    staged = {}
+    for key, factors in host.items():
+      inst = self._instances.get(key)
+      if inst is None:
+        continue
+      staged[key] = {}
+      for path, f in factors.items():
+        entry = (inst.lora_bank or {})[path]
+        a_spec = NamedSharding(inst.mesh, P(_spec(entry["a"])[0], None))  # a slot of a [in, S, R]
+        b_spec = NamedSharding(inst.mesh, P(None, _spec(entry["b"])[2]))  # a slot of b [S, R, out]
+        staged[key][path] = {"a": jax.device_put(f["a"].astype(inst.dtype), a_spec),
+                             "b": jax.device_put(f["b"].astype(inst.dtype), b_spec)}
+    jax.block_until_ready(staged)
+    with self._stage_lock:
+      self._staged[model] = staged
+      while len(self._staged) > 2 * self.slots:  # bounded: device memory
+        self._staged.popitem(last=False)
+      self.stage_s += time.perf_counter() - t0
+
   def _write(self, slot: int, model: str | None) -> None:
-    """Slot `slot` of every banked instance := the model's factors (zeros where it has none)."""
-    host = self._host.get(model, {}) if model else {}
+    """Slot `slot` of every banked instance := the model's factors (zeros where it has none).
+
+    Dispatches only (JAX orders it before any later batch that reads the bank); the factors come
+    from `stage`, staged now if the caller did not."""
+    factors_of = {}
+    if model:
+      with self._stage_lock:
+        staged = self._staged.get(model)
+      if staged is None:
+        self.stage(model)
+        with self._stage_lock:
+          staged = self._staged.get(model, {})
+      else:
+        self.staged_installs += 1
+      factors_of = staged
     for key, inst in self._instances.items():
-      factors = host.get(key)
+      factors = factors_of.get(key)
       if factors is None and (key, slot) not in self._dirty:
         continue
       if factors is None:
-        factors = {p: _zeros(e) for p, e in inst.lora_bank.items()}
         self._dirty.discard((key, slot))
+        factors = {}
       else:
-        factors = {p: factors.get(p) or _zeros(e) for p, e in inst.lora_bank.items()}
         self._dirty.add((key, slot))
+        factors = {p: f for p, f in factors.items() if p in inst.lora_bank}
       inst.lora_bank = _write_slot(inst.lora_bank, np.int32(slot), factors)
-    for inst in self._instances.values():
-      jax.block_until_ready(inst.lora_bank)
+
+  def columns(self, row_slots) -> np.ndarray:
+    """The bank columns a batch with these row slots uses (slot * R + j for j < the slot's
+    adapter rank), padded with -1 to the next column bucket."""
+    cols = [s * self.max_rank + j for s in sorted({int(x) for x in row_slots if x >= 0})
+            for j in range(self._slot_rank[s])]
+    size = self.buckets[min(bisect.bisect_left(self.buckets, len(cols)), len(self.buckets) - 1)]
+    out = np.full(size, -1, np.int32)
+    out[:len(cols)] = cols
+    return out
 
   def stats(self) -> dict[str, Any]:
     return {
@@ -221,6 +307,7 @@ class AdapterBanks:
         "registered": sorted(self._host), "resident": {m: s for m, s in sorted(self._slot_of.items())},
         "pinned": dict(self._pins), "hits": self.hits, "misses": self.misses,
         "evictions": self.evictions, "swap_s": round(self.swap_s, 6),
+        "stage_s": round(self.stage_s, 6), "staged_installs": self.staged_installs,
         "host_bytes": sum(self._host_bytes.values()),
         "adapter_bytes": dict(self._host_bytes),
         "bank_bytes": sum(getattr(i, "lora_bank_bytes", 0) for i in self._instances.values()),

@@ -53,7 +53,8 @@ def model_info_proto(info: ModelInfo) -> pb.ModelInfo:
   return pb.ModelInfo(name=info.name, family=info.family, vocab_size=info.vocab_size,
                       max_seq_len=info.max_seq_len, chain=list(info.chain),
                       has_tokenizer=bool(info.tokenizer_dir),
-                      eos_token_ids=list(info.eos_token_ids))
+                      eos_token_ids=list(info.eos_token_ids),
+                      base_model=info.base_model or "")
 
 
 def stats_proto(stats: dict) -> pb.StatsResponse:

@@ -1,6 +1,6 @@
 """PEFT LoRA adapters convert into delta blocks whose logits match transformers on the merged
-weights (W + scale * B @ A), for several ranks, targets, alphas, rsLoRA and modules_to_save;
-malformed adapters are refused naming the tensor or module."""
+weights (W + scale * B @ A) and transformers + peft itself, for several ranks, targets, alphas,
+rsLoRA and modules_to_save; malformed adapters are refused naming the tensor or module."""
 
 import json
 import os
@@ -111,6 +111,41 @@ def test_gpt2_adapter_fused_c_attn(tmp_path):
   record = zoo.block_record(zoo.manifest("gpt2-lora")["deltas"][1])
   assert set(record["config"]["targets"]) == {f"layer_0/{p}" for p in (
       "attn/q", "attn/k", "attn/v", "attn/o", "mlp/fc", "mlp/proj")}
+
+
+def peft_logits(base_dir: str, peft_dir: str, tokens) -> np.ndarray:
+  """float32 logits of transformers + peft itself: the base with the adapter loaded (unmerged)."""
+  import peft
+  model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+  model = peft.PeftModel.from_pretrained(model, peft_dir).eval()
+  with torch.no_grad():
+    return model(torch.tensor(tokens)).logits.numpy()
+
+
+@pytest.mark.parametrize("name", ["patterns", "qv_rslora_r8"])
+def test_llama_adapter_logits_match_peft(llama, name):
+  root, base, zoo = llama
+  peft_dir = make_adapter(base, str(root / f"{name}.vs_peft"), **ADAPTERS[name])
+  zoo.convert_peft(peft_dir, "base", f"{name}-vs-peft")
+  ref = peft_logits(base, peft_dir, TOKENS)
+  assert np.abs(torch_logits(base, TOKENS) - ref).max() > 1e-2  # peft applied the adapter
+  delta = float(np.abs(adapter_logits(zoo, f"{name}-vs-peft", TOKENS) - ref).max())
+  print(f"{name} vs peft: max |dlogit| = {delta:.2e}")
+  assert delta < 1e-4
+
+
+def test_gpt2_adapter_logits_match_peft(tmp_path):
+  base, _ = hf_models.build("gpt2", str(tmp_path / "base"))
+  zoo = Zoo(str(tmp_path / "zoo"))
+  zoo.convert(base, "gpt2")
+  peft_dir = make_adapter(base, str(tmp_path / "a.peft"), targets=["c_attn", "c_proj", "c_fc"],
+                          r=6, alpha=9, rslora=True, seed=4)
+  zoo.convert_peft(peft_dir, "gpt2", "gpt2-lora")
+  ref = peft_logits(base, peft_dir, TOKENS)
+  assert np.abs(torch_logits(base, TOKENS) - ref).max() > 1e-2
+  delta = float(np.abs(adapter_logits(zoo, "gpt2-lora", TOKENS) - ref).max())
+  print(f"gpt2 vs peft: max |dlogit| = {delta:.2e}")
+  assert delta < 1e-4
 
 
 def _rewrite(peft_dir, config=None, drop=(), reshape=None, add=None):

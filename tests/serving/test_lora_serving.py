@@ -32,7 +32,7 @@ def test_adapter_over_grpc(tmp_path, serve):
   engine = Engine.from_zoo(zoo.root, models=["base", "my-adapter"], mesh_shape=(1, 1),
                            config=CONFIG)
   client, _, _ = serve(engine)
-  assert {m.name for m in client.list_models()} == {"base", "my-adapter"}
+  assert {m.name: m.base_model for m in client.list_models()} == {"base": "", "my-adapter": "base"}
   for name in ("base", "my-adapter"):
     assert client.generate_tokens(name, prompt_tokens=PROMPT, max_tokens=6) == expected[name]
   client.unload_model("my-adapter")
