@@ -1,8 +1,8 @@
 """Worker SIGKILL under load: lost/failed requests, outputs vs undisturbed, recovery time.
 
-  python -m tools.fault_bench [--zoo=checkpoints/zoo] [--streams=32] [--max_new_tokens=32]
+  python -m tools.fault_bench [--zoo=checkpoints/zoo] [--streams=32] [--max_new_tokens=32] [--fault=kill|stop]
 
-Builds the demo zoo into --zoo if it holds no models. Writes OUT/fault_bench_<timestamp>.json
+Builds the demo zoo into --zoo if it holds no models. Writes OUT/fault_bench_<fault>_<timestamp>.json
 and prints it. The logic lives in jblock.bench.fault_bench; this script only reads flags.
 """
 
@@ -22,6 +22,9 @@ _STREAMS = flags.DEFINE_integer("streams", 32, "Concurrent requests.", lower_bou
 _NEW = flags.DEFINE_integer("max_new_tokens", 32, "Tokens per request.", lower_bound=2)
 _KILL_AFTER = flags.DEFINE_integer("kill_after_tokens", 4, "Tokens every stream has at the kill.",
                                    lower_bound=1)
+_FAULT = flags.DEFINE_enum("fault", "kill", ["kill", "stop"],
+                           "kill: SIGKILL the worker; stop: SIGSTOP it (a hung worker: only its "
+                           "missing heartbeats tell).")
 _OUT = flags.DEFINE_string("out", "tools/results", "Where the JSON goes.")
 
 
@@ -35,13 +38,14 @@ def main(argv):
   if _KILL_AFTER.value >= _NEW.value:
     raise app.UsageError("--kill_after_tokens must be below --max_new_tokens")
   spec = dataclasses.replace(fault_bench.FaultBenchSpec(), streams=_STREAMS.value,
-                             max_new_tokens=_NEW.value, kill_after_tokens=_KILL_AFTER.value)
+                             max_new_tokens=_NEW.value, kill_after_tokens=_KILL_AFTER.value,
+                             fault=_FAULT.value)
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   result = fault_bench.run(spec, _ZOO.value, models, port)
   os.makedirs(_OUT.value, exist_ok=True)
-  path = os.path.join(_OUT.value, f"fault_bench_{time.strftime('%Y%m%d_%H%M%S')}.json")
+  path = os.path.join(_OUT.value, f"fault_bench_{_FAULT.value}_{time.strftime('%Y%m%d_%H%M%S')}.json")
   with open(path, "w") as f:
     json.dump(result, f, indent=2)
   print(json.dumps(result, indent=2))

@@ -26,6 +26,7 @@ class FaultBenchSpec:
   max_new_tokens: int = 32  # tokens per request
   prompt_len: int = 12  # tokens per prompt
   kill_after_tokens: int = 4  # every stream has this many tokens when the worker dies
+  fault: str = "kill"  # kill: SIGKILL (RPCs fail at once); stop: SIGSTOP (only heartbeats tell)
   heartbeat_interval_s: float = 0.2  # worker heartbeats
   dead_after_s: float = 2.0  # heartbeat silence that declares a worker dead
 
@@ -49,7 +50,7 @@ def _run(engine, spec: FaultBenchSpec, models: list[str], kill=None) -> dict:
     deadline = time.monotonic() + 300
     while min(len(t) for t in times) < spec.kill_after_tokens and time.monotonic() < deadline:
       time.sleep(0.005)
-    killed_at = time.monotonic()
+    killed_at, out_wall = time.monotonic(), time.time()
     kill()
     running_at_kill = [i for i, h in enumerate(handles) if not h.done]
   outputs, failed = [], []
@@ -65,6 +66,7 @@ def _run(engine, spec: FaultBenchSpec, models: list[str], kill=None) -> dict:
   out = {"wall_s": round(wall, 3), "tokens": sum(len(o or []) for o in outputs),
          "failed": failed, "outputs": outputs}
   if killed_at is not None:
+    out["killed_at"] = out_wall
     after = [next((x for x in times[i] if x > killed_at), None) for i in running_at_kill]
     out["running_at_kill"] = len(running_at_kill)
     out["recovery_s"] = (round(max(a for a in after if a is not None) - killed_at, 3)
@@ -93,8 +95,10 @@ def run(spec: FaultBenchSpec, zoo_dir: str, models: list[str], registry_port: in
     victim = next((p for p in workers if _address_of(p) == first_worker), None)
     if victim is None:
       raise RuntimeError(f"no worker process serves on {first_worker}")
-    fault = _run(engine, spec, models, kill=lambda: victim.send_signal(signal.SIGKILL))
+    sig = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}[spec.fault]
+    fault = _run(engine, spec, models, kill=lambda: victim.send_signal(sig))
     stats = engine.stats()
+    event = stats["recoveries"][-1] if stats["recoveries"] else {}
     equal = sum(a == b for a, b in zip(reference["outputs"], fault["outputs"]))
     return {
         "spec": dataclasses.asdict(spec), "models": models,
@@ -105,6 +109,9 @@ def run(spec: FaultBenchSpec, zoo_dir: str, models: list[str], registry_port: in
         "requests": spec.streams, "running_at_kill": fault["running_at_kill"],
         "failed": fault["failed"], "lost": sum(o is None for o in fault["outputs"]) - len(fault["failed"]),
         "outputs_equal": equal, "recovery_s": fault["recovery_s"],
+        "detect_s": round(event["at"] - fault["killed_at"], 3) if event else None,
+        "rehost_s": event.get("rehost_s"), "tokens_replayed": event.get("tokens_replayed"),
+        "requests_paused": event.get("requests_paused"),
         "undisturbed_wall_s": reference["wall_s"], "fault_wall_s": fault["wall_s"],
         "tokens": fault["tokens"],
     }
