@@ -414,6 +414,8 @@ class Engine:
     requests replay their KV there and go on (jblock.runtime.replay). Requests through an
     instance that cannot be re-placed fail with UnavailableError naming why. Idempotent."""
     with self._lock:
+      if self._closed:
+        return  # shutting down: the workers going quiet is expected
       lost = [i for i in self._instances.values() if hasattr(i, "recover")
               and getattr(i, "executor_key", None) == placement and i.available]
       if not lost:
