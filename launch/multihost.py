@@ -69,6 +69,11 @@ def main(argv):
     config.validate()
   except ValueError as e:
     raise app.UsageError(f"--{str(e).replace('coordinator_address', 'dist_coordinator')}")
+  # JAX's coordination client aborts the process (no Python exception) when a peer does not
+  # join in time or stops sending heartbeats: this line tells the log what it was waiting for.
+  print(f"jblock: joining the mesh at {config.coordinator_address} as process "
+        f"{config.process_id} of {config.num_processes} (waiting up to {config.timeout_s} s)",
+        flush=True)
   multihost.initialize(config)
   from jblock.zoo.cli import quiet_libraries
   from jblock.zoo.store import Zoo

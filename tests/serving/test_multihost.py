@@ -81,6 +81,11 @@ def test_two_process_mesh_matches_one_process(zoo_dir, tmp_path, processes):
                             "--process_id=2", f"--zoo={zoo_dir}", "--model=base", "--prompt=1"],
                            bad_log))
 
+  lone_log = tmp_path / "lone.log"  # its peer never comes: bounded wait, then it exits
+  processes.append(_launch([f"--dist_coordinator=127.0.0.1:{free_port()}", "--num_processes=2",
+                            "--process_id=0", "--dist_timeout_s=3", f"--zoo={zoo_dir}",
+                            "--model=base", "--prompt=1"], lone_log))
+
   # One process, same (1, 4) mesh layout over its own devices, while the pair runs.
   zoo = Zoo(zoo_dir)
   local = multihost.MeshChain(zoo, "base", mesh_lib.make_mesh((1, 4)), batch_size=len(PROMPTS),
@@ -89,11 +94,15 @@ def test_two_process_mesh_matches_one_process(zoo_dir, tmp_path, processes):
   reference = zoo.load_model("base")  # the reference chain, one device
   assert alone.tokens == reference.generate(PROMPTS, NEW_TOKENS).tolist()
 
-  for proc, log in zip(processes, logs + [bad_log]):
-    assert proc.wait(timeout=240) == 0 or proc is processes[2], log.read_text()[-3000:]
-  assert processes[2].returncode != 0
+  for proc, log in zip(processes[:2], logs):
+    assert proc.wait(timeout=240) == 0, log.read_text()[-3000:]
+  assert processes[2].wait(timeout=60) != 0
   bad = bad_log.read_text()
   assert "--process_id must be in [0, 2), got 2" in bad and "Traceback" not in bad
+  assert processes[3].wait(timeout=60) != 0  # 3 s to join (plus start-up), not forever
+  lone = lone_log.read_text()
+  assert "joining the mesh at" in lone and "process 0 of 2 (waiting up to 3 s)" in lone
+  assert "DEADLINE_EXCEEDED" in lone and "RegisterTask" in lone
 
   result = json.loads(out_file.read_text())
   assert result["mesh"] == {"processes": 2, "devices": 4, "mesh": {"data": 1, "model": 4}}
