@@ -142,6 +142,7 @@ class Engine:
     self._lock = threading.Condition()
     self._scheduler = Scheduler(self.config.scheduler_config(), on_finish=self._on_finish)
     self._adapters = AdapterBanks(self.config.lora_slots, self.config.lora_max_rank)
+    self._warmed_banks: set = set()  # (segment key, bank paths) whose column buckets are compiled
     self._scheduler.adapters = self._adapters
     self._instances: dict[str, Any] = {}
     self._models: dict[str, tuple[ModelSpec, list[Any]]] = {}
@@ -257,14 +258,22 @@ class Engine:
     shapes = [(b, 1, w) for b in cfg.batch_buckets(seg.batch_size) for w in cfg.width_buckets()]
     shapes += [(b, t, pages_for(t, cfg.page_size)) for b in cfg.batch_buckets(seg.batch_size)
                for t in cfg.prefill_buckets]
-    for b, t, w in shapes:
+    # A segment with LoRA banks runs with a bank-column list of one of a few sizes (each compiled).
+    banks = tuple(tuple(sorted(getattr(i, "lora_bank", None) or ())) for i in seg.layers)
+    cols = [None]
+    if any(banks):
+      if (seg.key, banks) in self._warmed_banks:
+        return  # another adapter of this base already compiled these shapes
+      self._warmed_banks.add((seg.key, banks))
+      cols = [np.full(c, -1, np.int32) for c in self._adapters.buckets]
+    for (b, t, w), c in itertools.product(shapes, cols):
       w = next(x for x in cfg.width_buckets() if x >= min(w, cfg.max_pages))
       meta = StepMeta.empty(b, len(seg.layers), w)
       x = (np.zeros((b, t), np.int32) if seg.starts_at_embed
            else jax.numpy.zeros((b, t, hidden), dtype))
       ints, floats = meta.pack()
       with self._local.dispatch_lock:  # serving may dispatch to the same KV buffers meanwhile
-        y = run_local_segment(seg, x, ints, floats)
+        y = run_local_segment(seg, x, ints, floats, c)
       jax.block_until_ready(y)
 
   def _info(self, spec: ModelSpec) -> ModelInfo:

@@ -52,13 +52,14 @@ def stage_input(batch: BlockBatch):
   return gather_rows([it.x for it in items], batch.b_pad)
 
 
-def run_local_segment(seg, x, ints, floats):
+def run_local_segment(seg, x, ints, floats, lora_cols=None):
   """Dispatches one fused segment call on this process's devices and swaps in the updated
-  (donated) KV pools; returns y as a device array. Callers hold the lock that guards the pools."""
+  (donated) KV pools; returns y as a device array. Callers hold the lock that guards the pools.
+  `lora_cols`: the batch's LoRA bank columns (StepMeta.lora_cols), None = all."""
   layers = seg.layers
   y, kvs = local_segment_fn(seg)([i.run_params for i in seg.instances], [i.kv for i in layers],
                                  x, ints, floats,
-                                 [getattr(i, "lora_bank", None) for i in layers])
+                                 [getattr(i, "lora_bank", None) for i in layers], lora_cols)
   for inst, kv in zip(layers, kvs):
     inst.kv = kv
   return y
@@ -80,7 +81,7 @@ class LocalExecutor:
       x = stage_input(batch)
       ints, floats = batch.meta.pack()
       with self.dispatch_lock:
-        y = run_local_segment(seg, x, ints, floats)
+        y = run_local_segment(seg, x, ints, floats, batch.meta.lora_cols)
       seg.instances[0].dispatch_s += time.perf_counter() - t0
     except Exception as e:  # a failed batch fails its requests, never the engine
       self._on_done(batch, None, e)

@@ -281,6 +281,9 @@ class Scheduler:
         meta.top_p[row] = p.top_p
         meta.set_seed(row, p.seed)
         meta.step[row] = len(req.generated)
+    if self.adapters is not None and seg.layers and any(
+        getattr(i, "lora_bank", None) for i in seg.layers):
+      meta.lora_cols = self.adapters.columns(meta.adapter[:len(items)])
     return BlockBatch(next(self._batches), seg, items, b_pad, t_pad, meta)
 
   # ---- results ----------------------------------------------------------------------------

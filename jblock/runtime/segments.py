@@ -101,14 +101,16 @@ def segment_fn(structure: tuple[tuple[str, str], ...], kv_shardings: tuple, mesh
   fn(params list, KV pools list (donated), x, ints, floats, banks) -> (y, KV pools): y is the
   hidden state [B, T, D], or the sampled tokens [B] int32 when the segment ends at the head.
   `ints` and `floats` are a packed StepMeta; `banks` (optional) has one LoRA adapter bank or None
-  per layers block (jblock.runtime.lora), applied per row by StepMeta.adapter. One compiled function serves every segment of this structure
-  (all variants of a model and every fine-tune that shares its shapes).
+  per layers block (jblock.runtime.lora), applied per row by StepMeta.adapter over the bank
+  columns `lora_cols` (StepMeta.lora_cols; one compiled shape per column bucket). One compiled
+  function serves every segment of this structure (all variants of a model and every fine-tune
+  that shares its shapes).
   """
   applies = [block_fns.apply_fn(kind, json.loads(cfg)) for kind, cfg in structure]
   n_tables = sum(kind == LAYERS for kind, _ in structure)
   rep = mesh_lib.replicated(mesh)
 
-  def step(params, kvs, x, ints, floats, banks=None):
+  def step(params, kvs, x, ints, floats, banks=None, lora_cols=None):
     m = unpack(ints, floats, n_tables)
     base = {"starts": m["starts"], "n_valid": m["n_valid"]}
     new_kvs, li = [], 0
@@ -116,7 +118,7 @@ def segment_fn(structure: tuple[tuple[str, str], ...], kv_shardings: tuple, mesh
       if kind == LAYERS:
         meta = {**base, "page_table": m["page_tables"][li]}
         if banks is not None and banks[li] is not None:
-          meta.update(lora=banks[li], adapter=m["adapter"])
+          meta.update(lora=banks[li], adapter=m["adapter"], lora_cols=lora_cols)
         x, kv = apply(p, kvs[li], x, meta)
         new_kvs.append(kv)
         li += 1

@@ -40,6 +40,9 @@ class StepMeta:
   seed_hi: np.ndarray  # int32 [B]: high 32 bits of the seed (bit pattern)
   step: np.ndarray  # int32 [B]: tokens the row's request generated so far
   adapter: np.ndarray  # int32 [B]: per-row adapter slot (-1 = none)
+  # int32 [C]: LoRA bank columns the batch's adapters use (slot * max rank + j, -1 = padding);
+  # None = every column. Not packed: local segments take it beside the banks.
+  lora_cols: np.ndarray | None = None
 
   @classmethod
   def empty(cls, batch: int, n_tables: int, width: int) -> "StepMeta":

@@ -12,7 +12,7 @@ import pytest
 from tests import hf_models
 
 
-# (3, 4): the dense masked form; (16, 64): more slots than rows, the gathered form.
+# (3, 4): few bank columns; (16, 64): more slots than rows.
 @pytest.mark.parametrize("slots,rank", [(3, 4), (16, 64)])
 def test_base_rows_exact_with_every_slot_filled(tmp_path, slots, rank):
   base, _ = hf_models.build("llama", str(tmp_path / "base"))
@@ -35,6 +35,14 @@ def test_base_rows_exact_with_every_slot_filled(tmp_path, slots, rank):
   plain, mixed = np.asarray(plain), np.asarray(mixed)
   assert np.array_equal(mixed[[0, 3]], plain[[0, 3]])  # bit-exact, not merely close
   assert np.abs(mixed[[1, 2]] - plain[[1, 2]]).max() > 1e-2
+  # Only the batch's bank columns (slots 0 and S-1, -1 padding): the same rows, base exact.
+  cols = np.full(4 * rank, -1, np.int32)
+  cols[:2 * rank] = np.r_[np.arange(rank), (slots - 1) * rank + np.arange(rank)]
+  packed, _ = apply(layers.params, kv(), x, {**meta, "lora": bank, "adapter": adapters,
+                                             "lora_cols": jnp.asarray(cols)})
+  packed = np.asarray(packed)
+  assert np.array_equal(packed[[0, 3]], plain[[0, 3]])
+  np.testing.assert_allclose(packed[[1, 2]], mixed[[1, 2]], rtol=1e-5, atol=1e-5)
   # Row 2 alone through slot 2 = row 2 in the mixed batch (no cross-row leakage).
   alone, _ = apply(layers.params, block_fns.init_kv(layers.config, 1, 16, jnp.float32), x[2:3],
                    {**contiguous_meta(1, 16, 0, 5), "lora": bank,

@@ -1,6 +1,7 @@
 """LoRA adapters served through one shared base: rows of the base, a partial fine-tune and
 several adapters share batches and each gets what transformers gives on the merged weights;
-more adapters than bank slots swap in and out under concurrency; load/unload of adapters."""
+more adapters than bank slots swap in and out under concurrency (the host->device copy staged
+outside the engine lock); load/unload of adapters."""
 
 import numpy as np
 import pytest
@@ -96,8 +97,31 @@ def test_more_adapters_than_slots_swap_and_stay_equal(engine, setup):
   assert after["evictions"] > before["evictions"]
   assert after["misses"] - before["misses"] >= 4  # a3 and a4 swap in, then a1 and a2 again
   assert len(after["resident"]) <= CONFIG.lora_slots and not after["pinned"]
+  # Every swap installed factors staged on the device at submit, before the engine lock.
+  assert (after["staged_installs"] - before["staged_installs"] ==
+          after["misses"] - before["misses"])
   print(f"bank: {after['hits']} hits, {after['misses']} misses, {after['evictions']} evictions, "
         f"{after['swap_s'] / max(after['misses'], 1) * 1e3:.2f} ms per swap")
+
+
+def test_swap_under_the_engine_lock_copies_nothing_to_the_device(engine, setup, monkeypatch):
+  import threading
+  from jblock.runtime import lora as lora_runtime
+  _, expected = setup
+  banks = engine._adapters
+  name = next(a for a in ADAPTERS if a not in banks.stats()["resident"])
+  banks.stage(name)  # what submit does before it takes the lock
+  me, real_put, puts = threading.get_ident(), lora_runtime.jax.device_put, []
+  monkeypatch.setattr(lora_runtime.jax, "device_put", lambda *a, **k: (
+      puts.append(1) if threading.get_ident() == me else None, real_put(*a, **k))[1])
+  misses = banks.misses
+  with engine._lock:  # as the scheduler's admission holds it
+    banks.acquire(name)
+    banks.release(name)
+  monkeypatch.undo()
+  assert banks.misses == misses + 1 and puts == []  # a real swap, and no host->device copy
+  i = list(ADAPTERS).index(name)
+  assert engine.generate(name, PROMPTS[i], max_new_tokens=NEW_TOKENS) == expected[name, i]
 
 
 def test_unload_frees_the_slot_and_load_brings_it_back(engine, setup):
