@@ -124,6 +124,18 @@ def stats_lines(zoo: Zoo, stats: ZooStats) -> list[str]:
       "blocks)",
       f"  dedup ratio:   {stats.dedup_ratio:.2f}x",
       f"  on disk:       {human_bytes(stats.disk_bytes):>10}  (blocks/, compressed by orbax)",
+  ] + _part_lines(stats)
+
+
+def _part_lines(stats: ZooStats) -> list[str]:
+  """Blocks stored as expert-level parts: how many parts, and what sharing experts saved."""
+  if not stats.part_blocks:
+    return []
+  return [
+      f"  expert parts:  {stats.stored_parts} stored for {stats.part_blocks} block"
+      f"{'s' if stats.part_blocks != 1 else ''}: {human_bytes(stats.part_bytes)} stored "
+      f"({stats.part_bytes} B) vs {human_bytes(stats.part_block_bytes)} logical "
+      f"({stats.part_block_bytes} B: each such block whole)",
   ]
 
 

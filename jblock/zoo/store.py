@@ -70,6 +70,9 @@ class ZooStats:
   stored_bytes: int  # sum over distinct stored blocks of their param bytes
   disk_bytes: int  # what blocks/ and parts/ take on disk (orbax compresses)
   stored_parts: int = 0  # expert-level parts stored (each expert once; jblock.zoo.experts)
+  part_blocks: int = 0  # stored blocks kept as parts
+  part_block_bytes: int = 0  # param bytes of those blocks, each counted whole
+  part_bytes: int = 0  # param bytes of the distinct parts they list (what is stored for them)
 
   @property
   def dedup_ratio(self) -> float:
@@ -368,7 +371,7 @@ class Zoo:
     models = self._readable_manifests()
     stored = set(self.block_ids())
     referenced = {i for m in models.values() for i in m["chain"] + (m.get("deltas") or []) if i}
-    stored_bytes, parts = 0, set()
+    stored_bytes, parts, part_blocks, part_block_bytes = 0, set(), 0, 0
     for block_id in stored:
       try:
         record = self.block_record(block_id)
@@ -376,10 +379,13 @@ class Zoo:
         continue  # unreadable record: verify reports it
       if record.get("parts"):
         parts.update(experts.part_ids(record["parts"]))
+        part_blocks += 1
+        part_block_bytes += int(record["nbytes"])
       else:
         stored_bytes += int(record["nbytes"])
     parts &= set(self._parts.ids())
-    stored_bytes += sum(self._parts.nbytes(pid) for pid in parts)
+    part_bytes = sum(self._parts.nbytes(pid) for pid in parts)
+    stored_bytes += part_bytes
     return ZooStats(
         models=len(models), stored_blocks=len(stored), referenced_blocks=len(referenced),
         orphan_blocks=len(stored - referenced), missing_blocks=len(referenced - stored),
@@ -387,7 +393,8 @@ class Zoo:
                           for m in models.values()),
         stored_bytes=stored_bytes,
         disk_bytes=_dir_size(self.blocks_dir) + _dir_size(self._parts.dir),
-        stored_parts=len(parts))
+        stored_parts=len(parts), part_blocks=part_blocks, part_block_bytes=part_block_bytes,
+        part_bytes=part_bytes)
 
   def verify(self, progress: Callable[[str], None] | None = None) -> list[str]:
     """Re-hashes every stored block and checks every manifest; returns the problems found."""

@@ -10,7 +10,8 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 import jblock
-from jblock.zoo import Zoo
+from jblock.zoo import Zoo, cli
+from jblock.zoo.cli import human_bytes
 from tests import hf_models
 
 CHANGED = (1, 3)  # experts retrained in the top layer
@@ -50,6 +51,15 @@ def test_finetune_of_two_experts_stores_only_those(dirs, tmp_path):
   # Every layer: one rest part and 4 experts; the fine-tune adds 2 experts and its top layer's
   # rest part is the base's.
   assert stats.stored_parts == 3 * (1 + 4) + len(CHANGED)
+  # tools.zoo stats: the part count and, for the part-stored layers blocks, stored vs logical.
+  layer_bytes = [zoo.block_record(i)["nbytes"] for i in first.chain[1:1 + 3]]
+  logical = sum(layer_bytes) + layer_bytes[TOP]
+  parts_stored = sum(layer_bytes) + len(CHANGED) * expert_bytes
+  assert stats.part_blocks == 4
+  assert (stats.part_block_bytes, stats.part_bytes) == (logical, parts_stored)
+  assert (f"  expert parts:  {3 * 5 + len(CHANGED)} stored for 4 blocks: "
+          f"{human_bytes(parts_stored)} stored ({parts_stored} B) vs {human_bytes(logical)} "
+          f"logical ({logical} B: each such block whole)") in cli.stats_lines(zoo, stats)
   assert zoo.verify() == []
 
   # Reassembled from parts, bit-exactly: same ids, same logits, transformers' tokens.
