@@ -9,6 +9,7 @@ Process 0 prints (and with --output writes) the new tokens and the logits behind
 """
 
 import json
+import signal
 
 from absl import app
 from absl import flags
@@ -21,6 +22,9 @@ _LOCAL_DEVICES = flags.DEFINE_integer("local_devices", 0, "CPU devices per proce
                                       lower_bound=0)
 _TIMEOUT_S = flags.DEFINE_integer("dist_timeout_s", 60, "Seconds to wait for every process.",
                                   lower_bound=1)
+_COLLECTIVES_HOST = flags.DEFINE_string(
+    "collectives_host", None, "Address gloo's collective sockets bind; default: the coordinator's "
+    "host when it is loopback, else the address this host's name resolves to.")
 _ZOO = flags.DEFINE_string("zoo", "checkpoints/zoo", "Block zoo directory (same on every process).")
 _MODEL = flags.DEFINE_string("model", None, "Model of the zoo to run.")
 _MESH_SHAPE = flags.DEFINE_list("mesh_shape", [], "data,model mesh over all processes' devices; "
@@ -64,7 +68,8 @@ def main(argv):
   prompts, shape = _prompts(), _mesh_shape()
   from jblock.cluster import multihost
   config = multihost.DistributedConfig(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                       _PROCESS_ID.value, _LOCAL_DEVICES.value, _TIMEOUT_S.value)
+                                       _PROCESS_ID.value, _LOCAL_DEVICES.value, _TIMEOUT_S.value,
+                                       _COLLECTIVES_HOST.value)
   try:
     config.validate()
   except ValueError as e:
@@ -75,6 +80,10 @@ def main(argv):
         f"{config.process_id} of {config.num_processes} (waiting up to {config.timeout_s} s)",
         flush=True)
   multihost.initialize(config)
+  # jax.distributed installs a SIGTERM handler (preemption sync) that only records the signal:
+  # a process waiting in a collective for a dead peer would then ignore it. Default disposition:
+  # SIGTERM ends the process even inside a blocked collective.
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
   from jblock.zoo.cli import quiet_libraries
   from jblock.zoo.store import Zoo
   quiet_libraries()
@@ -89,7 +98,7 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(f"--prompt/--max_new_tokens: {e}")
   local, total = chain.param_bytes()
-  result = {"process_id": _PROCESS_ID.value, "mesh": json.loads(multihost.describe(mesh)),
+  result = {"process_id": _PROCESS_ID.value, "mesh": multihost.describe(mesh),
             "tokens": out.tokens, "logits": out.logits.tolist(),
             "local_param_bytes": local, "global_param_bytes": total}
   # Every process reports its own share of the params; process 0 also the result.

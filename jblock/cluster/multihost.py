@@ -14,7 +14,6 @@ engine's serving loop, whose batches depend on arrival times, is not, and stays 
 """
 
 import dataclasses
-import json
 import os
 import re
 from typing import Any, Sequence
@@ -34,6 +33,7 @@ from jblock.runtime.step import StepMeta
 from jblock.zoo import blockio
 
 _ADDRESS = re.compile(r"^[A-Za-z0-9.\-\[\]:]+:\d{1,5}$")
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,14 @@ class DistributedConfig:
   process_id: int  # this process's rank, 0 .. num_processes - 1
   local_devices: int = 0  # CPU devices this process exposes; 0 = the platform's default
   timeout_s: int = 60  # how long start-up waits for every process to join
+  # Address gloo's collective sockets bind and advertise; None = the coordinator's host when
+  # that is a loopback address (a loopback mesh stays on loopback), else gloo's default (the
+  # address this host's name resolves to).
+  collectives_host: str | None = None
+
+  def gloo_host(self) -> str | None:
+    host = self.coordinator_address.rsplit(":", 1)[0].strip("[]")
+    return self.collectives_host or (host if host in _LOOPBACK else None)
 
   def validate(self) -> None:
     """ValueError naming the field that is wrong."""
@@ -66,12 +74,29 @@ def initialize(config: DistributedConfig) -> None:
   # gloo is this JAX's default for CPU; set it so a changed default cannot silently drop
   # cross-process collectives.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if config.gloo_host():
+    _bind_gloo_to(config.gloo_host())
   jax.distributed.initialize(
       config.coordinator_address, num_processes=config.num_processes,
       process_id=config.process_id, initialization_timeout=config.timeout_s,
       # Bind exactly the address the others dial (127.0.0.1 stays loopback), not every interface.
       coordinator_bind_address=config.coordinator_address,
-      heartbeat_timeout_seconds=max(10, config.timeout_s), shutdown_timeout_seconds=config.timeout_s)
+      heartbeat_timeout_seconds=max(10, config.timeout_s),
+      shutdown_timeout_seconds=config.timeout_s)
+
+
+def _bind_gloo_to(host: str) -> None:
+  """Makes the CPU backend's gloo collectives bind `host`: JAX has no public option for it, so
+  the CPU backend factory is replaced (before the backend exists) by one that passes it."""
+  from jax._src import distributed, xla_bridge
+  from jax._src.lib import _jax
+
+  def cpu_client():
+    collectives = _jax.make_gloo_tcp_collectives(
+        distributed_client=distributed.global_state.client, hostname=host)
+    return xla_bridge.make_cpu_client(collectives=collectives)
+
+  xla_bridge.register_backend_factory("cpu", cpu_client, priority=0, fail_quietly=False)
 
 
 def shutdown() -> None:
@@ -114,7 +139,8 @@ def restore_block(zoo, block_id: str, mesh, verify: bool = True) -> Block:
     return Block(record["kind"], record["config"],
                  blockio.place(zoo.load_block(block_id).params, shardings))
   args = blockio.restore_args(record["leaves"], shardings)
-  return Block(record["kind"], record["config"], blockio.restore(os.path.join(zoo.blocks_dir, block_id), args))
+  params = blockio.restore(os.path.join(zoo.blocks_dir, block_id), args)
+  return Block(record["kind"], record["config"], params)
 
 
 def _shapes(leaves: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -225,7 +251,8 @@ class MeshChain:
       meta = StepMeta.empty(b, len(self.body.layers), width)
       for li, rows in enumerate(leases):
         for r, lease in enumerate(rows):
-          meta.page_tables[li, r] = lease.pool.table(lease, width) + [0] * (width - len(lease.pages))
+          table = lease.pool.table(lease, width)
+          meta.page_tables[li, r] = table + [0] * (width - len(table))  # the tail is never read
       meta.temperature[:] = temperature
       for r in range(b):
         meta.set_seed(r, seed + r)
@@ -253,6 +280,7 @@ class MeshChain:
     return Generation([t.tolist() for t in np.stack(tokens, axis=1)], np.stack(logits))
 
 
-def describe(mesh) -> str:
-  return json.dumps({"processes": jax.process_count(), "devices": mesh.devices.size,
-                     "mesh": dict(mesh.shape)})
+def describe(mesh) -> dict[str, Any]:
+  """Processes, devices and axis sizes of a (global) mesh."""
+  return {"processes": jax.process_count(), "devices": int(mesh.devices.size),
+          "mesh": dict(mesh.shape)}
