@@ -427,15 +427,30 @@ class Engine:
         return  # shutting down: the workers going quiet is expected
       lost = [i for i in self._instances.values() if hasattr(i, "recover")
               and getattr(i, "executor_key", None) == placement and i.available]
-      if not lost:
-        return
-      for inst in lost:
-        inst.available = False
-      affected = replay.pause_all(self._scheduler, {i.key for i in lost})
-      event = {"placement": placement, "reason": reason, "blocks": len(lost),
-               "requests_paused": len(affected), "at": time.time()}
-      self._recoveries.append(event)
-    start_thread(lambda: self._recover(lost, affected, reason, event), "jblock-recover")
+      self._replace(lost, placement, reason)
+
+  def relocate(self, keys, reason: str, to: str | None = None) -> threading.Thread | None:
+    """Moves instances (by key) to another placement (`to` first, if given): a new copy is
+    hosted there and the old one freed, while the requests through them pause and then replay
+    their KV into the new copy. Returns the thread doing it (join it to wait)."""
+    with self._lock:
+      moving = [self._instances[k] for k in keys
+                if hasattr(self._instances.get(k), "recover") and self._instances[k].available]
+      return self._replace(moving, ",".join(sorted({i.executor_key for i in moving})), reason, to)
+
+  def _replace(self, instances: list, placement: str, reason: str,
+               to: str | None = None) -> threading.Thread | None:
+    """Under the lock: pauses the requests through `instances` and starts re-placing them."""
+    if not instances:
+      return None
+    for inst in instances:
+      inst.available = False
+    affected = replay.pause_all(self._scheduler, {i.key for i in instances})
+    event = {"placement": placement, "reason": reason, "blocks": len(instances),
+             "requests_paused": len(affected), "at": time.time()}
+    self._recoveries.append(event)
+    return start_thread(lambda: self._recover(instances, affected, reason, event, to),
+                        "jblock-recover")
 
   def retry_lost(self) -> None:
     """Tries again to place the instances that found no worker (say, when a worker joins)."""
@@ -448,12 +463,12 @@ class Engine:
                    "jblock-recover")
 
   def _recover(self, lost: list, affected: list[Request], reason: str,
-               event: dict | None = None) -> None:
+               event: dict | None = None, to: str | None = None) -> None:
     t0 = time.perf_counter()
     failed: dict[str, Exception] = {}
     for inst in lost:  # RPCs: outside the lock, serving goes on meanwhile
       try:
-        inst.recover(reason)
+        inst.recover(reason, to) if to else inst.recover(reason)
       except Exception as e:
         failed[inst.key] = e
     with self._lock:

@@ -206,20 +206,36 @@ class RemoteBlockInstance:
     raise UnavailableError(f"block {self.block_id[:12]} ({self.kind}) could not be placed on any "
                            f"worker: " + ("; ".join(refusals) or "no live worker"))
 
-  def recover(self, reason: str) -> None:
-    """Re-hosts the block on a live worker after its worker was lost (fresh, empty KV pool;
-    the page leases stay here, so callers replay what the requests had cached)."""
-    old = self.address
-    if self._channel is not None:
-      self._channel.close()  # fails whatever was still waiting on the dead worker at once
+  def recover(self, reason: str, to: str | None = None) -> None:
+    """Re-hosts the block on another live worker (`to` first, if given): after its worker was
+    lost, or to move it. The new copy has a fresh, empty KV pool; the page leases stay here, so
+    callers replay what the requests had cached. A live old worker then unhosts it (params and
+    KV freed there); if no other worker takes it, it stays where it is."""
+    old, old_channel, old_stub = self.address, self._channel, self._stub
+    old_alive = old_channel is not None and self._placer.membership.is_alive(old)
+    if old_channel is not None and not old_alive:
+      old_channel.close()  # fails whatever was still waiting on the dead worker at once
       self._channel = None
-    self.moves.append(f"{old}: {reason}")
+    if to is not None:
+      self._placer.placed(self.block_id, to)
     try:
       self._host_somewhere(exclude=[old])
     except UnavailableError as e:
+      if old_alive:  # a move that found no taker: the old copy serves on
+        self._placer.placed(self.block_id, old)
+        self.moves.append(f"stayed on {old}: {e}")
+        return
+      self.moves.append(f"{old}: {reason}")
       self.lost_reason = f"its worker {old} was lost ({reason}) and {e}"
       self.placement = f"lost: {self.lost_reason}"
       raise UnavailableError(self.lost_reason) from None
+    self.moves.append(f"{old}: {reason}")
+    if old_alive:
+      try:
+        old_stub.UnhostBlock(pb.UnhostBlockRequest(block_id=self.block_id), timeout=30.0)
+      except grpc.RpcError:
+        pass  # gone meanwhile: nothing left to free there
+      old_channel.close()
 
   def run_batch(self, batch: BlockBatch):
     """One RunBlock RPC: the staged input and the packed metadata in, y (numpy) out."""

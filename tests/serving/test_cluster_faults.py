@@ -1,5 +1,5 @@
-"""A coordinator (in process) with worker processes: late join, unload frees worker memory, a
-worker SIGKILLed mid-decode (every stream ends with its undisturbed tokens), no worker left
+"""A coordinator (in process) with worker processes: late join, a block moved between workers
+mid-request, unload frees worker memory, a worker SIGKILLed mid-decode (every stream ends with its undisturbed tokens), no worker left
 (UNAVAILABLE naming why), a worker joining brings the lost blocks back, and workers exit by
 themselves once the coordinator is gone."""
 
@@ -60,6 +60,18 @@ def test_workers_join_fail_over_and_outlive_no_coordinator(zoo_dir, expected):
     only_v2 = {b["block_id"] for b in engine.stats()["blocks"] if b["models"] == ["v2"]}
     assert len(only_v2) == 2 and _blocks_on(engine, second) == only_v2
     assert engine.generate("v2", PROMPTS[1], max_new_tokens=NEW) == expected["v2", 1]
+
+    # Moving a block while a request runs through it: a new copy on the other worker, the old
+    # one freed there, the request replays its KV into the copy.
+    moved = next(b for b in engine.stats()["blocks"]
+                 if b["block_id"] in only_v2 and b["kind"] == "layers")
+    wait_until(lambda: _worker_view(engine, second)["load"].get("blocks_hosted") == 2, timeout=10)
+    running = engine.submit("v2", PROMPTS[4], max_new_tokens=NEW)
+    wait_until(lambda: len(running.tokens) >= 2, timeout=60)
+    engine.relocate([moved["key"]], "moved to balance", to=first).join(60)
+    assert _blocks_on(engine, second) == only_v2 - {moved["block_id"]}
+    assert running.result(timeout=60) == expected["v2", 4]
+    wait_until(lambda: _worker_view(engine, second)["load"]["blocks_hosted"] == 1, timeout=10)
 
     # SIGKILL the worker of the shared blocks while every stream is mid-decode.
     handles = {(m, i): engine.submit(m, PROMPTS[i], max_new_tokens=NEW)
