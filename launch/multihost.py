@@ -85,14 +85,18 @@ def main(argv):
   # SIGTERM ends the process even inside a blocked collective.
   signal.signal(signal.SIGTERM, signal.SIG_DFL)
   from jblock.zoo.cli import quiet_libraries
+  from jblock.errors import JBlockError
   from jblock.zoo.store import Zoo
   quiet_libraries()
   try:
     mesh = multihost.global_mesh(shape)
   except ValueError as e:
     raise app.UsageError(f"--mesh_shape: {e}")
-  chain = multihost.MeshChain(Zoo(_ZOO.value), _MODEL.value, mesh, batch_size=len(prompts),
-                              max_seq_len=_MAX_SEQ_LEN.value, verify=_VERIFY.value)
+  try:
+    chain = multihost.MeshChain(Zoo(_ZOO.value), _MODEL.value, mesh, batch_size=len(prompts),
+                                max_seq_len=_MAX_SEQ_LEN.value, verify=_VERIFY.value)
+  except JBlockError as e:  # every process reads the same zoo: all stop here alike
+    raise app.UsageError(f"--zoo={_ZOO.value} --model={_MODEL.value}: {e}")
   try:
     out = chain.generate(prompts, _MAX_NEW_TOKENS.value, _TEMPERATURE.value, _SEED.value)
   except ValueError as e:

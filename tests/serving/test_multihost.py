@@ -5,6 +5,7 @@ params."""
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -44,80 +45,109 @@ def _launch(args: list[str], log: pathlib.Path) -> subprocess.Popen:
                             stdout=f, stderr=subprocess.STDOUT, env=env, text=True)
 
 
-@pytest.fixture
-def processes(request):
-  started: list[subprocess.Popen] = []
-
-  def kill_all():
-    for proc in started:
+@pytest.fixture(scope="module")
+def started(zoo_dir, tmp_path_factory):
+  """Starts every process of this module at once (they share the cores with the in-process
+  reference); kills any left over at the end."""
+  tmp = tmp_path_factory.mktemp("runs")
+  port = free_port()
+  pair = [f"--dist_coordinator=127.0.0.1:{port}", "--num_processes=2", "--local_devices=2",
+          "--dist_timeout_s=60", f"--zoo={zoo_dir}", "--model=base", "--mesh_shape=1,4",
+          f"--max_new_tokens={NEW_TOKENS}", f"--max_seq_len={MAX_SEQ_LEN}",
+          *[f"--prompt={','.join(map(str, p))}" for p in PROMPTS]]
+  # A block whose stored config no longer hashes to its id.
+  broken = tmp / "broken_zoo"
+  shutil.copytree(zoo_dir, broken)
+  head_id = Zoo(str(broken)).manifest("base")["chain"][-1]
+  record_path = broken / "blocks" / head_id / "block.json"
+  record = json.loads(record_path.read_text())
+  record["config"]["norm_eps"] *= 2
+  record_path.write_text(json.dumps(record))
+  lone = lambda *args: [f"--dist_coordinator=127.0.0.1:{free_port()}", "--model=base",
+                        "--prompt=1", *args]
+  commands = {
+      "process0": pair + ["--process_id=0", f"--output={tmp / 'out.json'}"],
+      "process1": pair + ["--process_id=1"],
+      "bad_rank": lone("--num_processes=2", "--process_id=2", f"--zoo={zoo_dir}"),
+      # Its peer never comes: a bounded wait, then it exits.
+      "no_peer": lone("--num_processes=2", "--process_id=0", "--dist_timeout_s=3",
+                      f"--zoo={zoo_dir}"),
+      "broken": lone("--num_processes=1", "--local_devices=1", f"--zoo={broken}"),
+  }
+  procs = {name: _launch(args, tmp / f"{name}.log") for name, args in commands.items()}
+  try:
+    yield procs, tmp, head_id
+  finally:
+    for proc in procs.values():
       if proc.poll() is None:
         proc.kill()
         proc.wait(10)
 
-  request.addfinalizer(kill_all)
-  return started
+
+@pytest.fixture(scope="module")
+def alone(zoo_dir, started):
+  """One process, the same (1, 4) mesh layout over its own devices (while the others run)."""
+  chain = multihost.MeshChain(Zoo(zoo_dir), "base", mesh_lib.make_mesh((1, 4)),
+                              batch_size=len(PROMPTS), max_seq_len=MAX_SEQ_LEN)
+  return chain, chain.generate(PROMPTS, NEW_TOKENS)
 
 
-def _lines(log: pathlib.Path) -> list[dict]:
-  out = []
-  for line in log.read_text().splitlines():
-    if line.startswith("{"):
-      out.append(json.loads(line))
+@pytest.fixture(scope="module")
+def runs(started, alone):
+  """{name: (return code, log text)} once every process ended (bounded), process 0's result."""
+  procs, tmp, head_id = started
+  codes = {name: proc.wait(timeout=240) for name, proc in procs.items()}
+  out = {name: (codes[name], (tmp / f"{name}.log").read_text()) for name in procs}
+  out["head_id"] = head_id
+  out["result"] = json.loads((tmp / "out.json").read_text()) if codes["process0"] == 0 else None
   return out
 
 
-def test_two_process_mesh_matches_one_process(zoo_dir, tmp_path, processes):
-  port = free_port()
-  common = [f"--dist_coordinator=127.0.0.1:{port}", "--num_processes=2", "--local_devices=2",
-            "--dist_timeout_s=60", f"--zoo={zoo_dir}", "--model=base", "--mesh_shape=1,4",
-            f"--max_new_tokens={NEW_TOKENS}", f"--max_seq_len={MAX_SEQ_LEN}",
-            *[f"--prompt={','.join(map(str, p))}" for p in PROMPTS]]
-  out_file = tmp_path / "out.json"
-  logs = [tmp_path / f"process{i}.log" for i in range(2)]
-  processes.append(_launch(common + ["--process_id=0", f"--output={out_file}"], logs[0]))
-  processes.append(_launch(common + ["--process_id=1"], logs[1]))
-  bad_log = tmp_path / "bad.log"
-  processes.append(_launch([f"--dist_coordinator=127.0.0.1:{free_port()}", "--num_processes=2",
-                            "--process_id=2", f"--zoo={zoo_dir}", "--model=base", "--prompt=1"],
-                           bad_log))
-
-  lone_log = tmp_path / "lone.log"  # its peer never comes: bounded wait, then it exits
-  processes.append(_launch([f"--dist_coordinator=127.0.0.1:{free_port()}", "--num_processes=2",
-                            "--process_id=0", "--dist_timeout_s=3", f"--zoo={zoo_dir}",
-                            "--model=base", "--prompt=1"], lone_log))
-
-  # One process, same (1, 4) mesh layout over its own devices, while the pair runs.
-  zoo = Zoo(zoo_dir)
-  local = multihost.MeshChain(zoo, "base", mesh_lib.make_mesh((1, 4)), batch_size=len(PROMPTS),
-                              max_seq_len=MAX_SEQ_LEN)
-  alone = local.generate(PROMPTS, NEW_TOKENS)
-  reference = zoo.load_model("base")  # the reference chain, one device
-  assert alone.tokens == reference.generate(PROMPTS, NEW_TOKENS).tolist()
-
-  for proc, log in zip(processes[:2], logs):
-    assert proc.wait(timeout=240) == 0, log.read_text()[-3000:]
-  assert processes[2].wait(timeout=60) != 0
-  bad = bad_log.read_text()
-  assert "--process_id must be in [0, 2), got 2" in bad and "Traceback" not in bad
-  assert processes[3].wait(timeout=60) != 0  # 3 s to join (plus start-up), not forever
-  lone = lone_log.read_text()
-  assert "joining the mesh at" in lone and "process 0 of 2 (waiting up to 3 s)" in lone
-  assert "DEADLINE_EXCEEDED" in lone and "RegisterTask" in lone
-
-  result = json.loads(out_file.read_text())
+def test_two_process_mesh_matches_one_process(runs, alone, zoo_dir):
+  for name in ("process0", "process1"):
+    assert runs[name][0] == 0, runs[name][1][-3000:]
+  _, one = alone
+  assert one.tokens == Zoo(zoo_dir).load_model("base").generate(PROMPTS, NEW_TOKENS).tolist()
+  result = runs["result"]
   assert result["mesh"] == {"processes": 2, "devices": 4, "mesh": {"data": 1, "model": 4}}
-  assert result["tokens"] == alone.tokens
+  assert result["tokens"] == one.tokens
   logits = np.asarray(result["logits"], np.float32)
   assert logits.shape == (NEW_TOKENS, len(PROMPTS), 128)
-  np.testing.assert_allclose(logits, alone.logits, rtol=0, atol=1e-5)
-  # Greedy: every token is its logits' argmax.
-  assert (logits.argmax(-1).T == np.asarray(result["tokens"])).all()
+  np.testing.assert_allclose(logits, one.logits, rtol=0, atol=1e-5)
+  assert (logits.argmax(-1).T == np.asarray(result["tokens"])).all()  # greedy: the argmax
 
-  # Params split on the model axis across both processes: each holds its own half of the
-  # split leaves (plus the small replicated norms), never the whole block.
-  shares = [next(d for d in _lines(log) if "local_param_bytes" in d) for log in logs]
+
+def test_each_process_holds_only_its_share_of_the_params(runs, alone):
+  # Split on the model axis across both processes: each holds half of every split leaf (plus
+  # the small replicated norms), never a whole block.
+  chain, _ = alone
+  shares = [next(d for d in _lines_of(runs[n][1]) if "local_param_bytes" in d)
+            for n in ("process0", "process1")]
   total = shares[0]["global_param_bytes"]
-  assert total == sum(i.resident_bytes for i in {i.key: i for i in local.chain}.values())
+  assert total == sum(i.resident_bytes for i in {i.key: i for i in chain.chain}.values())
   assert shares[0]["local_param_bytes"] == shares[1]["local_param_bytes"] < 0.55 * total
   assert shares[0]["local_param_bytes"] + shares[1]["local_param_bytes"] >= total
 
+
+def test_bad_rank_is_a_flag_error(runs):
+  code, log = runs["bad_rank"]
+  assert code == 1
+  assert "--process_id must be in [0, 2), got 2" in log and "Traceback" not in log
+
+
+def test_missing_peer_ends_the_wait(runs):
+  code, log = runs["no_peer"]
+  assert code != 0  # JAX's coordination client aborts after --dist_timeout_s (3 s here)
+  assert "joining the mesh at" in log and "process 0 of 2 (waiting up to 3 s)" in log
+  assert "DEADLINE_EXCEEDED" in log and "RegisterTask" in log
+
+
+def test_corrupted_block_is_refused(runs):
+  code, log = runs["broken"]
+  assert code == 1
+  assert f"corrupted block {runs['head_id']}: its stored kind, config and params hash to" in log
+  assert "Traceback" not in log
+
+
+def _lines_of(text: str) -> list[dict]:
+  return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
