@@ -95,7 +95,7 @@ def main(argv):
   try:
     chain = multihost.MeshChain(Zoo(_ZOO.value), _MODEL.value, mesh, batch_size=len(prompts),
                                 max_seq_len=_MAX_SEQ_LEN.value, verify=_VERIFY.value)
-  except JBlockError as e:  # every process reads the same zoo: all stop here alike
+  except (JBlockError, ValueError) as e:  # every process reads the same zoo: all stop alike
     raise app.UsageError(f"--zoo={_ZOO.value} --model={_MODEL.value}: {e}")
   try:
     out = chain.generate(prompts, _MAX_NEW_TOKENS.value, _TEMPERATURE.value, _SEED.value)

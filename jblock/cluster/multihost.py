@@ -25,9 +25,9 @@ import numpy as np
 from jblock.blocks import EMBED, HEAD, LAYERS, Block
 from jblock.models import blocks as block_fns
 from jblock.runtime import mesh as mesh_lib
+from jblock.runtime.executor import run_local_segment
 from jblock.runtime.instance import LocalBlockInstance
 from jblock.runtime.kv import pages_for
-from jblock.runtime.executor import run_local_segment
 from jblock.runtime.segments import Segment
 from jblock.runtime.step import StepMeta
 from jblock.zoo import blockio
@@ -175,6 +175,9 @@ class MeshChain:
   def __init__(self, zoo, model: str, mesh, batch_size: int, max_seq_len: int,
                page_size: int = 16, verify: bool = True):
     manifest = zoo.manifest(model)
+    if manifest.get("deltas"):
+      raise ValueError(f"model {model!r} is a LoRA adapter: adapters are not run on a "
+                       "multi-host mesh (serve its base, or the adapter on one host)")
     self.model = model
     self.mesh = mesh
     self.batch_size = batch_size
@@ -198,6 +201,9 @@ class MeshChain:
       chain.append(inst)
     if chain[0].kind != EMBED or chain[-1].kind != HEAD:
       raise ValueError(f"model {model!r}: a chain runs from an embed block to a head block")
+    if len({id(i) for i in chain}) < len(chain):  # one KV pool cannot be donated twice a call
+      raise ValueError(f"model {model!r}: its chain repeats a block, which a multi-host mesh "
+                       "does not run")
     self.chain = chain
     self.body = Segment(chain[:-1], 0)
     self.head = Segment(chain[-1:], len(chain) - 1)
