@@ -239,7 +239,7 @@ class AdapterBanks:
     this is the host->device transfer of a swap). A no-op for other models or when staged."""
     host = self._host.get(model)
     with self._stage_lock:
-      if host is None or model in self._staged:
+      if host is None or self._staged.get(model, (None,))[0] is host:
         if host is not None:
           self._staged.move_to_end(model)
         return
@@ -258,7 +258,7 @@ class AdapterBanks:
                              "b": jax.device_put(f["b"].astype(inst.dtype), b_spec)}
     jax.block_until_ready(staged)
     with self._stage_lock:
-      self._staged[model] = staged
+      self._staged[model] = (host, staged)  # host: an adapter unloaded and loaded again re-stages
       while len(self._staged) > 2 * self.slots:  # bounded: device memory
         self._staged.popitem(last=False)
       self.stage_s += time.perf_counter() - t0
@@ -270,15 +270,16 @@ class AdapterBanks:
     from `stage`, staged now if the caller did not."""
     factors_of = {}
     if model:
+      host = self._host[model]
       with self._stage_lock:
-        staged = self._staged.get(model)
-      if staged is None:
+        staged = self._staged.get(model, (None, None))
+      if staged[0] is not host:  # not staged by the caller (or staged for an older load)
         self.stage(model)
         with self._stage_lock:
-          staged = self._staged.get(model, {})
+          staged = self._staged[model]
       else:
         self.staged_installs += 1
-      factors_of = staged
+      factors_of = staged[1]
     for key, inst in self._instances.items():
       factors = factors_of.get(key)
       if factors is None and (key, slot) not in self._dirty:
@@ -291,13 +292,16 @@ class AdapterBanks:
         factors = {p: f for p, f in factors.items() if p in inst.lora_bank}
       inst.lora_bank = _write_slot(inst.lora_bank, np.int32(slot), factors)
 
+  def bucket_for(self, n: int) -> int:
+    """The compiled column-list size that holds n columns."""
+    return self.buckets[min(bisect.bisect_left(self.buckets, n), len(self.buckets) - 1)]
+
   def columns(self, row_slots) -> np.ndarray:
     """The bank columns a batch with these row slots uses (slot * R + j for j < the slot's
     adapter rank), padded with -1 to the next column bucket."""
     cols = [s * self.max_rank + j for s in sorted({int(x) for x in row_slots if x >= 0})
             for j in range(self._slot_rank[s])]
-    size = self.buckets[min(bisect.bisect_left(self.buckets, len(cols)), len(self.buckets) - 1)]
-    out = np.full(size, -1, np.int32)
+    out = np.full(self.bucket_for(len(cols)), -1, np.int32)
     out[:len(cols)] = cols
     return out
 
