@@ -1,0 +1,99 @@
+"""The placement planner: hops vs compute under memory, replication of hot shared blocks, diffs."""
+
+import pytest
+
+from jblock.cluster.placement import PlacementError, PlacementInputs, PlannerConfig, diff, plan
+
+MB = 1 << 20
+CHAIN = ["embed", "l0", "l1", "l2", "l3", "head"]
+SIZES = {"embed": 4 * MB, "l0": 8 * MB, "l1": 8 * MB, "l2": 8 * MB, "l3": 8 * MB, "head": 4 * MB}
+
+
+def _inputs(chains, memory, rates=None, sizes=SIZES):
+  return PlacementInputs(chains, sizes, memory, rates or {})
+
+
+def test_expensive_hops_keep_a_chain_on_one_worker():
+  p = plan(_inputs({"m": CHAIN}, {"w1": 0, "w2": 0}), PlannerConfig(hop_cost_s=1.0))
+  assert len({ws[0] for ws in p.hosts.values()}) == 1
+  assert p.hops_per_s == 0.0
+
+
+def test_cheap_hops_split_a_chain_into_two_balanced_contiguous_segments():
+  p = plan(_inputs({"m": CHAIN}, {"w1": 0, "w2": 0}),
+           PlannerConfig(hop_cost_s=1e-6, bytes_per_s=1e9))
+  workers = [p.routes["m"][b] for b in CHAIN]
+  assert len(set(workers)) == 2
+  assert sum(a != b for a, b in zip(workers, workers[1:])) == 1  # one crossing: contiguous
+  assert p.hops_per_s == 1.0
+  load = sorted(p.worker_load_s.values())
+  assert load[0] == pytest.approx(20 * MB / 1e9)  # 40 MB split exactly in half
+  assert load[1] == pytest.approx(20 * MB / 1e9)
+  assert "splits its chain here" in p.reasons[CHAIN[0]] or "splits its chain here" in p.reasons["l2"]
+
+
+def test_memory_forces_a_split_and_a_block_too_big_is_named():
+  # 40 MB of blocks, 30 MB per worker (x0.9 headroom = 27 MB): cannot sit on one worker.
+  p = plan(_inputs({"m": CHAIN}, {"w1": 30 * MB, "w2": 30 * MB}), PlannerConfig(hop_cost_s=1.0))
+  per_worker = {}
+  for b, ws in p.hosts.items():
+    per_worker[ws[0]] = per_worker.get(ws[0], 0) + SIZES[b]
+  assert len(per_worker) == 2 and max(per_worker.values()) <= 27 * MB
+  assert p.hops_per_s == 1.0  # the fewest crossings memory allows
+  with pytest.raises(PlacementError, match="block l0 .*fits on no worker"):
+    plan(_inputs({"m": CHAIN}, {"w1": 6 * MB, "w2": 6 * MB}))
+
+
+def test_errors_name_the_input():
+  with pytest.raises(PlacementError, match="worker_memory"):
+    plan(_inputs({"m": CHAIN}, {}))
+  with pytest.raises(PlacementError, match="block_bytes: block nope"):
+    plan(_inputs({"m": ["nope"]}, {"w1": 0}))
+  with pytest.raises(PlacementError, match="rates: chain m"):
+    plan(_inputs({"m": CHAIN}, {"w1": 0}, {"m": -1.0}))
+
+
+# Two variants share their bottom (embed, l0, l1); each has its own top. Memory allows one top
+# per worker, so the variants' tops land apart and one variant crosses to the shared bottom.
+SHARED = {"a": ["embed", "l0", "l1", "a2", "a3", "ahead"],
+          "b": ["embed", "l0", "l1", "b2", "b3", "bhead"]}
+SHARED_SIZES = {"embed": 2 * MB, "l0": 2 * MB, "l1": 2 * MB, "a2": 8 * MB, "a3": 8 * MB,
+                "ahead": 4 * MB, "b2": 8 * MB, "b3": 8 * MB, "bhead": 4 * MB}
+SHARED_MEM = {"w1": 36 * MB, "w2": 36 * MB}  # 32.4 MB usable: bottom + one top, not two tops
+
+
+def test_a_hot_shared_bottom_is_replicated_next_to_each_variant():
+  inputs = _inputs(SHARED, SHARED_MEM, {"a": 5.0, "b": 5.0}, SHARED_SIZES)
+  single = plan(inputs, PlannerConfig(hop_cost_s=0.01))
+  assert single.hops_per_s == 5.0  # one variant crosses once to the shared bottom
+  twice = plan(inputs, PlannerConfig(hop_cost_s=0.01, max_replicas=2))
+  assert twice.hops_per_s == 0.0
+  assert sorted(twice.hosts["l1"]) == ["w1", "w2"]
+  for chain in SHARED:  # each variant uses the copy on its own top's worker: a request sticks to it
+    assert len(set(twice.routes[chain].values())) == 1
+  assert twice.routes["a"]["l1"] != twice.routes["b"]["l1"]
+  assert "replicated" in twice.reasons["l1"]
+  assert twice.cost < single.cost
+
+
+def test_a_cold_shared_block_is_not_replicated():
+  inputs = _inputs(SHARED, SHARED_MEM, {"a": 5.0, "b": 5.0}, SHARED_SIZES)
+  p = plan(inputs, PlannerConfig(hop_cost_s=0.01, max_replicas=2, replicate_min_share=1.5))
+  assert all(len(ws) == 1 for ws in p.hosts.values())
+
+
+def test_diff_hosts_new_copies_before_unhosting_and_follows_workers_leaving():
+  inputs = _inputs(SHARED, SHARED_MEM, {"a": 5.0, "b": 5.0}, SHARED_SIZES)
+  config = PlannerConfig(hop_cost_s=0.01)
+  before = plan(inputs, config)
+  assert diff(before, plan(inputs, config, previous=before)) == []  # nothing to move
+  after = plan(inputs, PlannerConfig(hop_cost_s=0.01, max_replicas=2), previous=before)
+  moves = diff(before, after)
+  assert {m.block_id for m in moves} == {"embed", "l0", "l1"}
+  assert all(len(m.add) == 1 and not m.remove for m in moves)  # replicas: add only
+  # w2 leaves: everything it held moves to w1 (memory unbounded there now).
+  gone = plan(PlacementInputs(SHARED, SHARED_SIZES, {"w1": 0}, {"a": 5.0, "b": 5.0}), config,
+              previous=before)
+  moves = diff(before, gone)
+  assert moves and all(m.add == ("w1",) and m.remove == ("w2",) for m in moves)
+  assert {m.block_id for m in moves} == {b for b, ws in before.hosts.items() if ws == ["w2"]}
