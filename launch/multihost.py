@@ -103,7 +103,7 @@ def main(argv):
     raise app.UsageError(f"--prompt/--max_new_tokens: {e}")
   local, total = chain.param_bytes()
   result = {"process_id": _PROCESS_ID.value, "mesh": multihost.describe(mesh),
-            "tokens": out.tokens, "logits": out.logits.tolist(),
+            "tokens": out.tokens, "logits": out.logits.tolist(), "step_s": out.step_s,
             "local_param_bytes": local, "global_param_bytes": total}
   # Every process reports its own share of the params; process 0 also the result.
   print(json.dumps({"process_id": _PROCESS_ID.value, "local_param_bytes": local,

@@ -16,6 +16,7 @@ engine's serving loop, whose batches depend on arrival times, is not, and stays 
 import dataclasses
 import os
 import re
+import time
 from typing import Any, Sequence
 
 import jax
@@ -163,6 +164,7 @@ def _last_rows(x, n_valid):
 class Generation:
   tokens: list[list[int]]  # new tokens per prompt
   logits: np.ndarray  # float32 [steps, prompts, vocab]: the head's logits behind each token
+  step_s: list[float]  # wall seconds per step (the first two compile: prefill, decode shapes)
 
 
 class MeshChain:
@@ -266,8 +268,9 @@ class MeshChain:
       for r, p in enumerate(prompts):
         x[r, :len(p)] = p
       meta.n_valid[:] = lens
-      tokens, logits = [], []
+      tokens, logits, step_s = [], [], []
       for step in range(max_new_tokens):
+        t0 = time.perf_counter()
         meta.step[:] = step
         h = self._run(self.body, replicated_input(x, self.mesh), meta)
         head_meta = dataclasses.replace(meta, page_tables=np.zeros((0, b, width), np.int32))
@@ -279,11 +282,12 @@ class MeshChain:
         meta.starts[:] = lens + step  # the next call feeds tokens[step] at this position
         meta.n_valid[:] = 1
         x = tokens[-1][:, None].astype(np.int32)
+        step_s.append(time.perf_counter() - t0)  # tokens were read back: the step is done
     finally:
       for rows in leases:
         for lease in rows:
           lease.release()
-    return Generation([t.tolist() for t in np.stack(tokens, axis=1)], np.stack(logits))
+    return Generation([t.tolist() for t in np.stack(tokens, axis=1)], np.stack(logits), step_s)
 
 
 def describe(mesh) -> dict[str, Any]:
