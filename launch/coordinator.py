@@ -7,7 +7,9 @@ Waits for the workers to register, places each model's chain across them in cont
 segments, then serves the client API. Workers may join later and keep sending heartbeats; a
 worker silent for --dead_after_s (or whose RPC fails) is declared dead and its blocks are
 re-placed on the others, its requests replaying their KV there. SIGTERM drains as launch.serve
-does.
+does. Internal RPCs carry --cluster_token_file's token and/or use mutual TLS (--tls_cert,
+--tls_key, --tls_ca; the client port serves TLS with the same certificate); with neither,
+every port listens on 127.0.0.1 only.
 """
 
 from absl import app
@@ -15,10 +17,12 @@ from absl import flags
 
 from jblock.cluster.membership import MembershipConfig
 from jblock.zoo.cli import quiet_libraries
+from launch import cluster_flags
 from launch import engine_flags
 from jblock.serving import server
 
-_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address the registry listens on (not "
+                            "loopback: needs --cluster_token_file or --tls_*).")
 _PORT = flags.DEFINE_integer("port", 50051, "Client API port; 0 picks a free one.", lower_bound=0)
 _REGISTRY_PORT = flags.DEFINE_integer("registry_port", 50060, "Port workers register on.",
                                       lower_bound=0)
@@ -40,12 +44,14 @@ def main(argv):
   if _DEAD_AFTER_S.value <= _HEARTBEAT_S.value:
     raise app.UsageError(f"--dead_after_s ({_DEAD_AFTER_S.value}) must exceed "
                          f"--heartbeat_interval_s ({_HEARTBEAT_S.value})")
+  links = cluster_flags.links()
+  host = cluster_flags.bind_host(_HOST.value, links.credentials, "the worker registry")
   engine, registry = engine_flags.build_distributed_engine(
-      _NUM_WORKERS.value, _REGISTRY_PORT.value, _HOST.value, _WORKER_WAIT_S.value,
-      MembershipConfig(_HEARTBEAT_S.value, _DEAD_AFTER_S.value))
+      _NUM_WORKERS.value, _REGISTRY_PORT.value, host, _WORKER_WAIT_S.value,
+      MembershipConfig(_HEARTBEAT_S.value, _DEAD_AFTER_S.value), links=links)
   try:
-    server.serve(engine, _PORT.value, _METRICS_PORT.value, host=_HOST.value,
-                 drain_timeout_s=_DRAIN_TIMEOUT_S.value)
+    server.serve(engine, _PORT.value, _METRICS_PORT.value, host=host,
+                 drain_timeout_s=_DRAIN_TIMEOUT_S.value, tls=links.credentials)
   finally:
     registry.stop(0)
 

@@ -6,6 +6,7 @@
   python -m launch.serve --engine=mock                  # fake tokens, no model (tests)
 
 Without --tenants the server is open and listens on 127.0.0.1 only.
+--tls_cert/--tls_key/--tls_ca: the gRPC and HTTP ports speak TLS with that certificate.
 SIGTERM or SIGINT: stop accepting requests, finish the in-flight ones, exit 0.
 """
 
@@ -13,6 +14,7 @@ from absl import app
 from absl import flags
 
 from jblock.zoo.cli import quiet_libraries
+from launch import cluster_flags
 from launch import engine_flags
 from jblock.serving import frontend
 from jblock.serving import server
@@ -47,12 +49,16 @@ def main(argv):
     tenants = frontend.tenants_from_flag(_TENANTS.value)
   except JBlockError as e:
     raise app.UsageError(str(e))
+  tls = cluster_flags.credentials()
+  if tls.token is not None:
+    raise app.UsageError("--cluster_token_file: launch.serve has no cluster; its callers "
+                         "present API keys (--tenants)")
   engine = engine_flags.build_engine()
   server.serve(engine, _PORT.value, _METRICS_PORT.value, host=_HOST.value,
                max_workers=_MAX_WORKERS.value, drain_timeout_s=_DRAIN_TIMEOUT_S.value,
                http_port=None if _HTTP_PORT.value < 0 else _HTTP_PORT.value, tenants=tenants,
                max_request_bytes=_MAX_REQUEST_BYTES.value,
-               tokenize_workers=_TOKENIZE_WORKERS.value)
+               tokenize_workers=_TOKENIZE_WORKERS.value, tls=tls)
 
 
 def run():

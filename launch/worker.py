@@ -4,7 +4,8 @@
 
 Registers (the coordinator may start before or after it), then sends heartbeats; exits by
 itself (status 3) when the coordinator has not answered for --coordinator_timeout_s or no
-longer counts it as a member.
+longer counts it as a member. Takes the coordinator's --cluster_token_file / --tls_* flags: it
+answers only callers that present them, and presents them when it registers.
 """
 
 import signal
@@ -17,12 +18,15 @@ from absl import app
 from absl import flags
 
 from jblock.cluster import heartbeat
+from jblock.cluster import security
 from jblock.zoo.cli import quiet_libraries
 from jblock.serving import worker
+from launch import cluster_flags
 
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of the coordinator's registry.")
 _ZOO = flags.DEFINE_string("zoo", "checkpoints/zoo", "Block zoo directory (same blocks as the coordinator's).")
-_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on and advertise.")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on and advertise (not "
+                            "loopback: needs --cluster_token_file or --tls_*).")
 _PORT = flags.DEFINE_integer("port", 0, "Worker service port; 0 picks a free one.", lower_bound=0)
 _MESH_SHAPE = flags.DEFINE_list("mesh_shape", [], "data,model device mesh; empty = all devices.")
 _REGISTER_TIMEOUT_S = flags.DEFINE_float("register_timeout_s", 120.0,
@@ -41,12 +45,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   quiet_libraries()
   mesh = tuple(int(v) for v in _MESH_SHAPE.value) if _MESH_SHAPE.value else None
-  server, port, host = worker.start_worker_server(_ZOO.value, _PORT.value, _HOST.value, mesh)
-  address = f"{_HOST.value}:{port}"
+  creds = cluster_flags.credentials()
+  notes = []  # said on the "serving on" line: scripts read that one line
+  bind = cluster_flags.bind_host(_HOST.value, creds, "the worker", log=notes.append)
+  server, port, host = worker.start_worker_server(_ZOO.value, _PORT.value, bind, mesh, creds)
+  address = f"{bind}:{port}"
   stop = threading.Event()
   for signum in (signal.SIGTERM, signal.SIGINT):
     signal.signal(signum, lambda *_: stop.set())
-  with grpc.insecure_channel(_COORDINATOR.value) as channel:
+  with security.channel(_COORDINATOR.value, creds) as channel:
     try:
       joined = heartbeat.register(channel, f"worker-{uuid.uuid4().hex[:8]}", address,
                                   timeout=_REGISTER_TIMEOUT_S.value)
@@ -55,7 +62,8 @@ def main(argv):
             f"{e.code().name}: {e.details()}", file=sys.stderr, flush=True)
       server.stop(0)
       sys.exit(ORPHANED)
-    print(f"jblock: worker serving on {address} as {joined.worker_id}", flush=True)
+    print(f"jblock: worker serving on {address} as {joined.worker_id}"
+          + "".join(f"; {n.removeprefix('jblock: ')}" for n in notes), flush=True)
     why = heartbeat.run(channel, joined.worker_id, joined.heartbeat_interval_s or 0.5, host.load,
                         stop, _COORDINATOR_TIMEOUT_S.value)
   server.stop(5).wait()

@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from jblock.cluster import security
 from jblock.errors import InvalidRequestError, JBlockError
 from jblock.runtime.engine_api import Engine, ModelInfo
 from jblock.serving import frontend as frontend_lib
@@ -276,7 +277,8 @@ class CoordinatorServer(grpc.Server):
 def build_server(engine: Engine, port: int = 0, host: str = "127.0.0.1", max_workers: int = 64,
                  *, metrics: ServingMetrics | None = None,
                  frontend: frontend_lib.Frontend | None = None,
-                 max_message_bytes: int = frontend_lib.DEFAULT_MAX_REQUEST_BYTES
+                 max_message_bytes: int = frontend_lib.DEFAULT_MAX_REQUEST_BYTES,
+                 tls: "security.ClusterCredentials | None" = None
                  ) -> tuple[CoordinatorServer, int]:
   """A server (not started yet) for `engine` on host:port (0 picks a free port).
 
@@ -305,7 +307,6 @@ def build_server(engine: Engine, port: int = 0, host: str = "127.0.0.1", max_wor
   health_pb2_grpc.add_HealthServicer_to_server(health, server)
   reflection.enable_server_reflection(SERVICE_NAMES, server)
   address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-  bound_port = server.add_insecure_port(address)
-  if not bound_port:
-    raise OSError(f"cannot listen on {address}")
+  # TLS with `tls`'s certificate; clients present API keys, not certificates.
+  bound_port = security.add_port(server, address, tls, require_client_cert=False)
   return CoordinatorServer(server, inference, admin, frontend.drain, frontend), bound_port

@@ -5,6 +5,8 @@ from typing import Sequence
 
 import grpc
 
+from jblock.cluster import security
+from jblock.cluster.links import ClusterLinks
 from jblock.cluster.membership import Membership, MembershipConfig
 from jblock.runtime.engine import Engine, EngineConfig, _spec_from_zoo
 from jblock.serving.proto import jblock_pb2_grpc as pb_grpc
@@ -31,19 +33,23 @@ def distributed_engine(zoo_dir: str, models: Sequence[str] | None, num_workers: 
                        registry_port: int, host: str = "127.0.0.1", sharing: bool = True,
                        config: EngineConfig | None = None, wait_s: float = 120.0,
                        progress=print,
-                       membership: MembershipConfig | None = None) -> tuple[Engine, grpc.Server]:
+                       membership: MembershipConfig | None = None,
+                       links: ClusterLinks | None = None) -> tuple[Engine, grpc.Server]:
   """Waits for `num_workers` workers to register, then places each chain across them.
 
   Workers may join later (blocks of models loaded afterwards, and blocks re-placed after a
   worker dies, go to the live worker hosting the fewest). Returns the engine and the registry
-  server (stop it on shutdown).
+  server (stop it on shutdown). `links`: the cluster's credentials (checked on the registry,
+  presented to workers) and per-step RPC deadlines.
   """
   from jblock.zoo.store import Zoo
   config = config or EngineConfig()
   registry = Membership(membership)
-  server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8))
+  links = links or ClusterLinks()
+  server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8),
+                       interceptors=security.server_interceptors(links.credentials))
   pb_grpc.add_RegistryServicer_to_server(registry, server)
-  bound = server.add_insecure_port(f"{host}:{registry_port}")
+  bound = security.add_port(server, f"{host}:{registry_port}", links.credentials)
   server.start()
   progress(f"jblock: worker registry on {host}:{bound}, waiting for {num_workers} worker(s)")
   try:
@@ -54,7 +60,7 @@ def distributed_engine(zoo_dir: str, models: Sequence[str] | None, num_workers: 
     specs = [_spec_from_zoo(zoo, name, cache, load_params=False) for name in names]
     placement = plan_placement([s.block_ids for s in specs], workers)
     progress(f"jblock: placing {len(placement)} blocks on {', '.join(workers)}")
-    factory = remote_factory(Placer(registry, placement), zoo_dir, config)
+    factory = remote_factory(Placer(registry, placement, links), zoo_dir, config)
     engine = Engine(specs, sharing=sharing, mesh_shape=(1, 1), config=config, zoo=zoo,
                     instance_factory=factory)
     engine.cluster_stats = registry.stats

@@ -333,7 +333,8 @@ class HttpServer:
   """uvicorn serving the app on host:port (0 = a free port) from a background thread."""
 
   def __init__(self, frontend: Frontend, port: int = 0, host: str = "127.0.0.1", *,
-               max_body_bytes: int | None = None, max_connections: int = 512):
+               max_body_bytes: int | None = None, max_connections: int = 512,
+               tls_files: tuple[str, str] | None = None):
     self.app = build_app(frontend, max_body_bytes=max_body_bytes)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     self._socket = socket.socket(family, socket.SOCK_STREAM)
@@ -348,7 +349,9 @@ class HttpServer:
     self.host = host
     config = uvicorn.Config(self.app, log_level="warning", lifespan="off", access_log=False,
                             limit_concurrency=max_connections, timeout_keep_alive=5,
-                            h11_max_incomplete_event_size=64 * 1024)
+                            h11_max_incomplete_event_size=64 * 1024,
+                            ssl_certfile=tls_files[0] if tls_files else None,  # (cert, key)
+                            ssl_keyfile=tls_files[1] if tls_files else None)
     self._server = uvicorn.Server(config)
     self._server.install_signal_handlers = lambda: None  # the launcher owns the signals
     self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},

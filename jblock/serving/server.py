@@ -4,6 +4,7 @@ import logging
 import signal
 import threading
 
+from jblock.cluster.security import ClusterCredentials
 from jblock.runtime.engine_api import Engine
 from jblock.serving.coordinator import build_server
 from jblock.serving.frontend import DEFAULT_MAX_REQUEST_BYTES, Frontend
@@ -20,10 +21,12 @@ def serve(engine: Engine, port: int, metrics_port: int = 0, *, host: str = "127.
           max_workers: int = 64, drain_timeout_s: float = 30.0, close_engine: bool = True,
           stop: threading.Event | None = None, http_port: int | None = None,
           tenants: Tenants | None = None,
-          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, tokenize_workers: int = 2) -> bool:
+          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, tokenize_workers: int = 2,
+          tls: ClusterCredentials | None = None) -> bool:
   """Serves `engine` over gRPC on host:port (0 = a free port), the OpenAI-compatible HTTP API
   on `http_port` (None = off, 0 = a free port) and Prometheus metrics on `metrics_port`
-  (0 = off) until SIGTERM or SIGINT (or `stop` is set).
+  (0 = off) until SIGTERM or SIGINT (or `stop` is set). With `tls` (certificate and key) the
+  gRPC and HTTP ports speak TLS.
 
   Without `tenants` the server is open, so it listens on 127.0.0.1 whatever `host` says.
   Then stops accepting requests (UNAVAILABLE / 503, health NOT_SERVING), lets in-flight ones
@@ -43,7 +46,8 @@ def serve(engine: Engine, port: int, metrics_port: int = 0, *, host: str = "127.
   frontend = Frontend(engine, tenants, metrics=metrics, max_request_bytes=max_request_bytes,
                       tokenize_workers=tokenize_workers)
   server, bound_port = build_server(engine, port, host, max_workers, metrics=metrics,
-                                    frontend=frontend, max_message_bytes=max_request_bytes)
+                                    frontend=frontend, max_message_bytes=max_request_bytes,
+                                    tls=tls)
   http_server = None
   previous_handlers = {}
   if threading.current_thread() is threading.main_thread():
@@ -54,7 +58,8 @@ def serve(engine: Engine, port: int, metrics_port: int = 0, *, host: str = "127.
     server.start()
     if http_port is not None:
       from jblock.serving.http import HttpServer  # FastAPI: only when HTTP is on
-      http_server = HttpServer(frontend, http_port, host, max_body_bytes=max_request_bytes)
+      http_server = HttpServer(frontend, http_port, host, max_body_bytes=max_request_bytes,
+                               tls_files=(tls.cert_path, tls.key_path) if tls and tls.tls else None)
       http_server.start()
     metrics_bound = metrics.start_http(metrics_port, host)
     http = f"on {host}:{http_server.port}" if http_server else "off"

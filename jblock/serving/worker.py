@@ -21,6 +21,8 @@ import jax
 import numpy as np
 
 from jblock.blocks import HEAD, LAYERS, Block
+from jblock.cluster import security, validate
+from jblock.cluster.links import ClusterLinks
 from jblock.errors import InstanceLostError, JBlockError, UnavailableError
 from jblock.runtime import mesh as mesh_lib
 from jblock.runtime.engine import _load_on_devices
@@ -34,7 +36,6 @@ from jblock.serving.proto import jblock_pb2 as pb
 from jblock.serving.proto import jblock_pb2_grpc as pb_grpc
 from jblock.serving.tensor_codec import from_tensor_map, to_tensor_map
 
-RPC_TIMEOUT_S = 600.0  # a RunBlock may include a first compile
 
 
 def _abort(context, error: Exception):
@@ -49,6 +50,7 @@ class BlockHostServicer(pb_grpc.BlockHostServicer):
     self.zoo = Zoo(zoo_dir)
     self.mesh = mesh_lib.make_mesh(mesh_shape)
     self._instances: dict[str, LocalBlockInstance] = {}
+    self._hosted: dict[str, validate.Hosted] = {}  # what each hosted block accepts
     self._lock = threading.Lock()
     self._batches_run = 0
     self._running = 0  # RunBlock calls in progress
@@ -72,36 +74,35 @@ class BlockHostServicer(pb_grpc.BlockHostServicer):
 
   def HostBlock(self, request, context):
     try:
+      validate.host_block(request, self.zoo)
       with self._lock:
         inst = self._instances.get(request.block_id)
         if inst is None:
           block = _load_on_devices(self.zoo, request.block_id, self.mesh)
           table = self._table_for(block) if block.kind == HEAD and block.config["tied_to"] else None
           pages = request.kv_pages or request.kv_slots * -(-request.max_len // 16)
+          validate.check_kv_bytes(block, pages, request.page_size or 16)
           inst = LocalBlockInstance(request.block_id, block, request.block_id, self.mesh,
                                     request.batch_size, num_pages=pages if block.kind == LAYERS else 0,
                                     page_size=request.page_size or 16,
                                     max_leases=request.kv_slots, shared_table=table)
           self._instances[request.block_id] = inst
+          self._hosted[request.block_id] = validate.hosted(inst, request)
       return pb.HostBlockResponse(resident_bytes=inst.resident_bytes, placement=inst.placement)
     except JBlockError as e:
       _abort(context, e)
 
   def UnhostBlock(self, request, context):
     with self._lock:
+      self._hosted.pop(request.block_id, None)
       if self._instances.pop(request.block_id, None) is None:
         context.abort(grpc.StatusCode.NOT_FOUND, f"block {request.block_id} is not hosted here")
     return pb.UnhostBlockResponse()
 
   def RunBlock(self, request, context):
-    inst = self._instances.get(request.block_id)
-    if inst is None:
-      context.abort(grpc.StatusCode.NOT_FOUND, f"block {request.block_id} is not hosted here")
     try:
-      inputs = from_tensor_map(request.inputs)
-      x, ints, floats = inputs["x"], inputs["ints"], inputs["floats"]
-      if inst.kind != LAYERS and inst.kind != HEAD:
-        x = np.asarray(x, np.int32)
+      x, ints, floats = validate.run_block(request, validate.block_id(request, self._hosted))
+      inst = self._instances[request.block_id]
       self._running += 1
       try:
         with self._lock:  # one batch at a time per worker swaps the KV buffers
@@ -129,9 +130,10 @@ class Placer:
   """Where blocks live: the initial plan, then the live worker hosting the fewest blocks for a
   block loaded later or re-placed after its worker died."""
 
-  def __init__(self, membership, plan: dict[str, str]):
+  def __init__(self, membership, plan: dict[str, str], links: ClusterLinks | None = None):
     self.membership = membership  # jblock.cluster.membership.Membership
     self.plan = dict(plan)  # block id -> worker address
+    self.links = links or ClusterLinks()  # credentials and per-RPC deadlines
 
   def candidates(self, block_id: str, exclude: Sequence[str] = ()) -> list[str]:
     """Live workers for `block_id`, best first: its planned one, then the least loaded."""
@@ -186,11 +188,10 @@ class RemoteBlockInstance:
     every refusal when none does."""
     refusals = []
     for address in self._placer.candidates(self.block_id, exclude):
-      channel = grpc.insecure_channel(address, options=[
-          ("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)])
+      channel = self._placer.links.channel(address)
       stub = pb_grpc.BlockHostStub(channel)
       try:
-        response = stub.HostBlock(self._host_request, timeout=RPC_TIMEOUT_S)
+        response = stub.HostBlock(self._host_request, timeout=self._placer.links.deadlines.host_s)
       except grpc.RpcError as e:
         channel.close()
         refusals.append(f"{address}: {e.code().name}: {e.details()}")
@@ -248,11 +249,14 @@ class RemoteBlockInstance:
       # Built before its requests paused for a lost worker, and now bound for the block's new
       # worker: its writes would land in the KV being replayed there.
       raise UnavailableError(f"batch for block {self.block_id[:12]} outlived its worker")
+    links = self._placer.links
+    timeout = links.run_deadline(address, self.block_id, *x.shape[:2])
     try:
-      response = stub.RunBlock(request, timeout=RPC_TIMEOUT_S)
+      response = stub.RunBlock(request, timeout=timeout)
+      links.ran(address, self.block_id, *x.shape[:2])
     except grpc.RpcError as e:
       message = (f"worker {address} failed block {self.block_id[:12]}: "
-                 f"{e.code().name}: {e.details()}")
+                 f"{links.explain(e, timeout)}")
       if _lost(e.code()):
         self._placer.failed(address, f"RunBlock failed: {e.code().name}")
         raise InstanceLostError(f"worker:{address}", message) from e
@@ -264,7 +268,8 @@ class RemoteBlockInstance:
     if self._channel is None:
       return  # lost with its worker: nothing left to free
     try:
-      self._stub.UnhostBlock(pb.UnhostBlockRequest(block_id=self.block_id), timeout=30.0)
+      self._stub.UnhostBlock(pb.UnhostBlockRequest(block_id=self.block_id),
+                             timeout=self._placer.links.deadlines.unhost_s)
     except grpc.RpcError:
       pass  # the worker is gone: nothing left to free there
     self._channel.close()
@@ -300,11 +305,15 @@ def remote_factory(placer: Placer, zoo_dir: str, config):
 
 
 def start_worker_server(zoo_dir: str, port: int = 0, host: str = "127.0.0.1",
-                        mesh_shape: Sequence[int] | None = None) -> tuple[grpc.Server, int, BlockHostServicer]:
+                        mesh_shape: Sequence[int] | None = None,
+                        credentials: security.ClusterCredentials | None = None
+                        ) -> tuple[grpc.Server, int, BlockHostServicer]:
+  """Serves BlockHost; only callers with the cluster's `credentials` get past the guard."""
   servicer = BlockHostServicer(zoo_dir, mesh_shape)
   server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8), options=[
-      ("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)])
+      ("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)],
+      interceptors=security.server_interceptors(credentials))
   pb_grpc.add_BlockHostServicer_to_server(servicer, server)
-  bound = server.add_insecure_port(f"{host}:{port}")
+  bound = security.add_port(server, f"{host}:{port}", credentials)
   server.start()
   return server, bound, servicer

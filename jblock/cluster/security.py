@@ -1,0 +1,254 @@
+"""Who may talk to a cluster's processes: a shared cluster token and/or mutual TLS.
+
+Every internal RPC (coordinator -> worker BlockHost, worker -> coordinator Registry, worker ->
+worker) carries the cluster token as metadata; servers check it in constant time before any
+handler runs and answer UNAUTHENTICATED otherwise. With TLS configured, servers present their
+certificate and require the peer's, both signed by the cluster's CA. A process configured with
+neither listens on 127.0.0.1 only (`bind_host`), so only local callers can reach it.
+
+Client-facing ports (Inference, Admin, HTTP) take the same certificate and key but do not ask
+for client certificates: tenants' API keys identify callers there.
+"""
+
+import dataclasses
+import hmac
+import ipaddress
+import logging
+from typing import Callable, Sequence
+
+import grpc
+
+from jblock.errors import InvalidRequestError
+
+TOKEN_METADATA = "x-jblock-cluster-token"
+LOOPBACK = "127.0.0.1"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterCredentials:
+  token: bytes | None = None  # the shared cluster token; None = no token check
+  cert: bytes | None = None  # this process's PEM certificate chain (TLS)
+  key: bytes | None = None  # its PEM private key
+  ca: bytes | None = None  # PEM CA that signs every member's certificate
+  cert_path: str | None = None  # where `cert` was read from (uvicorn's TLS takes files)
+  key_path: str | None = None  # where `key` was read from
+
+  @property
+  def tls(self) -> bool:
+    return self.cert is not None
+
+  @property
+  def configured(self) -> bool:
+    return self.token is not None or self.tls
+
+  def describe(self) -> str:
+    parts = (["cluster token"] if self.token is not None else []) + (["mutual TLS"] if self.tls else [])
+    return " + ".join(parts) or "no credentials"
+
+
+def _read(path: str, flag: str) -> bytes:
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except OSError as e:
+    raise InvalidRequestError(flag, f"cannot read {path}: {e.strerror}") from None
+
+
+def load_credentials(token_file: str | None = None, cert: str | None = None,
+                     key: str | None = None, ca: str | None = None) -> ClusterCredentials:
+  """Credentials from files; InvalidRequestError naming the flag (--tls_cert, ...) on bad input."""
+  token = None
+  if token_file:
+    token = _read(token_file, "--cluster_token_file").strip()
+    if len(token) < 16:
+      raise InvalidRequestError("--cluster_token_file",
+                                f"{token_file} holds {len(token)} bytes; a token needs >= 16")
+  given = {"--tls_cert": cert, "--tls_key": key, "--tls_ca": ca}
+  if any(given.values()) and not all(given.values()):
+    missing = ", ".join(f for f, v in given.items() if not v)
+    raise InvalidRequestError(missing.split(",")[0], f"TLS needs --tls_cert, --tls_key and "
+                              f"--tls_ca together; missing {missing}")
+  if not cert:
+    return ClusterCredentials(token=token)
+  pems = {flag: _read(path, flag) for flag, path in given.items()}
+  for flag, pem in pems.items():
+    if b"-----BEGIN" not in pem:
+      raise InvalidRequestError(flag, f"{given[flag]} is not a PEM file")
+  return ClusterCredentials(token, pems["--tls_cert"], pems["--tls_key"], pems["--tls_ca"],
+                            cert_path=cert, key_path=key)
+
+
+def is_loopback(host: str) -> bool:
+  if host == "localhost":
+    return True
+  try:
+    return ipaddress.ip_address(host.strip("[]")).is_loopback
+  except ValueError:
+    return False
+
+
+def bind_host(host: str, credentials: ClusterCredentials | None, what: str, flag: str = "--host",
+              log: Callable[[str], None] = logging.warning) -> str:
+  """The address an internal port may bind: any with credentials; loopback only without, and
+  a non-loopback `host` is refused (InvalidRequestError naming `flag`)."""
+  if credentials is not None and credentials.configured:
+    return host
+  if not is_loopback(host):
+    raise InvalidRequestError(flag, f"{host!r} is reachable from other machines but no cluster "
+                              f"credentials are set: pass --cluster_token_file and/or "
+                              f"--tls_cert/--tls_key/--tls_ca, or listen on {LOOPBACK}")
+  log(f"jblock: {what} has no cluster credentials: listening on {LOOPBACK} only")
+  return LOOPBACK
+
+
+# ---- servers ----------------------------------------------------------------------------------
+
+
+def _rejecting_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str):
+  """A handler of the same kind as `handler` that aborts every call with `code`."""
+  def abort(request_or_iterator, context):
+    context.abort(code, message)
+
+  kwargs = dict(request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+  if handler.unary_unary:
+    return grpc.unary_unary_rpc_method_handler(abort, **kwargs)
+  if handler.unary_stream:
+    return grpc.unary_stream_rpc_method_handler(abort, **kwargs)
+  if handler.stream_unary:
+    return grpc.stream_unary_rpc_method_handler(abort, **kwargs)
+  return grpc.stream_stream_rpc_method_handler(abort, **kwargs)
+
+
+def _guarded(handler: grpc.RpcMethodHandler, method: str):
+  """`handler` with unexpected exceptions turned into INTERNAL plus one log line (no
+  traceback, no UNKNOWN); aborts the handler itself made pass through unchanged."""
+  def wrap(fn):
+    def call(request_or_iterator, context):
+      try:
+        return fn(request_or_iterator, context)
+      except Exception as e:
+        if context.code() is not None:  # context.abort() raised: the status is already set
+          raise
+        logging.error("jblock: %s failed: %s: %s", method, type(e).__name__, e)
+        context.abort(grpc.StatusCode.INTERNAL, f"{method}: {type(e).__name__}: {e}")
+    return call
+
+  def wrap_stream(fn):
+    def call(request_or_iterator, context):
+      try:
+        yield from fn(request_or_iterator, context)
+      except Exception as e:
+        if context.code() is not None:
+          raise
+        logging.error("jblock: %s failed: %s: %s", method, type(e).__name__, e)
+        context.abort(grpc.StatusCode.INTERNAL, f"{method}: {type(e).__name__}: {e}")
+    return call
+
+  kwargs = dict(request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+  if handler.unary_unary:
+    return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), **kwargs)
+  if handler.unary_stream:
+    return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream), **kwargs)
+  if handler.stream_unary:
+    return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), **kwargs)
+  return grpc.stream_stream_rpc_method_handler(wrap_stream(handler.stream_stream), **kwargs)
+
+
+class ClusterGuard(grpc.ServerInterceptor):
+  """Refuses calls without the cluster token (UNAUTHENTICATED) before any handler runs, and
+  keeps handler crashes from surfacing as UNKNOWN."""
+
+  def __init__(self, token: bytes | None):
+    self._token = token
+
+  def intercept_service(self, continuation, handler_call_details):
+    handler = continuation(handler_call_details)
+    if handler is None:
+      return None
+    method = handler_call_details.method.rsplit("/", 1)[-1]
+    if self._token is not None:
+      sent = b""
+      for key, value in handler_call_details.invocation_metadata or ():
+        if key == TOKEN_METADATA:
+          sent = value.encode() if isinstance(value, str) else value
+      if not hmac.compare_digest(sent, self._token):
+        return _rejecting_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
+                                  f"{method}: missing or wrong cluster token ({TOKEN_METADATA})")
+    return _guarded(handler, method)
+
+
+def server_interceptors(credentials: ClusterCredentials | None) -> list[grpc.ServerInterceptor]:
+  """Pass as grpc.server(..., interceptors=...) for every internal server."""
+  return [ClusterGuard(credentials.token if credentials else None)]
+
+
+def add_port(server: grpc.Server, address: str, credentials: ClusterCredentials | None,
+             require_client_cert: bool = True) -> int:
+  """Binds `address`: TLS (client certificates required unless told otherwise) when configured,
+  plaintext otherwise. Returns the bound port; OSError when it cannot bind."""
+  if credentials is not None and credentials.tls:
+    ssl = grpc.ssl_server_credentials(
+        [(credentials.key, credentials.cert)], root_certificates=credentials.ca,
+        require_client_auth=require_client_cert)
+    port = server.add_secure_port(address, ssl)
+  else:
+    port = server.add_insecure_port(address)
+  if not port:
+    raise OSError(f"cannot listen on {address}")
+  return port
+
+
+# ---- clients ----------------------------------------------------------------------------------
+
+
+class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                        grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+  """Adds the cluster token to every call's metadata."""
+
+  def __init__(self, token: bytes):
+    self._entry = (TOKEN_METADATA, token.decode("ascii", "replace"))
+
+  def _details(self, details):
+    metadata = list(details.metadata or ()) + [self._entry]
+    return _CallDetails(details.method, details.timeout, metadata, details.credentials,
+                        getattr(details, "wait_for_ready", None),
+                        getattr(details, "compression", None))
+
+  def intercept_unary_unary(self, continuation, details, request):
+    return continuation(self._details(details), request)
+
+  def intercept_unary_stream(self, continuation, details, request):
+    return continuation(self._details(details), request)
+
+  def intercept_stream_unary(self, continuation, details, request_iterator):
+    return continuation(self._details(details), request_iterator)
+
+  def intercept_stream_stream(self, continuation, details, request_iterator):
+    return continuation(self._details(details), request_iterator)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CallDetails(grpc.ClientCallDetails):
+  method: str
+  timeout: float | None
+  metadata: Sequence | None
+  credentials: grpc.CallCredentials | None
+  wait_for_ready: bool | None
+  compression: object | None
+
+
+def channel(address: str, credentials: ClusterCredentials | None,
+            options: Sequence[tuple[str, object]] = ()) -> grpc.Channel:
+  """A channel to another member of the cluster, presenting this process's credentials."""
+  if credentials is not None and credentials.tls:
+    ssl = grpc.ssl_channel_credentials(root_certificates=credentials.ca,
+                                       private_key=credentials.key,
+                                       certificate_chain=credentials.cert)
+    ch = grpc.secure_channel(address, ssl, options=list(options))
+  else:
+    ch = grpc.insecure_channel(address, options=list(options))
+  if credentials is not None and credentials.token is not None:
+    ch = grpc.intercept_channel(ch, _TokenInterceptor(credentials.token))
+  return ch

@@ -1,0 +1,181 @@
+"""Checks every field of the BlockHost RPCs a worker receives before it touches a device.
+
+A worker runs only what its coordinator planned: blocks it was asked to host, with inputs of
+the shape, dtype and range that block's compiled step takes. Each failure is an
+InvalidRequestError naming the field (INVALID_ARGUMENT over gRPC), never a crash inside XLA.
+"""
+
+import dataclasses
+import math
+
+import numpy as np
+
+from jblock.blocks import EMBED, HEAD, LAYERS
+from jblock.errors import InvalidRequestError
+from jblock.runtime.step import _FLOAT_FIELDS, _INT_FIELDS
+from jblock.serving.tensor_codec import from_tensor
+
+RUN_INPUTS = ("x", "ints", "floats")
+
+
+@dataclasses.dataclass(frozen=True)
+class HostLimits:
+  max_batch_size: int = 1024  # rows of one compiled batch
+  max_kv_slots: int = 65536  # concurrent requests through one block
+  max_len: int = 1 << 20  # tokens of one request
+  max_page_size: int = 4096  # tokens per KV page
+  max_kv_bytes: int = 64 << 30  # one block's KV page pool
+
+
+@dataclasses.dataclass(frozen=True)
+class Hosted:
+  """What a hosted block accepts, fixed when it was hosted."""
+  kind: str
+  batch_size: int
+  max_len: int
+  num_pages: int
+  page_size: int
+  hidden_size: int
+  vocab_size: int
+  dtypes: frozenset  # dtype names of hidden states it takes (its params' dtypes)
+
+
+def _range(field: str, value: int, low: int, high: int) -> None:
+  if not low <= value <= high:
+    raise InvalidRequestError(field, f"{value} is outside [{low}, {high}]")
+
+
+def host_block(request, zoo, limits: HostLimits = HostLimits()) -> None:
+  """A HostBlockRequest names a block of this worker's zoo and sizes a worker can hold."""
+  if not zoo.has_block(request.block_id):
+    raise InvalidRequestError("block_id", f"{request.block_id[:80]!r} is not a block of this "
+                              f"worker's zoo")
+  _range("batch_size", request.batch_size, 1, limits.max_batch_size)
+  _range("kv_slots", request.kv_slots, 0, limits.max_kv_slots)
+  _range("max_len", request.max_len, 1, limits.max_len)
+  _range("page_size", request.page_size, 0, limits.max_page_size)  # 0: the default
+  page_size = request.page_size or 16
+  _range("kv_pages", request.kv_pages, 0,
+         max(request.kv_slots, 1) * math.ceil(request.max_len / page_size))
+
+
+def check_kv_bytes(block, num_pages: int, page_size: int,
+                   limits: HostLimits = HostLimits()) -> None:
+  """A layers block's KV pool of `num_pages` fits this worker's limit."""
+  if block.kind != LAYERS:
+    return
+  import jax
+  itemsize = max(np.dtype(a.dtype).itemsize for a in jax.tree_util.tree_leaves(block.params))
+  c = block.config
+  need = 2 * c["num_layers"] * num_pages * c["num_kv_heads"] * page_size * c["head_dim"] * itemsize
+  if need > limits.max_kv_bytes:
+    raise InvalidRequestError("kv_pages", f"{num_pages} pages need {need} bytes of KV, over "
+                              f"this worker's {limits.max_kv_bytes}")
+
+
+def hosted(inst, request) -> Hosted:
+  """The limits of an instance just hosted for `request`."""
+  import jax
+  pool = inst.pool
+  return Hosted(kind=inst.kind, batch_size=inst.batch_size, max_len=request.max_len,
+                num_pages=pool.num_pages if pool is not None else 0,
+                page_size=pool.page_size if pool is not None else 0,
+                hidden_size=int(inst.config.get("hidden_size", 0)),
+                vocab_size=int(inst.config.get("vocab_size", 0)),
+                dtypes=frozenset(np.dtype(a.dtype).name for a in jax.tree_util.tree_leaves(inst.params)))
+
+
+def block_id(request, hosts: dict) -> Hosted:
+  """The Hosted record of request.block_id; InvalidRequestError when it is not hosted here."""
+  spec = hosts.get(request.block_id)
+  if spec is None:
+    raise InvalidRequestError("block_id", f"{request.block_id[:80]!r} is not hosted on this "
+                              f"worker (its coordinator did not host it here)")
+  return spec
+
+
+def _tensor(request, name: str) -> np.ndarray:
+  try:
+    return from_tensor(request.inputs[name])
+  except InvalidRequestError as e:
+    raise InvalidRequestError(f"inputs[{name!r}]", str(e).split(": ", 1)[-1]) from None
+
+
+def run_block(request, spec: Hosted) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(x, ints, floats) of a RunBlockRequest, each checked against the hosted block."""
+  names = set(request.inputs.keys())
+  if names != set(RUN_INPUTS):
+    missing, extra = sorted(set(RUN_INPUTS) - names), sorted(names - set(RUN_INPUTS))
+    raise InvalidRequestError("inputs", f"expected exactly {list(RUN_INPUTS)}; missing "
+                              f"{missing}, unexpected {extra}")
+  x, ints, floats = (_tensor(request, n) for n in RUN_INPUTS)
+  if spec.kind == EMBED:
+    if x.ndim != 2 or x.dtype != np.int32:
+      raise InvalidRequestError("inputs['x']", f"token ids [rows, tokens] int32 expected, got "
+                                f"{x.dtype.name} {list(x.shape)}")
+    if x.size and (x.min() < 0 or x.max() >= spec.vocab_size):
+      raise InvalidRequestError("inputs['x']", f"token ids must lie in [0, {spec.vocab_size})")
+  else:
+    if x.ndim != 3 or x.shape[2] != spec.hidden_size:
+      raise InvalidRequestError("inputs['x']", f"hidden states [rows, tokens, "
+                                f"{spec.hidden_size}] expected, got {list(x.shape)}")
+    if x.dtype.name not in spec.dtypes:
+      raise InvalidRequestError("inputs['x']", f"dtype {x.dtype.name} is not the block's "
+                                f"({', '.join(sorted(spec.dtypes))})")
+  rows, tokens = x.shape[0], x.shape[1]
+  _range("inputs['x'].shape[0] (rows)", rows, 1, spec.batch_size)
+  _range("inputs['x'].shape[1] (tokens)", tokens, 1, spec.max_len)
+  n_tables = 1 if spec.kind == LAYERS else 0
+  k = len(_INT_FIELDS)
+  if ints.dtype != np.int32 or ints.ndim != 2 or ints.shape[0] != rows:
+    raise InvalidRequestError("inputs['ints']", f"int32 [{rows}, {k} + pages] expected, got "
+                              f"{ints.dtype.name} {list(ints.shape)}")
+  width = ints.shape[1] - k
+  max_width = math.ceil(spec.max_len / spec.page_size) + 1 if n_tables else 0
+  if width < 0 or (n_tables and not 1 <= width <= max_width) or (not n_tables and width):
+    raise InvalidRequestError("inputs['ints']", f"{ints.shape[1]} columns; this {spec.kind} "
+                              f"block takes {k} + " + (f"1..{max_width} page-table entries"
+                                                       if n_tables else "0 page-table entries"))
+  if floats.dtype != np.float32 or list(floats.shape) != [rows, len(_FLOAT_FIELDS)]:
+    raise InvalidRequestError("inputs['floats']", f"float32 [{rows}, {len(_FLOAT_FIELDS)}] "
+                              f"expected, got {floats.dtype.name} {list(floats.shape)}")
+  col = {name: ints[:, i] for i, name in enumerate(_INT_FIELDS)}
+  _columns("starts", col["starts"], 0, spec.max_len)
+  _columns("n_valid", col["n_valid"], 0, tokens)
+  ends = col["starts"].astype(np.int64) + col["n_valid"]
+  if ends.max() > spec.max_len:
+    raise InvalidRequestError("inputs['ints'] (starts + n_valid)",
+                              f"row {int(ends.argmax())} reaches token {int(ends.max())}, over "
+                              f"max_len {spec.max_len}")
+  bounds = {"top_k": (0, 1 << 30), "step": (0, spec.max_len), "adapter": (-1, 1 << 30),
+            "rope_len": (0, spec.max_len)}  # seeds: any bit pattern
+  for name, (low, high) in bounds.items():
+    if name in col:
+      _columns(name, col[name], low, high)
+  if n_tables:
+    pages = ints[:, k:]
+    if pages.min() < 0 or pages.max() >= spec.num_pages:
+      bad = pages[(pages < 0) | (pages >= spec.num_pages)][0]
+      raise InvalidRequestError("inputs['ints'] (page table)", f"page {int(bad)} is outside "
+                                f"this block's pool [0, {spec.num_pages})")
+  temperature, top_p = floats[:, 0], floats[:, 1]
+  if not np.all(np.isfinite(floats)):
+    raise InvalidRequestError("inputs['floats']", "temperature and top_p must be finite")
+  if temperature.min() < 0:
+    raise InvalidRequestError("inputs['floats'] (temperature)", "must be >= 0")
+  if top_p.min() < 0 or top_p.max() > 1:
+    raise InvalidRequestError("inputs['floats'] (top_p)", "must lie in [0, 1]")
+  return x, ints, floats
+
+
+def _columns(name: str, values: np.ndarray, low: int, high: int) -> None:
+  if values.size and (values.min() < low or values.max() > high):
+    row = int(np.argmax((values < low) | (values > high)))
+    raise InvalidRequestError(f"inputs['ints'] ({name})", f"row {row}: {int(values[row])} is "
+                              f"outside [{low}, {high}]")
+
+
+def free_slots(request, spec: Hosted) -> None:
+  for i, slot in enumerate(request.slots):
+    if slot < 0:
+      raise InvalidRequestError(f"slots[{i}]", f"{slot} is negative")
