@@ -73,7 +73,10 @@ def main(argv):
   try:
     config.validate()
   except ValueError as e:
-    raise app.UsageError(f"--{str(e).replace('coordinator_address', 'dist_coordinator')}")
+    field, message = str(e).split(" ", 1)  # the field's name first, as the flag's below
+    flag = {"coordinator_address": "dist_coordinator", "timeout_s": "dist_timeout_s"}.get(field,
+                                                                                       field)
+    raise app.UsageError(f"--{flag} {message}")
   # JAX's coordination client aborts the process (no Python exception) when a peer does not
   # join in time or stops sending heartbeats: this line tells the log what it was waiting for.
   print(f"jblock: joining the mesh at {config.coordinator_address} as process "
@@ -84,8 +87,8 @@ def main(argv):
   # a process waiting in a collective for a dead peer would then ignore it. Default disposition:
   # SIGTERM ends the process even inside a blocked collective.
   signal.signal(signal.SIGTERM, signal.SIG_DFL)
-  from jblock.zoo.cli import quiet_libraries
   from jblock.errors import JBlockError
+  from jblock.zoo.cli import quiet_libraries
   from jblock.zoo.store import Zoo
   quiet_libraries()
   try:
