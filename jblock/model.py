@@ -14,6 +14,7 @@ import numpy as np
 
 from jblock.blocks import EMBED, HEAD, LAYERS, Block
 from jblock.models import blocks as block_fns
+from jblock.models import rope as rope_lib
 from jblock.models.attention import contiguous_meta
 from jblock.models.config import ModelConfig
 
@@ -104,10 +105,25 @@ class Model:
     logits, kvs = self._run(jnp.asarray(toks), kvs, contiguous_meta(b, max_len, 0, lens),
                             head_rows=lens - 1)
     out = []
+    rerun = self._rerun_length()
     for step in range(max_new_tokens):
       next_tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
       out.append(next_tok)
-      if step + 1 < max_new_tokens:
+      if step + 1 >= max_new_tokens:
+        break
+      if rerun and np.any(lens + step == rerun):
+        # A row crosses the original length (Phi-3 LongRoPE): every row's sequence again, each
+        # at its own length (rows not crossing get the KV they already had).
+        seqs = [list(toks[i, :lens[i]]) + [int(o[i]) for o in out] for i in range(b)]
+        full, full_lens = pad_batch(seqs, lens + step + 1)
+        kvs = self._new_cache(b, max_len)
+        logits, kvs = self._run(jnp.asarray(full), kvs, contiguous_meta(b, max_len, 0, full_lens),
+                                head_rows=full_lens - 1)
+      else:
         logits, kvs = self._run(next_tok[:, None], kvs, contiguous_meta(b, max_len, lens + step, 1))
     return np.asarray(jnp.stack(out, axis=1))
+
+  def _rerun_length(self) -> int:
+    layers = [b for b in self.blocks if b.kind == LAYERS]
+    return rope_lib.rerun_length(layers[0].config.get("rope")) if layers else 0
 

@@ -57,6 +57,12 @@ CONFIGS = {
         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
                          "partial_rotary_factor": 0.6, "short_factor": [1.0, 1.3, 1.7],
                          "long_factor": [1.9, 3.1, 5.3]})),
+    # LongRoPE with a short original length (8): generations cross it, chunked prompts pass it.
+    "phi3_longrope_crossing": ("Phi3Config", dict(
+        BASE, original_max_position_embeddings=8, max_position_embeddings=64,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                         "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0],
+                         "long_factor": [1.7, 2.9, 4.3, 6.1, 9.7]})),
     "mixtral": ("MixtralConfig", dict(BASE, num_local_experts=4, num_experts_per_tok=2,
                                       intermediate_size=23, sliding_window=6)),
     "qwen2_moe": ("Qwen2MoeConfig", dict(BASE, num_experts=5, num_experts_per_tok=2,

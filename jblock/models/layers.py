@@ -13,7 +13,7 @@ from flax import nnx
 
 from jblock.models import lora as lora_lib
 from jblock.models.attention import attend
-from jblock.models.rope import Rope
+from jblock.models.rope import Rope, rope_length
 
 ACTIVATIONS = {
     "silu": jax.nn.silu,
@@ -130,7 +130,7 @@ class Attention(nnx.Module):
     offsets = jnp.arange(t, dtype=jnp.int32)
     qpos = meta["starts"][:, None] + offsets[None, :]  # [B, T] absolute positions
     if self.rope is not None:
-      q, k = self.rope(q, k, qpos, meta["starts"] + meta["n_valid"])
+      q, k = self.rope(q, k, qpos, rope_length(meta))
 
     out, kv = attend(q, k, v, kv, layer, meta, scale=self.scale, window=self.window,
                      softcap=self.softcap)

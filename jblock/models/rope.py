@@ -3,9 +3,11 @@
 A RoPE config (hashed into the layers block) is a JSON dict: `rope_type`, `rope_theta`, the
 type's parameters, and `rotary_dim` when only the first part of each head rotates (partial
 rotary). Static types (default, linear, llama3, yarn) have one frequency table; `dynamic` (NTK)
-and `longrope` pick their frequencies from the sequence length a step reaches, which jblock
-takes per row (`starts + n_valid`): transformers takes it over the whole call, the same thing
-for one sequence, and a row's result does not depend on its batch-mates.
+and `longrope` pick their frequencies from the sequence length, which transformers takes over
+the whole call (max position + 1): a prompt's length for every chunk of its prefill, the length
+reached for a decode step. jblock takes it per row, from the step metadata's `rope_len` (the
+prompt's length for a prefill chunk) or else `starts + n_valid`, so a row's result does not
+depend on its batch-mates nor on how its prompt was chunked.
 """
 
 import dataclasses
@@ -80,6 +82,21 @@ def rope_from_params(params: dict[str, Any] | None, hf: dict[str, Any], head_dim
     out.update(short_factor=short, long_factor=long, original_max_position_embeddings=orig,
                attention_factor=float(attention))
   return out
+
+
+def rerun_length(rope: dict[str, Any] | None) -> int:
+  """The cached length at which a generation runs its whole sequence again (Phi-3 LongRoPE: the
+  step that first exceeds the original length switches every position to the long factors);
+  0 = never."""
+  if not rope or not rope.get("rerun_past_original"):
+    return 0
+  return int(rope["original_max_position_embeddings"])
+
+
+def rope_length(meta) -> Any:
+  """Per-row sequence length dynamic / longrope scalings take (see the module docstring)."""
+  end = meta["starts"] + meta["n_valid"]
+  return jnp.maximum(meta["rope_len"], end) if "rope_len" in meta else end
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:

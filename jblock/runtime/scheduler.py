@@ -22,6 +22,7 @@ import numpy as np
 
 from jblock.blocks import LAYERS
 from jblock.errors import JBlockError, OverloadedError
+from jblock.models import rope as rope_lib
 from jblock.runtime.engine_api import RequestHandle, SamplingParams
 from jblock.runtime.kv import Lease, pages_for
 from jblock.runtime.segments import Segment
@@ -65,6 +66,8 @@ class Request:
   done: bool = False
   epoch: int = 0  # bumped when the request is paused (jblock.runtime.replay): older steps are stale
   replay_to: int = 0  # > 0 while replaying: tokens of prompt + generated to write into KV again
+  accuracy_budget: float | None = None  # the tenant's budget for rerouting (jblock.runtime.reroute)
+  route: frozenset = frozenset()  # (chain position, block id) substitutions it runs with now
 
   @property
   def tokens_needed(self) -> int:
@@ -92,6 +95,10 @@ class Scheduler:
     self._arrivals = itertools.count()
     self._batches = itertools.count()
     self.adapters = None  # LoRA bank slots (jblock.runtime.lora.AdapterBanks), set by the engine
+    # Called at every step boundary (admission, each decode step) with the request; it may change
+    # the request's segments (jblock.runtime.reroute) and returns True when the request's KV must
+    # be rebuilt by a replay (jblock.runtime.replay) before its next step.
+    self.router: Callable[[Request], bool] | None = None
 
   # ---- requests in ----------------------------------------------------------------------
 
@@ -209,6 +216,8 @@ class Scheduler:
     if self.adapters is not None:
       req.adapter_slot = self.adapters.acquire(req.model)
     self.active.add(req)
+    if self.router is not None:
+      self.router(req)  # nothing cached yet: nothing to replay
     self.enqueue_prefill(req)
 
   def enqueue_prefill(self, req: Request) -> None:
@@ -221,6 +230,10 @@ class Scheduler:
     t_pad = next(b for b in sorted(cfg.prefill_buckets) + [cfg.prefill_chunk] if b >= n)
     final = start + n == len(req.prompt) and not req.replay_to
     self._enqueue(StepItem(req, 0, start, n, t_pad, final, tokens[start:start + n]))
+
+  def requeue(self, item: StepItem) -> None:
+    """Queues an item again at the first segment of its request's (new) chain."""
+    self._enqueue(item)
 
   def _enqueue(self, item: StepItem) -> None:
     item.epoch = item.req.epoch
@@ -270,6 +283,7 @@ class Scheduler:
       req = it.req
       meta.starts[row] = it.start
       meta.n_valid[row] = it.n
+      meta.rope_len[row] = rope_len(req, it)
       meta.adapter[row] = req.adapter_slot
       for j, lease in enumerate(req.tables[it.pos]):
         pages = lease.pool.table(lease, width)
@@ -331,6 +345,14 @@ class Scheduler:
     req.handle._emit(token)
     if len(req.generated) >= req.params.max_new_tokens:
       self.finish(req, "length")
+    elif req.cached and req.cached == rerun_length(req):
+      req.replay_to = req.cached  # Phi-3 LongRoPE: the whole sequence again, then this step
+      req.cached = 0
+      self.enqueue_prefill(req)
+    elif self.router is not None and self.router(req):
+      req.replay_to = req.cached  # moved onto instances without its KV: replay, then this step
+      req.cached = 0
+      self.enqueue_prefill(req)
     else:
       self._enqueue(StepItem(req, 0, req.cached, 1, 1, True, [token]))
 
@@ -343,3 +365,23 @@ class Scheduler:
 
   def has_work(self) -> bool:
     return bool(self.active) or self.num_waiting > 0
+
+
+def rope_len(req: Request, item: StepItem) -> int:
+  """The sequence length RoPE scalings take for an item (jblock.models.rope): a prompt chunk
+  takes its prompt's, a replay chunk the length its pending step reaches, a decode step its own."""
+  if req.replay_to and item.start < req.replay_to:
+    return req.replay_to + 1
+  if item.start < len(req.prompt):
+    return len(req.prompt)
+  return item.start + item.n
+
+
+def rerun_length(req: Request) -> int:
+  """The cached length at which the request runs its whole sequence again (0 = never)."""
+  for seg in req.segments:
+    for inst in seg.instances:
+      if inst.kind == LAYERS:
+        return rope_lib.rerun_length((getattr(inst, "config", None) or {}).get("rope"))
+  return 0
+

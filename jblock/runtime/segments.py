@@ -112,7 +112,7 @@ def segment_fn(structure: tuple[tuple[str, str], ...], kv_shardings: tuple, mesh
 
   def step(params, kvs, x, ints, floats, banks=None, lora_cols=None):
     m = unpack(ints, floats, n_tables)
-    base = {"starts": m["starts"], "n_valid": m["n_valid"]}
+    base = {"starts": m["starts"], "n_valid": m["n_valid"], "rope_len": m["rope_len"]}
     new_kvs, li = [], 0
     for (kind, _), apply, p in zip(structure, applies, params):
       if kind == LAYERS:

@@ -12,7 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 # Packed int32 columns of StepMeta before the page tables.
-_INT_FIELDS = ("starts", "n_valid", "top_k", "seed_lo", "seed_hi", "step", "adapter")
+_INT_FIELDS = ("starts", "n_valid", "top_k", "seed_lo", "seed_hi", "step", "adapter", "rope_len")
 _FLOAT_FIELDS = ("temperature", "top_p")
 SEED_MODULUS = 1 << 64  # seeds are uint64 (as the proto allows), folded into two 32-bit words
 
@@ -40,6 +40,9 @@ class StepMeta:
   seed_hi: np.ndarray  # int32 [B]: high 32 bits of the seed (bit pattern)
   step: np.ndarray  # int32 [B]: tokens the row's request generated so far
   adapter: np.ndarray  # int32 [B]: per-row adapter slot (-1 = none)
+  # int32 [B]: sequence length dynamic / longrope RoPE take (a prefill chunk: its prompt's
+  # length); a smaller value (0) means starts + n_valid (jblock.models.rope.rope_length)
+  rope_len: np.ndarray = None
   # int32 [C]: LoRA bank columns the batch's adapters use (slot * max rank + j, -1 = padding);
   # None = every column. Not packed: local segments take it beside the banks.
   lora_cols: np.ndarray | None = None
@@ -50,7 +53,7 @@ class StepMeta:
     return cls(page_tables=np.zeros((n_tables, batch, width), np.int32), starts=zi(),
                n_valid=zi(), temperature=np.zeros(batch, np.float32), top_k=zi(),
                top_p=np.ones(batch, np.float32), seed_lo=zi(), seed_hi=zi(), step=zi(),
-               adapter=np.full(batch, -1, np.int32))
+               adapter=np.full(batch, -1, np.int32), rope_len=zi())
 
   def set_seed(self, row: int, seed: int) -> None:
     seed %= SEED_MODULUS
