@@ -81,3 +81,16 @@ def test_bench_smoke_run(tmp_path):
       "resident bytes block <= 0.35x per_model", "throughput block >= 2x transformers",
       "batch-1 decode <= 1.5x roofline"}
   assert "mode" in report.table(result["runs"])
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3", "phi3", "mixtral"])
+def test_family_presets_convert_with_the_params_they_count(family, tmp_path):
+  from jblock import variants
+  from jblock.bench import zoo_setup
+  from jblock.zoo.store import Zoo
+  spec = zoo_setup.PRESETS[f"tiny-{family}"]
+  assert (spec.family, spec.hidden, spec.layers) == (family, 64, 4)
+  base = variants.init_base(spec, str(tmp_path / "base"))
+  report = Zoo(str(tmp_path / "zoo")).convert(base, "base")
+  assert report.model_bytes == 4 * zoo_setup.param_count(spec)  # float32
+  assert len(report.chain) == 1 + spec.layers + 1

@@ -38,7 +38,8 @@ _MODES = flags.DEFINE_list("modes", list(runner.MODES),
                            "Serving modes: block, per_model, hf (transformers).")
 _BASE = flags.DEFINE_enum("base_size", "medium", list(zoo_setup.PRESETS),
                           "Base model preset: tiny (0.1M params), small (8M), medium (34M, "
-                          "the default sweep's), 100m (110M, the issue's target scale).")
+                          "the default sweep's), 100m (110M, the issue's target scale); "
+                          "tiny-{qwen3,gemma2,gemma3,phi3,mixtral}: the tiny size in those families.")
 _FRACTION = flags.DEFINE_float("trainable_fraction", 0.25,
                                "Fraction of the decoder layers each variant fine-tunes (top).")
 _STEPS = flags.DEFINE_integer("train_steps", 4, "Fine-tuning steps per variant.", lower_bound=1)

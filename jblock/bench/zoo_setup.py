@@ -27,6 +27,10 @@ PRESETS = {
     "100m": variants.BaseSpec(family="llama", hidden=768, layers=12, heads=12, vocab=16000,
                               max_positions=1024),
 }
+# The newer families at the tiny size (hidden 64, 4 layers): Qwen3 (q/k norms), Gemma 2 and 3
+# (soft-caps, sliding windows, tied head), Phi-3 (fused projections), Mixtral (4 experts, top 2).
+for _family in ("qwen3", "gemma2", "gemma3", "phi3", "mixtral"):
+  PRESETS[f"tiny-{_family}"] = dataclasses.replace(PRESETS["tiny"], family=_family, kv_heads=2)
 _READY_FILE = "ready.json"
 
 
@@ -47,10 +51,17 @@ def trainable_layers(layers: int, fraction: float) -> int:
 
 def param_count(spec: variants.BaseSpec) -> int:
   hidden, layers, vocab = spec.hidden, spec.layers, spec.vocab
-  kv = (spec.kv_heads or spec.heads) * (hidden // spec.heads)
+  head_dim = hidden // spec.heads
+  kv = (spec.kv_heads or spec.heads) * head_dim
   inter = spec.intermediate or -(-8 * hidden // 3 // 8) * 8
-  per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter + 2 * hidden
-  return vocab * hidden * (1 if spec.tie else 2) + layers * per_layer + hidden
+  mlp = 3 * hidden * inter
+  if spec.family == "mixtral":  # every expert's MLP and the router
+    mlp = spec.experts * mlp + hidden * spec.experts
+  norms = 4 if spec.family in ("gemma2", "gemma3") else 2  # gemma: norms after attention, MLP too
+  qk_norms = 2 * head_dim if spec.family in ("qwen3", "gemma3") else 0
+  per_layer = 2 * hidden * hidden + 2 * hidden * kv + mlp + norms * hidden + qk_norms
+  tied = spec.tie or spec.family in ("gemma2", "gemma3")
+  return vocab * hidden * (1 if tied else 2) + layers * per_layer + hidden
 
 
 def prepare(work_dir: str, preset: str, n: int, trainable_fraction: float = 0.25,
