@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import grpc
 
+from jblock.cluster import validate
 from jblock.errors import UnavailableError
 from jblock.serving.proto import jblock_pb2 as pb
 from jblock.serving.proto import jblock_pb2_grpc as pb_grpc
@@ -66,6 +67,7 @@ class Membership(pb_grpc.RegistryServicer):
   # ---- the Registry service ----------------------------------------------------------------
 
   def Register(self, request, context):
+    validate.or_abort(context, validate.register, request)
     if not request.address:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT, "address: the worker's host:port is required")
     worker_id = request.worker_id or f"worker-{uuid.uuid4().hex[:8]}"
@@ -84,6 +86,7 @@ class Membership(pb_grpc.RegistryServicer):
                                heartbeat_interval_s=self.config.heartbeat_interval_s)
 
   def Heartbeat(self, request, context):
+    validate.or_abort(context, validate.heartbeat, request)
     with self._cond:
       member = self._members.get(request.worker_id)
       if member is None or member.state != ALIVE:

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import grpc
 
-from jblock.errors import InvalidRequestError
+from jblock.errors import InvalidRequestError, JBlockError
 
 TOKEN_METADATA = "x-jblock-cluster-token"
 LOOPBACK = "127.0.0.1"
@@ -120,6 +120,10 @@ def _rejecting_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, me
   return grpc.stream_stream_rpc_method_handler(abort, **kwargs)
 
 
+def _status(error: Exception) -> grpc.StatusCode:
+  return getattr(grpc.StatusCode, getattr(error, "grpc_code", ""), grpc.StatusCode.INTERNAL)
+
+
 def _guarded(handler: grpc.RpcMethodHandler, method: str):
   """`handler` with unexpected exceptions turned into INTERNAL plus one log line (no
   traceback, no UNKNOWN); aborts the handler itself made pass through unchanged."""
@@ -127,6 +131,8 @@ def _guarded(handler: grpc.RpcMethodHandler, method: str):
     def call(request_or_iterator, context):
       try:
         return fn(request_or_iterator, context)
+      except JBlockError as e:  # a bad field or a refusal: the status the error names
+        context.abort(_status(e), str(e))
       except Exception as e:
         if context.code() is not None:  # context.abort() raised: the status is already set
           raise
@@ -138,6 +144,8 @@ def _guarded(handler: grpc.RpcMethodHandler, method: str):
     def call(request_or_iterator, context):
       try:
         yield from fn(request_or_iterator, context)
+      except JBlockError as e:
+        context.abort(_status(e), str(e))
       except Exception as e:
         if context.code() is not None:
           raise

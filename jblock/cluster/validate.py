@@ -8,6 +8,7 @@ InvalidRequestError naming the field (INVALID_ARGUMENT over gRPC), never a crash
 import dataclasses
 import math
 
+import grpc
 import numpy as np
 
 from jblock.blocks import EMBED, HEAD, LAYERS
@@ -173,6 +174,44 @@ def _columns(name: str, values: np.ndarray, low: int, high: int) -> None:
     row = int(np.argmax((values < low) | (values > high)))
     raise InvalidRequestError(f"inputs['ints'] ({name})", f"row {row}: {int(values[row])} is "
                               f"outside [{low}, {high}]")
+
+
+def or_abort(context, check, request) -> None:
+  """Runs `check(request)`; a bad field aborts the RPC with INVALID_ARGUMENT naming it."""
+  try:
+    check(request)
+  except InvalidRequestError as e:
+    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+
+def _address(field: str, address: str) -> None:
+  host, sep, port = address.rpartition(":")
+  if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535 or len(address) > 300:
+    raise InvalidRequestError(field, f"{address[:80]!r} is not host:port")
+
+
+def _devices(devices) -> None:
+  for i, d in enumerate(devices):
+    if d.memory_bytes < 0 or d.memory_limit_bytes < 0:
+      raise InvalidRequestError(f"devices[{i}]", "memory bytes must be >= 0")
+  if len(devices) > 4096:
+    raise InvalidRequestError("devices", f"{len(devices)} devices; at most 4096")
+
+
+def register(request) -> None:
+  """A RegisterRequest: a worker id of sane length and the host:port it serves on."""
+  if len(request.worker_id) > 128:
+    raise InvalidRequestError("worker_id", "longer than 128 characters")
+  _address("address", request.address)
+  _devices(request.devices)
+
+
+def heartbeat(request) -> None:
+  """A HeartbeatRequest: counts and bytes are never negative."""
+  _devices(request.devices)
+  for name in ("blocks_hosted", "resident_bytes", "kv_bytes", "batches_run", "batches_running"):
+    if getattr(request.load, name) < 0:
+      raise InvalidRequestError(f"load.{name}", f"{getattr(request.load, name)} is negative")
 
 
 def free_slots(request, spec: Hosted) -> None:

@@ -203,7 +203,7 @@ def test_malformed_run_block_is_invalid_argument_naming_the_field(token_cluster,
   assert field in details
 
 
-def test_malformed_host_block_and_tensor_bytes_are_invalid_argument(token_cluster, undisturbed):
+def test_malformed_host_block_registry_and_tensor_bytes_are_invalid_argument(token_cluster, undisturbed):
   block_id, address = _layers_block(token_cluster)
   good = dict(block_id=block_id, batch_size=4, kv_slots=2, max_len=64, page_size=16, kv_pages=8)
   cases = [(dict(good, block_id="not-a-block"), "block_id"),
@@ -222,6 +222,20 @@ def test_malformed_host_block_and_tensor_bytes_are_invalid_argument(token_cluste
       assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(name), details
     code, details = _code(stub.RunBlock, torn)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("inputs['x']")
+  with security.channel(token_cluster.registry, token_cluster.credentials) as ch:
+    stub = pb_grpc.RegistryStub(ch)
+    for request, name in [
+        (pb.RegisterRequest(address="no-port"), "address"),
+        (pb.RegisterRequest(address="127.0.0.1:70000"), "address"),
+        (pb.RegisterRequest(worker_id="w" * 200, address="127.0.0.1:1"), "worker_id"),
+        (pb.RegisterRequest(address="127.0.0.1:1", devices=[pb.Device(memory_bytes=-1)]),
+         "devices[0]")]:
+      code, details = _code(stub.Register, request)
+      assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(name), details
+    code, details = _code(stub.Heartbeat, pb.HeartbeatRequest(
+        worker_id="w", load=pb.WorkerLoad(kv_bytes=-5)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("load.kv_bytes")
+  assert len(token_cluster.engine.stats()["workers"]) == 2
   assert _generate(token_cluster.engine) == undisturbed  # nothing above touched the KV
 
 
