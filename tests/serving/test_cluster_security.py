@@ -11,6 +11,7 @@ import ssl
 import urllib.request
 import shutil
 import subprocess
+import sys
 import threading
 
 import grpc
@@ -32,7 +33,8 @@ from jblock.serving.proto import jblock_pb2_grpc as pb_grpc
 from jblock.serving.tensor_codec import to_tensor_map
 from jblock.serving.worker import start_worker_server
 from tests.serving.serving_helpers import free_port
-from tests.serving.test_block_serving import PROMPTS, zoo_dir  # noqa: F401 (fixture)
+from tests.serving.test_block_serving import PROMPTS, REPO, _wait_line
+from tests.serving.test_block_serving import zoo_dir  # noqa: F401 (fixture)
 
 CONFIG = EngineConfig(batch_size=4, kv_slots=8, max_seq_len=64, prefill_chunk=16,
                       length_buckets=(16,), warmup=False)
@@ -253,6 +255,28 @@ def test_an_expired_step_deadline_fails_the_request_with_a_message(token_cluster
   finally:
     links.deadlines = saved
   assert _generate(token_cluster.engine) == undisturbed
+
+
+def test_a_worker_process_with_the_token_file_joins_and_one_without_is_refused(
+    token_cluster, zoo_dir, tmp_path):
+  token_file = tmp_path / "token"
+  token_file.write_bytes(TOKEN + b"\n")
+  common = [sys.executable, "-m", "launch.worker", f"--coordinator={token_cluster.registry}",
+            f"--zoo={zoo_dir}", "--mesh_shape=1,1", "--register_timeout_s=20"]
+  with_token = subprocess.Popen(common + [f"--cluster_token_file={token_file}"], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    without = subprocess.run(common + ["--host=0.0.0.0"], cwd=REPO, capture_output=True,
+                             text=True, timeout=120)
+    assert without.returncode != 0 and "--host: '0.0.0.0' is reachable" in without.stderr
+    address = _wait_line(with_token, r"serving on (127\.0\.0\.1:\d+)", timeout=120).group(1)
+    alive = {w["address"] for w in token_cluster.engine.stats()["workers"]
+             if w["state"] == "alive"}
+    assert address in alive
+  finally:
+    with_token.terminate()
+    with_token.wait(timeout=30)
+    with_token.stdout.close()
 
 
 def test_credentials_flags_and_loopback_only_without_them(tmp_path):
