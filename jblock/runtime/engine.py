@@ -265,8 +265,11 @@ class Engine:
       if (seg.key, banks) in self._warmed_banks:
         return  # another adapter of this base already compiled these shapes
       self._warmed_banks.add((seg.key, banks))
-      cols = [np.full(c, -1, np.int32) for c in self._adapters.buckets]
+      cols = self._adapters.buckets
     for (b, t, w), c in itertools.product(shapes, cols):
+      if c is not None and c > self._adapters.bucket_for(b * self._adapters.max_rank):
+        continue  # b rows use at most b slots' columns: a bigger list never meets this batch size
+      c = None if c is None else np.full(c, -1, np.int32)
       w = next(x for x in cfg.width_buckets() if x >= min(w, cfg.max_pages))
       meta = StepMeta.empty(b, len(seg.layers), w)
       x = (np.zeros((b, t), np.int32) if seg.starts_at_embed
