@@ -3,8 +3,11 @@
   python -m launch.coordinator --zoo=DIR --num_workers=2 --registry_port=50060 --port=50051
   python -m launch.worker --coordinator=127.0.0.1:50060 --zoo=DIR     # once per worker
 
-Waits for the workers to register, places each model's chain across them in contiguous
-segments, then serves the client API. Workers may join later and keep sending heartbeats; a
+Waits for the workers to register, places the blocks on them by locality (a cross-worker hop
+costs --placement_hop_cost_s per step, a block's compute its bytes / --placement_bytes_per_s;
+the planner weighs the hops against the busiest worker's compute under each worker's memory;
+`tools.client stats` shows the plan and its reasons), then serves the client API. Workers may
+join later and keep sending heartbeats; a
 worker silent for --dead_after_s (or whose RPC fails) is declared dead and its blocks are
 re-placed on the others, its requests replaying their KV there. SIGTERM drains as launch.serve
 does. Internal RPCs carry --cluster_token_file's token and/or use mutual TLS (--tls_cert,
@@ -16,6 +19,8 @@ from absl import app
 from absl import flags
 
 from jblock.cluster.membership import MembershipConfig
+from jblock.cluster.placement import PlannerConfig
+from jblock.cluster.replan import ReplanConfig
 from jblock.zoo.cli import quiet_libraries
 from launch import cluster_flags
 from launch import engine_flags
@@ -33,6 +38,15 @@ _HEARTBEAT_S = flags.DEFINE_float("heartbeat_interval_s", 0.5, "How often worker
                                   lower_bound=0.01)
 _DEAD_AFTER_S = flags.DEFINE_float("dead_after_s", 3.0, "Heartbeat silence after which a worker "
                                    "is declared dead.", lower_bound=0.05)
+_HOP_COST_S = flags.DEFINE_float("placement_hop_cost_s", PlannerConfig.hop_cost_s,
+                                  "Seconds a cross-worker hop adds to a step, for placement.",
+                                  lower_bound=0.0)
+_BYTES_PER_S = flags.DEFINE_float("placement_bytes_per_s", PlannerConfig.bytes_per_s,
+                                  "Weight bytes a worker reads per second (a block's step "
+                                  "time), for placement.", lower_bound=1.0)
+_WORKER_MEMORY = flags.DEFINE_integer("placement_worker_memory_bytes", 0,
+                                      "Memory per worker where its devices report none "
+                                      "(0 = unbounded).", lower_bound=0)
 _DRAIN_TIMEOUT_S = flags.DEFINE_float("drain_timeout_s", 30.0,
                                       "On SIGTERM, how long in-flight requests may finish.")
 
@@ -48,7 +62,10 @@ def main(argv):
   host = cluster_flags.bind_host(_HOST.value, links.credentials, "the worker registry")
   engine, registry = engine_flags.build_distributed_engine(
       _NUM_WORKERS.value, _REGISTRY_PORT.value, host, _WORKER_WAIT_S.value,
-      MembershipConfig(_HEARTBEAT_S.value, _DEAD_AFTER_S.value), links=links)
+      MembershipConfig(_HEARTBEAT_S.value, _DEAD_AFTER_S.value), links=links,
+      replan=ReplanConfig(PlannerConfig(hop_cost_s=_HOP_COST_S.value,
+                                        bytes_per_s=_BYTES_PER_S.value),
+                          worker_memory_bytes=_WORKER_MEMORY.value))
   try:
     server.serve(engine, _PORT.value, _METRICS_PORT.value, host=host,
                  drain_timeout_s=_DRAIN_TIMEOUT_S.value, tls=links.credentials)

@@ -91,8 +91,8 @@ def build_engine():
 
 
 def build_distributed_engine(num_workers: int, registry_port: int, host: str, wait_s: float,
-                             membership=None, links=None):
+                             membership=None, links=None, replan=None):
   from jblock.serving.engines import distributed_engine
   return distributed_engine(prepare_zoo(), _MODELS.value, num_workers, registry_port, host=host,
                             sharing=_SHARING.value, config=engine_config(), wait_s=wait_s,
-                            membership=membership, links=links)
+                            membership=membership, links=links, replan=replan)

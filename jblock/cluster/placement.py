@@ -23,8 +23,11 @@ from typing import Mapping, Sequence
 
 @dataclasses.dataclass(frozen=True)
 class PlannerConfig:
-  hop_cost_s: float = 0.002  # seconds one cross-worker hop of one step adds (RPC + transfer)
-  bytes_per_s: float = 20e9  # weight bytes a worker reads per second (a step's compute time)
+  # Defaults measured on this repository's CPU machine: a gRPC hop costs ~0.6 ms per token
+  # (tools/results/grpc_overhead.json); a 0.7 MB layers block steps in ~0.54 ms
+  # (tools/results/step_times_demo.json). Set both for the hardware at hand.
+  hop_cost_s: float = 6e-4  # seconds one cross-worker hop of one step adds (RPC + transfer)
+  bytes_per_s: float = 1.3e9  # weight bytes a worker reads per second (a step's compute time)
   memory_headroom: float = 0.9  # share of a worker's memory the planner may fill
   max_replicas: int = 1  # copies a block may have (1: no replication)
   replicate_min_share: float = 0.3  # a block is hot when it carries this share of all traffic
@@ -38,6 +41,8 @@ class PlacementInputs:
   worker_memory: Mapping[str, int]  # worker address -> bytes it can hold (0: unknown, unbounded)
   rates: Mapping[str, float] = dataclasses.field(default_factory=dict)  # chain -> steps/s
   # (measured by the engine; a chain without a measurement counts as rate 1)
+  compute_bytes: Mapping[str, int] = dataclasses.field(default_factory=dict)  # block id ->
+  # weight bytes a step reads (its params; a block without an entry counts its block_bytes)
 
 
 @dataclasses.dataclass
@@ -88,7 +93,7 @@ def _cost(inputs: PlacementInputs, routes: Mapping[str, Mapping[str, str]],
       if route[prev] != route[nxt]:
         hops += rate
     for b in blocks:
-      load[route[b]] += rate * inputs.block_bytes[b] / config.bytes_per_s
+      load[route[b]] += rate * inputs.compute_bytes.get(b, inputs.block_bytes[b]) / config.bytes_per_s
   return config.hop_cost_s * hops + max(load.values(), default=0.0), hops, load
 
 
@@ -246,6 +251,13 @@ def _reason(b, inputs, routes, chains_of, traffic, hosts, replicated) -> str:
   if b in replicated:
     parts.append("replicated: a hot shared block, a copy next to each chain's neighbours saves hops")
   return "; ".join(parts)
+
+
+def evaluate(inputs: PlacementInputs, hosts: Mapping[str, Sequence[str]],
+             config: PlannerConfig | None = None) -> float:
+  """The cost of a single-copy placement (block id -> [worker]) under `inputs`' rates."""
+  routes = {c: {b: hosts[b][0] for b in blocks} for c, blocks in inputs.chains.items()}
+  return _cost(inputs, routes, config or PlannerConfig())[0]
 
 
 def diff(old: Plan | Mapping[str, Sequence[str]], new: Plan) -> list[Move]:

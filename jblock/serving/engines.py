@@ -10,7 +10,8 @@ from jblock.cluster.links import ClusterLinks
 from jblock.cluster.membership import Membership, MembershipConfig
 from jblock.runtime.engine import Engine, EngineConfig, _spec_from_zoo
 from jblock.serving.proto import jblock_pb2_grpc as pb_grpc
-from jblock.serving.worker import Placer, plan_placement, remote_factory
+from jblock.cluster.replan import ReplanConfig, Replanner
+from jblock.serving.worker import Placer, remote_factory
 
 
 def zoo_models(zoo_dir: str, models: Sequence[str] | None) -> list[str]:
@@ -29,18 +30,33 @@ def local_engine(zoo_dir: str, models: Sequence[str] | None, sharing: bool = Tru
                          mesh_shape=mesh_shape, config=config)
 
 
+class ClusterEngine(Engine):
+  """An engine over workers; its stats add `placement`: where each block lives and why."""
+
+  replanner: Replanner | None = None  # replanner.replan(reason): re-plan under measured load
+
+  def stats(self):
+    out = super().stats()
+    out["placement"] = self.replanner.view() if self.replanner is not None else {}
+    return out
+
+
 def distributed_engine(zoo_dir: str, models: Sequence[str] | None, num_workers: int,
                        registry_port: int, host: str = "127.0.0.1", sharing: bool = True,
                        config: EngineConfig | None = None, wait_s: float = 120.0,
                        progress=print,
                        membership: MembershipConfig | None = None,
-                       links: ClusterLinks | None = None) -> tuple[Engine, grpc.Server]:
-  """Waits for `num_workers` workers to register, then places each chain across them.
+                       links: ClusterLinks | None = None,
+                       replan: ReplanConfig | None = None,
+                       executor_factory=None) -> tuple[Engine, grpc.Server]:
+  """Waits for `num_workers` workers to register, then places the chains on them by locality
+  (jblock.cluster.placement: hops vs per-worker compute under memory; `replan` sets its model).
 
   Workers may join later (blocks of models loaded afterwards, and blocks re-placed after a
   worker dies, go to the live worker hosting the fewest). Returns the engine and the registry
   server (stop it on shutdown). `links`: the cluster's credentials (checked on the registry,
-  presented to workers) and per-step RPC deadlines.
+  presented to workers) and per-step RPC deadlines. `executor_factory`: as Engine's (benches
+  compare one executor per worker with a single shared one).
   """
   from jblock.zoo.store import Zoo
   config = config or EngineConfig()
@@ -58,11 +74,17 @@ def distributed_engine(zoo_dir: str, models: Sequence[str] | None, num_workers: 
     names = zoo_models(zoo_dir, models)
     cache = {}
     specs = [_spec_from_zoo(zoo, name, cache, load_params=False) for name in names]
-    placement = plan_placement([s.block_ids for s in specs], workers)
-    progress(f"jblock: placing {len(placement)} blocks on {', '.join(workers)}")
-    factory = remote_factory(Placer(registry, placement, links), zoo_dir, config)
-    engine = Engine(specs, sharing=sharing, mesh_shape=(1, 1), config=config, zoo=zoo,
-                    instance_factory=factory)
+    placer = Placer(registry, {}, links)
+    replanner = Replanner(None, placer, zoo, config, registry, replan, progress)
+    plan = replanner.initial({s.name: s.block_ids for s in specs})
+    placer.plan.update(plan.primary())
+    progress(f"jblock: placing {len(plan.hosts)} blocks on {', '.join(workers)} "
+             f"({plan.hops_per_s:g} cross-worker hops per chain step)")
+    factory = remote_factory(placer, zoo_dir, config)
+    engine = ClusterEngine(specs, sharing=sharing, mesh_shape=(1, 1), config=config, zoo=zoo,
+                           instance_factory=factory, executor_factory=executor_factory)
+    replanner.engine = engine
+    engine.replanner = replanner
     engine.cluster_stats = registry.stats
     registry.on_dead(lambda address, reason: engine.placement_lost(f"worker:{address}", reason))
     registry.on_join(lambda address: engine.retry_lost())

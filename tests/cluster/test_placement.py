@@ -97,3 +97,20 @@ def test_diff_hosts_new_copies_before_unhosting_and_follows_workers_leaving():
   moves = diff(before, gone)
   assert moves and all(m.add == ("w1",) and m.remove == ("w2",) for m in moves)
   assert {m.block_id for m in moves} == {b for b, ws in before.hosts.items() if ws == ["w2"]}
+
+
+def test_rates_and_memory_from_the_engine_and_heartbeats():
+  from jblock.cluster.replan import measured_rates, worker_memory
+  trace = [  # two seconds: "a"'s last block ran 6 items alone and 4 shared evenly with "b"
+      {"blocks": ("ahead",), "items": 6, "models": ("a",), "dispatched": 0.0, "done": 1.0},
+      {"blocks": ("shared_head",), "items": 4, "models": ("a", "b"), "dispatched": 1.0,
+       "done": 2.0},
+      {"blocks": ("l0",), "items": 9, "models": ("a", "b"), "dispatched": 1.0, "done": 2.0}]
+  rates = measured_rates(trace, {"a": "ahead", "b": "shared_head", "c": "chead"})
+  assert rates == {"a": 3.0, "b": 1.0, "c": 0.0}
+  assert measured_rates([], {"a": "ahead"}) == {}
+  views = [{"address": "w1", "state": "alive", "devices": [{"memory_limit_bytes": 5},
+                                                           {"memory_limit_bytes": 7}]},
+           {"address": "w2", "state": "alive", "devices": [{"memory_limit_bytes": 0}]},
+           {"address": "w3", "state": "dead", "devices": []}]
+  assert worker_memory(views, fallback=100) == {"w1": 12, "w2": 100}

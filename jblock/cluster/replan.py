@@ -1,0 +1,162 @@
+"""Placement in a running cluster: the planner's inputs gathered, plans applied as moves.
+
+Block bytes come from the zoo (params, plus the KV pool a layers block is given); worker memory
+from the workers' heartbeats (or a configured size where the platform does not say); traffic
+from the engine's trace (steps per second of each chain, counted at its last block). A re-plan
+runs when asked (a worker joined, load shifted): if the new plan beats the one in force by
+`min_gain` under the current rates, each block that changes worker moves through
+`Engine.relocate` (host the new copy, pause and replay the requests through it, unhost old).
+
+The engine hosts one copy of each block, so plans applied here have `max_replicas=1`; the
+planner's replicas are not hosted by this runtime.
+"""
+
+import dataclasses
+import threading
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from jblock.blocks import LAYERS
+from jblock.cluster import placement
+from jblock.cluster.placement import Plan, PlacementInputs, PlannerConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplanConfig:
+  planner: PlannerConfig = PlannerConfig()  # hop cost, compute speed, memory headroom
+  worker_memory_bytes: int = 0  # memory per worker where heartbeats report none (0: unbounded)
+  min_gain: float = 0.1  # a re-plan moves blocks only when it lowers the cost by this share
+
+
+def param_bytes(zoo, block_id: str) -> int:
+  leaves = zoo.block_record(block_id)["leaves"].values()
+  return sum(int(np.prod(l["shape"])) * np.dtype(l["dtype"]).itemsize for l in leaves)
+
+
+def block_bytes(zoo, block_id: str, kv_pages: int, page_size: int) -> int:
+  """Bytes a block occupies on a worker: its params and, for a layers block, its KV pool."""
+  record = zoo.block_record(block_id)
+  leaves = record["leaves"].values()
+  params = param_bytes(zoo, block_id)
+  if record["kind"] != LAYERS or not leaves:
+    return params
+  c = record["config"]
+  itemsize = max(np.dtype(l["dtype"]).itemsize for l in leaves)
+  return params + 2 * c["num_layers"] * kv_pages * c["num_kv_heads"] * page_size * c["head_dim"] * itemsize
+
+
+def worker_memory(views: Sequence[Mapping[str, Any]], fallback: int = 0) -> dict[str, int]:
+  """Live worker address -> device memory it reported (summed over devices), else `fallback`."""
+  out = {}
+  for v in views:
+    if v.get("state", "alive") != "alive":
+      continue
+    limit = sum(int(d.get("memory_limit_bytes", 0)) for d in v.get("devices", []))
+    out[v["address"]] = limit or fallback
+  return out
+
+
+def measured_rates(trace: Sequence[Mapping[str, Any]], last_blocks: Mapping[str, str]
+                   ) -> dict[str, float]:
+  """Chain -> steps per second over the trace window: items of the batches through the
+  chain's last block (short id), split evenly among the models of a shared batch."""
+  if not trace:
+    return {}
+  span = max(t["done"] for t in trace) - min(t["dispatched"] for t in trace)
+  if span <= 0:
+    return {}
+  counts = {c: 0.0 for c in last_blocks}
+  for t in trace:
+    for chain, last in last_blocks.items():
+      if last[:12] in t["blocks"] and chain in t["models"]:
+        counts[chain] += t["items"] / len(t["models"])
+  return {c: n / span for c, n in counts.items()}
+
+
+class Replanner:
+  """Keeps the placement in force, its reasons, and re-plans on request."""
+
+  def __init__(self, engine, placer, zoo, engine_config, membership,
+               config: ReplanConfig | None = None, progress: Callable[[str], None] = print):
+    self.engine, self.placer, self.zoo, self.membership = engine, placer, zoo, membership
+    self.engine_config = engine_config
+    self.config = config or ReplanConfig()
+    self.progress = progress
+    self.plan: Plan | None = None
+    self.history: list[dict] = []  # latest re-plans: when, why, moves, costs
+    self._lock = threading.Lock()
+
+  def inputs(self, chains: Mapping[str, Sequence[str]], rates: Mapping[str, float] | None = None
+             ) -> PlacementInputs:
+    cfg = self.engine_config
+    sizes = {b: block_bytes(self.zoo, b, cfg.kv_pages_for(b), cfg.page_size)
+             for blocks in chains.values() for b in blocks}
+    memory = worker_memory(self.membership.stats(), self.config.worker_memory_bytes)
+    params = {b: param_bytes(self.zoo, b) for b in sizes}
+    return PlacementInputs(dict(chains), sizes, memory, dict(rates or {}), params)
+
+  def initial(self, chains: Mapping[str, Sequence[str]]) -> Plan:
+    """The plan before any traffic was measured: every chain at the same rate."""
+    self.plan = placement.plan(self.inputs(chains), self._planner_config())
+    return self.plan
+
+  def _planner_config(self) -> PlannerConfig:
+    return dataclasses.replace(self.config.planner, max_replicas=1)
+
+  def _chains(self) -> dict[str, list[str]]:
+    stats = self.engine.stats()
+    id_of = {b["key"]: b["block_id"] for b in stats["blocks"]}
+    return {m: [id_of[k] for k in keys] for m, keys in stats["models"].items()}
+
+  def replan(self, reason: str, since: float | None = None, wait_s: float = 300.0
+             ) -> list[placement.Move]:
+    """Re-plans with the rates measured over the trace (batches dispatched after `since`, a
+    time.perf_counter(), when given) and the live workers; applies the moves when they pay.
+    Returns the moves applied (empty when the plan in force stays)."""
+    with self._lock:
+      chains = self._chains()
+      trace = [t for t in self.engine.trace() if since is None or t["dispatched"] >= since]
+      rates = measured_rates(trace, {m: bl[-1] for m, bl in chains.items()})
+      inputs = self.inputs(chains, rates)
+      config = self._planner_config()
+      current = {b: [w] for b, w in self.placer.plan.items() if b in inputs.block_bytes}
+      fresh = placement.plan(inputs, config, previous=self.plan)
+      entry = {"at": time.time(), "reason": reason, "rates": {c: round(r, 3) for c, r in rates.items()},
+               "cost_before": None, "cost_after": round(fresh.cost, 6), "moves": []}
+      live = set(inputs.worker_memory)
+      if all(ws[0] in live for ws in current.values()) and set(current) == set(fresh.hosts):
+        before = placement.evaluate(inputs, current, config)
+        entry["cost_before"] = round(before, 6)
+        if fresh.cost >= before * (1 - self.config.min_gain):
+          entry["kept"] = "the plan in force is within min_gain of the best found"
+          self.history = (self.history + [entry])[-16:]
+          return []
+      moves = placement.diff(current, fresh)
+      by_target: dict[str, list[str]] = {}
+      keys = {b["block_id"]: b["key"] for b in self.engine.stats()["blocks"]}
+      for m in moves:
+        if m.add:
+          by_target.setdefault(m.add[0], []).append(keys[m.block_id])
+      for to, moving in sorted(by_target.items()):
+        thread = self.engine.relocate(moving, f"re-planned ({reason})", to=to)
+        if thread is not None:
+          thread.join(wait_s)
+      self.plan = fresh
+      entry["moves"] = [dataclasses.asdict(m) for m in moves]
+      self.history = (self.history + [entry])[-16:]
+      if moves:
+        self.progress(f"jblock: re-planned ({reason}): {len(moves)} block(s) moved")
+      return moves
+
+  def view(self) -> dict:
+    """Engine stats' placement field: where each block lives and why, and the latest re-plans."""
+    out = self.plan.view() if self.plan else {}
+    live = dict(self.placer.plan)
+    for b, entry in out.get("blocks", {}).items():
+      if b in live and live[b] not in entry["workers"]:
+        entry["now_on"] = live[b]  # moved since (its worker died, or a later load)
+    out["replans"] = list(self.history)
+    out["config"] = dataclasses.asdict(self.config)
+    return out
