@@ -45,10 +45,11 @@ def tiling(assignments: int, num_experts: int) -> tuple[int, int]:
 
 
 def routed_experts(x, top_e, top_w, gate, up, down, act):
-  """sum_k w[n, k] * expert_{e[n, k]}(x[n]) for x [N, D], top_e/top_w [N, K]; weights [E, ...]."""
+  """sum_k w[n, k] * expert_{e[n, k]}(x[n]) for x [N, D], top_e/top_w [N, K]; weights [E, ...]
+  or tuples of E per-expert arrays."""
   n, d = x.shape
   k = top_e.shape[1]
-  num_experts = gate.shape[0]
+  num_experts = len(gate) if isinstance(gate, (tuple, list)) else gate.shape[0]
   a = n * k
   tile, tiles = tiling(a, num_experts)
   e = top_e.reshape(a).astype(jnp.int32)
@@ -75,6 +76,14 @@ def routed_experts(x, top_e, top_w, gate, up, down, act):
     h = act(rows @ pick(gate)) * (rows @ pick(up))
     return None, h @ pick(down)
 
+  if isinstance(gate, (tuple, list)):
+    # Experts held one array each (shared between blocks, jblock.runtime.parts): a switch runs
+    # only the tile's expert, reading its weights and no other's.
+    def branch(e):
+      return lambda rows: (act(rows @ gate[e]) * (rows @ up[e])) @ down[e]
+
+    branches = [branch(e) for e in range(num_experts)]
+    one_tile = lambda _, inputs: (None, jax.lax.switch(inputs[1], branches, inputs[0]))
   _, y = jax.lax.scan(one_tile, None, (xt, tile_expert))
   y = y.reshape(tiles * tile, d)
   y = (y * slot_w[:, None]).astype(x.dtype)  # padding rows have weight 0
@@ -118,7 +127,9 @@ class MoE(nnx.Module):
     if not self.weights_in_f32:
       top_w = top_w.astype(x.dtype)
     ex = self.experts
-    y = routed_experts(xs, top_e, top_w, ex.gate[...], ex.up[...], ex.down[...], self.act)
+    # Each weight: stacked [E, ...], or a tuple of E arrays (experts shared across blocks).
+    gate, up, down = (w.get_value() for w in (ex.gate, ex.up, ex.down))
+    y = routed_experts(xs, top_e, top_w, gate, up, down, self.act)
     if self.shared is not None:
       y = y + jax.nn.sigmoid(self.shared_gate(xs)) * self.shared(xs)
     return y.reshape(b, t, d)

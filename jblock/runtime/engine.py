@@ -32,6 +32,7 @@ from jblock.runtime.executor import (LocalExecutor, ThreadExecutor, run_local_se
                                      start_thread)
 from jblock.runtime.instance import LocalBlockInstance
 from jblock.runtime.kv import pages_for
+from jblock.runtime import parts as parts_lib
 from jblock.runtime import replay
 from jblock.runtime.lora import AdapterBanks
 from jblock.runtime.scheduler import Request, Scheduler, SchedulerConfig
@@ -135,6 +136,7 @@ class Engine:
     self.sharing = sharing
     self.mesh = mesh_lib.make_mesh(mesh_shape)
     self.zoo = zoo
+    self._device_parts = parts_lib.DevicePartPool(zoo, self.mesh)  # experts loaded once
     self._new_instance = instance_factory or self._local_instance
     if self.config.compilation_cache_dir:
       jax.config.update("jax_compilation_cache_dir", self.config.compilation_cache_dir)
@@ -178,7 +180,9 @@ class Engine:
   def _local_instance(self, key: str, block: Block, block_id: str, batch_size: int, table):
     cfg = self.config
     if not flat_leaves(block.params) and self.zoo is not None:
-      block = _load_on_devices(self.zoo, block_id, self.mesh)
+      # Expert-level parts once per engine (per instance without sharing: the baseline).
+      pool = self._device_parts if self.sharing else parts_lib.DevicePartPool(self.zoo, self.mesh)
+      block = pool.load_block(block_id) or _load_on_devices(self.zoo, block_id, self.mesh)
     pages = cfg.kv_pages_for(block_id) if block.kind == LAYERS else 0
     return LocalBlockInstance(key, block, block_id, self.mesh, batch_size, num_pages=pages,
                               page_size=cfg.page_size, max_leases=cfg.kv_slots_for(block_id),
@@ -517,7 +521,7 @@ class Engine:
           "sharing": self.sharing,
           "mesh": dict(self.mesh.shape),
           "blocks": blocks,
-          "resident_bytes": sum(b["resident_bytes"] for b in blocks),
+          "resident_bytes": parts_lib.resident_bytes(self._instances.values()),
           "kv_bytes": sum(b["kv_bytes"] for b in blocks),
           "queue_depth": sched.num_waiting,
           "requests": {"waiting": sched.num_waiting, "active": len(sched.active),

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jblock.blocks import HEAD, LAYERS, Block, flat_leaves
+from jblock.blocks import HEAD, LAYERS, Block
 from jblock.runtime import mesh as mesh_lib
 from jblock.runtime.kv import PagePool
 
@@ -33,10 +33,11 @@ class LocalBlockInstance:
     self.mesh = mesh
     self.batch_size = batch_size
     self.models: set[str] = set()
-    self.params = _place(block.params, mesh)
-    leaves = flat_leaves(self.params)
-    self.dtype = leaves[0][1].dtype if leaves else jnp.float32
-    self.resident_bytes = sum(int(a.nbytes) for _, a in leaves)
+    # Blocks from an engine's part pool (jblock.runtime.parts) arrive placed, experts as tuples.
+    self.params = block.params if _has_tuples(block.params) else _place(block.params, mesh)
+    leaves = jax.tree.leaves(self.params)
+    self.dtype = leaves[0].dtype if leaves else jnp.float32
+    self.resident_bytes = sum(int(a.nbytes) for a in leaves)  # shared parts counted here too
     self.tied = self.kind == HEAD and block.config.get("tied_to") is not None
     # A tied head runs with the embed instance's table: same device buffer, counted there.
     self.run_params = {**self.params, "embedding": shared_table} if self.tied else self.params
@@ -93,6 +94,11 @@ def instance_stats(inst) -> dict[str, Any]:
       "lora_bank_bytes": getattr(inst, "lora_bank_bytes", 0),
       "placement": inst.placement,
   }
+
+
+def _has_tuples(tree) -> bool:
+  return any(isinstance(v, tuple) or (isinstance(v, dict) and _has_tuples(v))
+             for v in tree.values())
 
 
 def _place(params, mesh: Mesh):

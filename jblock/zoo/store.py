@@ -133,6 +133,17 @@ class Zoo:
                                 f"id {record['id']}")
     return record
 
+  def read_part(self, pid: str) -> dict[str, Any]:
+    """One expert-level part's params (numpy), checked against its id."""
+    try:
+      part = self._parts.read(pid)
+    except Exception as e:  # orbax/tensorstore raise many types for damaged files
+      raise CorruptedBlockError(f"corrupted part {pid}: unreadable: {type(e).__name__}: "
+                                f"{_first_line(e)}") from e
+    if experts.part_id(part) != pid:
+      raise CorruptedBlockError(f"corrupted part {pid}: its params hash to {experts.part_id(part)}")
+    return part
+
   def load_block(self, block_id: str, sharding: blockio.ShardingSpec = None) -> Block:
     """Restores a block and checks that it hashes to its id.
 
