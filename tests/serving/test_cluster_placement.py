@@ -1,0 +1,81 @@
+"""Placement on a running cluster (coordinator in process, two worker processes): the planned
+split is what the workers host and what stats explain; the two workers compute at the same
+time; a re-plan moves blocks and the tokens stay those of the reference."""
+
+import time
+
+from jblock.cluster.placement import PlannerConfig
+from jblock.cluster.replan import ReplanConfig
+from jblock.serving.engines import distributed_engine
+from tests.serving.serving_helpers import free_port, wait_until
+from tests.serving.test_block_serving import MODELS, NEW, PROMPTS
+from tests.serving.test_block_serving import expected, zoo_dir  # noqa: F401 (fixtures)
+from tests.serving.test_cluster_faults import CONFIG, _address, _worker
+
+# Hops nearly free: the planner splits every chain to balance compute over both workers.
+SPLIT = ReplanConfig(PlannerConfig(hop_cost_s=1e-6, bytes_per_s=1e9), min_gain=0.01)
+
+
+def _overlap(trace, worker_of) -> float:
+  """Seconds during which batches on two different workers were both in flight."""
+  best = 0.0
+  spans = [(worker_of[t["blocks"][0]], t["dispatched"], t["done"]) for t in trace]
+  for i, (w1, s1, e1) in enumerate(spans):
+    for w2, s2, e2 in spans[i + 1:]:
+      if w1 != w2:
+        best = max(best, min(e1, e2) - max(s1, s2))
+  return best
+
+
+def test_planned_split_runs_both_workers_at_once_and_replans_under_load(zoo_dir, expected):
+  registry = free_port()
+  procs = [_worker(zoo_dir, registry), _worker(zoo_dir, registry)]
+  engine = server = None
+  try:
+    engine, server = distributed_engine(zoo_dir, MODELS, 2, registry, config=CONFIG, wait_s=120,
+                                        progress=lambda *_: None, replan=SPLIT)
+    addresses = {_address(p) for p in procs}
+    stats = engine.stats()
+    plan = stats["placement"]["blocks"]
+    live = {b["block_id"]: b["worker"] for b in stats["blocks"]}
+    assert {b: p["workers"][0] for b, p in plan.items()} == live  # hosted as planned
+    assert set(live.values()) == addresses  # every chain split over both workers
+    assert all("traffic" in p["reason"] and " on 127.0.0.1:" in p["reason"] for p in plan.values())
+    for model, keys in stats["models"].items():  # contiguous: one crossing per chain step
+      workers = [live[k] for k in keys]
+      assert sum(a != b for a, b in zip(workers, workers[1:])) == 1, model
+
+    # Every model's streams at once: batches of different requests on both workers overlap.
+    handles = {(m, i): engine.submit(m, PROMPTS[i], max_new_tokens=NEW)
+               for m in MODELS for i in range(len(PROMPTS))}
+    assert {k: h.result(timeout=300) for k, h in handles.items()} == expected
+    worker_of = {b["block_id"][:12]: b["worker"] for b in stats["blocks"]}
+    assert _overlap(engine.trace(), worker_of) > 0.0
+
+    # Load shifts to one model and hops turn out dear (say, a slower link): the re-plan
+    # measures the shift and joins the chains on one worker, moving blocks (new copy, replay,
+    # old one freed); requests get the reference tokens, and a second re-plan finds no gain.
+    shifted = time.perf_counter()
+    hot = [engine.submit("v1", PROMPTS[i], max_new_tokens=NEW) for i in range(len(PROMPTS))]
+    assert [h.result(timeout=300) for h in hot] == [expected["v1", i] for i in range(len(PROMPTS))]
+    engine.replanner.config = ReplanConfig(PlannerConfig(hop_cost_s=1.0, bytes_per_s=1e9))
+    moves = engine.replanner.replan("hops dear", since=shifted)
+    entry = engine.stats()["placement"]["replans"][-1]
+    assert entry["rates"]["v1"] > 0 and entry["rates"]["base"] == 0 == entry["rates"]["v2"]
+    assert moves and entry["cost_after"] < entry["cost_before"], entry
+    live = {b["block_id"]: b["worker"] for b in engine.stats()["blocks"]}
+    assert all(live[m.block_id] == m.add[0] for m in moves)
+    assert len(set(live.values())) == 1
+    assert engine.generate("v1", PROMPTS[2], max_new_tokens=NEW) == expected["v1", 2]
+    assert engine.generate("base", PROMPTS[3], max_new_tokens=NEW) == expected["base", 3]
+    assert engine.replanner.replan("again") == []
+  finally:
+    if server is not None:
+      server.stop(0)
+    if engine is not None:
+      engine.close()
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+      p.wait(timeout=10)
+      p.stdout.close()
