@@ -1,9 +1,11 @@
-"""Throughput vs number of LoRA adapters of one base (N = 0 base only, 1, 4, 16, 64).
+"""Throughput vs number of LoRA adapters of one base (N = 0 base only, 1, 4, 16, 64, 256).
 
-  python -m tools.lora_bench [--counts=0,1,4,16,64] [--requests=64] [--work_dir=...]
+  python -m tools.lora_bench [--counts=0,1,4,16,64,256] [--requests=64] [--repeats=2]
 
-Writes OUT/lora_bench_<timestamp>.json and prints a Markdown table. The logic lives in
-jblock.bench.lora_bench; this script only reads flags.
+Each repeat runs jblock over every N, then vLLM over every N, so repeats alternate the two
+(ratios are read within one repeat). Writes OUT/lora_bench_<timestamp>.json (every repeat's
+rows), a throughput-vs-N plot beside it (.png, with matplotlib) and prints a Markdown table per
+repeat. The logic lives in jblock.bench.lora_bench; this script only reads flags.
 """
 
 import dataclasses
@@ -15,7 +17,11 @@ from absl import app, flags
 
 from jblock.bench import lora_bench
 
-_COUNTS = flags.DEFINE_list("counts", ["0", "1", "4", "16", "64"], "Adapter counts to run.")
+_COUNTS = flags.DEFINE_list("counts", ["0", "1", "4", "16", "64", "256"], "Adapter counts to run.")
+_REHEARSE = flags.DEFINE_bool("rehearse", False, "No engine warm-up: one untimed pass first.")
+_TIMED = flags.DEFINE_integer("timed_runs", 1, "Timed passes per N (the fastest counts).",
+                              lower_bound=1)
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Passes (jblock then vLLM each).", lower_bound=1)
 _REQUESTS = flags.DEFINE_integer("requests", 64, "Requests per run.", lower_bound=1)
 _SLOTS = flags.DEFINE_integer("slots", 16, "Bank slots (resident adapters).", lower_bound=1)
 _WORK = flags.DEFINE_string("work_dir", "checkpoints/lora_bench", "Base, adapters and zoo.")
@@ -27,15 +33,23 @@ _VLLM = flags.DEFINE_string("vllm_python", ".venv-vllm/bin/python",
 def main(argv):
   del argv
   spec = dataclasses.replace(lora_bench.LoraBenchSpec(), counts=tuple(int(c) for c in _COUNTS.value),
-                             requests=_REQUESTS.value, slots=_SLOTS.value)
+                             requests=_REQUESTS.value, slots=_SLOTS.value,
+                             rehearse=_REHEARSE.value, timed_runs=_TIMED.value)
   vllm = _VLLM.value if _VLLM.value and os.path.exists(_VLLM.value) else None
-  rows = lora_bench.run(spec, _WORK.value, vllm_python=vllm)
+  passes = [lora_bench.run(spec, _WORK.value, vllm_python=vllm) for _ in range(_REPEATS.value)]
   os.makedirs(_OUT.value, exist_ok=True)
   path = os.path.join(_OUT.value, f"lora_bench_{time.strftime('%Y%m%d_%H%M%S')}.json")
   with open(path, "w") as f:
-    json.dump({"spec": dataclasses.asdict(spec), "rows": rows}, f, indent=2, default=str)
-  print(lora_bench.table(rows))
+    json.dump({"spec": dataclasses.asdict(spec), "rows": passes[-1], "passes": passes}, f,
+              indent=2, default=str)
+  for i, rows in enumerate(passes):
+    print(f"pass {i + 1}:")
+    print(lora_bench.table(rows))
   print(f"wrote {path}")
+  try:
+    print(f"wrote {lora_bench.plot(passes, path[:-len('.json')] + '.png')}")
+  except ImportError:
+    print("no plot: matplotlib is not installed")
 
 
 if __name__ == "__main__":
