@@ -119,6 +119,9 @@ def test_two_worker_processes_give_the_same_tokens(zoo_dir, expected):
       stats = client.stats()
     workers = {b["placement"].split(":")[0] + ":" + b["placement"].split(":")[1] for b in stats["blocks"]}
     assert len(workers) == 2 and all(p.startswith("worker 127.0.0.1") for p in workers)
+    placed = stats["placement"]["blocks"]  # where every block lives and why (tools.client stats)
+    assert set(placed) == {b["block_id"] for b in stats["blocks"]}
+    assert all(p["workers"] and p["reason"].startswith("traffic") for p in placed.values())
     procs[0].terminate()
     assert procs[0].wait(timeout=60) == 0
   finally:
