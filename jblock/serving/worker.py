@@ -127,8 +127,8 @@ class BlockHostServicer(pb_grpc.BlockHostServicer):
 
 
 class Placer:
-  """Where blocks live: the initial plan, then the live worker hosting the fewest blocks for a
-  block loaded later or re-placed after its worker died."""
+  """Where blocks live: the initial plan (jblock.cluster.placement), then the live worker
+  hosting the fewest blocks for a block loaded later or re-placed after its worker died."""
 
   def __init__(self, membership, plan: dict[str, str], links: ClusterLinks | None = None):
     self.membership = membership  # jblock.cluster.membership.Membership
@@ -278,19 +278,6 @@ class RemoteBlockInstance:
     out = instance_stats(self)
     out.update(worker=self.address, available=self.available, moves=list(self.moves))
     return out
-
-
-def plan_placement(chains: Sequence[Sequence[str]], workers: Sequence[str]) -> dict[str, str]:
-  """Block id -> worker address: each chain cut into contiguous segments, one per worker.
-
-  A block shared by several chains sits where its first chain put it (shared blocks are the
-  bottom of variants' chains, so they land on the same worker for every chain).
-  """
-  placement: dict[str, str] = {}
-  for chain in chains:
-    for pos, block_id in enumerate(chain):
-      placement.setdefault(block_id, workers[pos * len(workers) // len(chain)])
-  return placement
 
 
 def remote_factory(placer: Placer, zoo_dir: str, config):
