@@ -13,7 +13,8 @@ knows which slots a batch uses and their ranks, so it sends the batch's columns
 those C columns of `a` and rows of `b` and runs two dense matmuls over them, each row masked to
 its own slot's columns (Punica's SGMV packed into one segment). The cost follows the ranks of the
 adapters in the batch, not S·R; C is static per bucket, so a few compiled shapes serve every mix.
-Without `lora_cols` every column is used.
+Without `lora_cols`, or when it names at least half the bank (a gather would copy about as much
+as it saves), every column is used; columns past a slot's rank are zeros.
 
 Blocks see the bank through their `meta`: `meta["lora"]` (path -> {"a", "b"}) and
 `meta["adapter"]` (int32 [B]), optionally `meta["lora_cols"]`. Without `meta["lora"]` the projections compile to what they
@@ -57,7 +58,7 @@ def delta(x, a, b, slots, cols=None):
   its own slot."""
   d_in, s, r = a.shape
   a2, b2 = a.reshape(d_in, s * r), b.reshape(s * r, b.shape[-1])
-  if cols is None:
+  if cols is None or 2 * cols.shape[0] >= s * r:  # most columns: reading all beats gathering
     col_slot = jnp.arange(s * r, dtype=slots.dtype) // r
   else:
     safe = jnp.maximum(cols, 0)
