@@ -19,7 +19,7 @@ from absl import app
 from absl import flags
 
 from jblock.cluster.membership import MembershipConfig
-from jblock.cluster.placement import PlannerConfig
+from jblock.cluster.placement import PlacementError, PlannerConfig
 from jblock.cluster.replan import ReplanConfig
 from jblock.zoo.cli import quiet_libraries
 from launch import cluster_flags
@@ -60,12 +60,15 @@ def main(argv):
                          f"--heartbeat_interval_s ({_HEARTBEAT_S.value})")
   links = cluster_flags.links()
   host = cluster_flags.bind_host(_HOST.value, links.credentials, "the worker registry")
-  engine, registry = engine_flags.build_distributed_engine(
-      _NUM_WORKERS.value, _REGISTRY_PORT.value, host, _WORKER_WAIT_S.value,
-      MembershipConfig(_HEARTBEAT_S.value, _DEAD_AFTER_S.value), links=links,
-      replan=ReplanConfig(PlannerConfig(hop_cost_s=_HOP_COST_S.value,
-                                        bytes_per_s=_BYTES_PER_S.value),
-                          worker_memory_bytes=_WORKER_MEMORY.value))
+  try:
+    engine, registry = engine_flags.build_distributed_engine(
+        _NUM_WORKERS.value, _REGISTRY_PORT.value, host, _WORKER_WAIT_S.value,
+        MembershipConfig(_HEARTBEAT_S.value, _DEAD_AFTER_S.value), links=links,
+        replan=ReplanConfig(PlannerConfig(hop_cost_s=_HOP_COST_S.value,
+                                          bytes_per_s=_BYTES_PER_S.value),
+                            worker_memory_bytes=_WORKER_MEMORY.value))
+  except PlacementError as e:  # the models do not fit the workers' memory
+    raise app.UsageError(f"{e} (--placement_worker_memory_bytes, --models, --num_workers)")
   try:
     server.serve(engine, _PORT.value, _METRICS_PORT.value, host=host,
                  drain_timeout_s=_DRAIN_TIMEOUT_S.value, tls=links.credentials)
