@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from jblock.blocks import EMBED, LAYERS, Block, flat_leaves
-from jblock.errors import InstanceLostError, NotFoundError, UnavailableError
+from jblock.errors import InstanceLostError, InvalidRequestError, NotFoundError, UnavailableError
 from jblock.models.config import ModelConfig
 from jblock.runtime import mesh as mesh_lib
 from jblock.runtime.engine_api import ModelInfo, RequestHandle, SamplingParams, validate_request
@@ -34,10 +34,13 @@ from jblock.runtime.instance import LocalBlockInstance
 from jblock.runtime.kv import pages_for
 from jblock.runtime import parts as parts_lib
 from jblock.runtime import replay
+from jblock.runtime.reroute import RerouteConfig
+from jblock.runtime.rerouter import Rerouter
 from jblock.runtime.lora import AdapterBanks
 from jblock.runtime.scheduler import Request, Scheduler, SchedulerConfig
 from jblock.runtime.segments import Segment, plan_segments
 from jblock.runtime.step import BlockBatch, ChainStep, StepMeta
+from jblock.zoo import records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +64,7 @@ class EngineConfig:
   trace_size: int = 2000  # batches kept for the trace view
   lora_slots: int = 4  # LoRA adapters resident at once (bank slots per base layers block)
   lora_max_rank: int = 16  # bank factors are padded to this rank; larger adapters are refused
+  reroute: RerouteConfig = RerouteConfig()  # steps onto equivalent blocks under load
 
   def kv_slots_for(self, block_id: str) -> int:
     for prefix, slots in self.kv_slots_by_block:
@@ -159,6 +163,12 @@ class Engine:
     self._executors: dict[str, Any] = {"local": self._local}
     self._executor_factory = executor_factory
     self.cluster_stats: Callable[[], Any] | None = None  # the workers' view, when there are any
+    # Rerouting onto equivalent blocks (jblock.runtime.reroute): only between shared instances.
+    self._rerouter = Rerouter(self.config.reroute, self._scheduler, self._instances,
+                              lambda m: (self._models[m][0].block_ids, self._models[m][1]),
+                              lambda m: self._segments[m], self._local.dispatch_lock)
+    if sharing:
+      self._scheduler.router = self._rerouter
     self._recoveries: collections.deque = collections.deque(maxlen=32)  # latest placement losses
     self._closed = False
     for spec in models:
@@ -204,6 +214,8 @@ class Engine:
         table = getattr(inst, "embed_table", None)
       chain.append(inst)
     deltas = self._delta_blocks(spec)  # host reads outside the lock
+    equivalences = (records.read_all(self.zoo.root, spec.name)
+                    if getattr(self.zoo, "root", None) and self.sharing else [])
     with self._lock:
       for i, inst in enumerate(chain):
         if inst.key not in self._instances:
@@ -222,6 +234,7 @@ class Engine:
       # The instances hold the params on their devices; the engine keeps no host copy.
       stripped = [Block(b.kind, b.config, {}) for b in spec.chain]
       self._models[spec.name] = (dataclasses.replace(spec, chain=stripped), chain)
+      self._rerouter.set_records(spec.name, spec.block_ids, equivalences)
       self._replan()
       segments = self._segments[spec.name]
     if self.config.warmup:
@@ -333,13 +346,32 @@ class Engine:
           if close is not None:
             close()
       self._segments.pop(name, None)
+      self._rerouter.drop_model(name)
       self._replan()
+
+  def set_equivalences(self, model: str, recs) -> int:
+    """Replaces the equivalence records (jblock.zoo.records) the model's rerouting uses (read
+    from the zoo when the model is added); returns how many substitution sets they measure."""
+    with self._lock:
+      if model not in self._models:
+        raise NotFoundError(f"model {model!r} is not loaded")
+      return self._rerouter.set_records(model, self._models[model][0].block_ids, recs)
+
+  def reroute_events(self) -> list[dict[str, Any]]:
+    """The latest route changes: request, tenant, budget, route, its measured cost, KV handling."""
+    with self._lock:
+      return list(self._rerouter.events)
 
   # ---- requests -----------------------------------------------------------------------------
 
   def submit(self, model: str, prompt_tokens, *, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_token_ids=(),
-             request_id: str | None = None, tenant: str | None = None) -> RequestHandle:
+             request_id: str | None = None, tenant: str | None = None,
+             accuracy_budget: float | None = None) -> RequestHandle:
+    """accuracy_budget: the top-1 disagreement the tenant accepts when its steps are rerouted
+    onto equivalent blocks (jblock.runtime.reroute); None = the engine's default."""
+    if accuracy_budget is not None and not 0.0 <= accuracy_budget <= 1.0:
+      raise InvalidRequestError("accuracy_budget", f"must be in [0, 1], got {accuracy_budget}")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, stop_token_ids=tuple(stop_token_ids))
     self._adapters.stage(model)  # an adapter's host->device copy, before the lock (no-op else)
@@ -361,6 +393,7 @@ class Engine:
       stop = frozenset(params.stop_token_ids) | frozenset(spec.config.eos_token_ids)
       req = self._scheduler.add(handle, model, tenant or "", prompt, params,
                                 self._segments[model], stop)
+      req.accuracy_budget = accuracy_budget
       self._requests[rid] = req
       handle._engine_request = req
       self._scheduler.admit()  # leases its KV now if it fits: no wait for the loop
@@ -412,6 +445,7 @@ class Engine:
           self._scheduler.complete(batch, output, error)
         if self._closed and not self._scheduler.has_work() and not self._dispatched:
           return
+        self._rerouter.reroute_stalled()  # steps waiting behind an absent block move on
         batches = self._scheduler.schedule()
         if not batches:
           self._lock.wait(timeout=0.05)
@@ -529,6 +563,7 @@ class Engine:
           "models": {name: [inst.key for inst in chain] for name, (_, chain) in self._models.items()},
           "segments": {name: [list(s.key) for s in segs] for name, segs in self._segments.items()},
           "adapters": self._adapters.stats(),
+          "reroute": self._rerouter.stats(),
           "workers": self.cluster_stats() if self.cluster_stats else [],
           "recoveries": [dict(e) for e in self._recoveries],
       }

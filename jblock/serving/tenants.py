@@ -7,8 +7,9 @@ The tenants file (`--tenants`):
                 "requests_per_minute": 60, "max_concurrent": 4, "accuracy_budget": 0.01}]}
 
 `models` may be ["*"] (every model the server holds). `requests_per_minute` and
-`max_concurrent` are optional (absent or 0 = unlimited); `accuracy_budget` is optional and
-only recorded (it bounds how far an equivalent block may deviate for this tenant).
+`max_concurrent` are optional (absent or 0 = unlimited); `accuracy_budget` (optional, in
+[0, 1], default 0) is the top-1 disagreement with a model's own blocks the tenant accepts when
+the engine reroutes its steps onto equivalent blocks (jblock.runtime.reroute); 0 = never.
 Make a key's hash with: printf %s "$KEY" | sha256sum
 """
 
@@ -152,6 +153,8 @@ def parse_tenants(data) -> tuple[str, list[Tenant]]:
     if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
       raise TenantsFileError(f"{where} ({name}): 'models' must be a list of model names")
     budget = _field(entry, "accuracy_budget", float, where, None)
+    if budget is not None and budget > 1:
+      raise TenantsFileError(f"{where} ({name}): 'accuracy_budget' must be in [0, 1], got {budget!r}")
     tenants.append(Tenant(
         name=name, api_key_sha256=key_hash, models=tuple(models),
         requests_per_minute=_field(entry, "requests_per_minute", int, where, 0),

@@ -294,3 +294,158 @@ def test_prune_drops_records_of_a_reconverted_model_and_stray_files(tmp_path):
   records.write(root, tmp, record)
   assert records.prune(root, tmp, stored, {"m": chain[:2] + ["f" * 64]}) == 1  # re-converted
   assert records.read_all(root) == [] and not os.path.exists(os.path.join(root, "equivalence", "m"))
+
+
+# ---- on-the-fly rerouting in the engine (jblock.runtime.reroute, jblock.runtime.rerouter)
+
+
+def _reroute_engine(zoo, fuse=True, **reroute_cfg):
+  from jblock.runtime.engine import Engine, EngineConfig
+  from jblock.runtime.reroute import RerouteConfig
+  config = EngineConfig(batch_size=2, kv_slots=4, max_seq_len=48, prefill_chunk=16,
+                        length_buckets=(16,), warmup=False, fuse_segments=fuse,
+                        reroute=RerouteConfig(**reroute_cfg))
+  return Engine.from_zoo(zoo.root, ["base", "ft"], mesh_shape=(1, 1), config=config)
+
+
+def _while_absent(engine, position, off_at, on_at):
+  """Wraps the engine's router: ft's own instance at `position` is taken away (not resident, as
+  while it is re-placed) at the step boundary where a request has `off_at` tokens, and back at
+  `on_at`; returns the instance."""
+  own = engine._models["ft"][1][position]
+  router = engine._scheduler.router
+
+  def wrapped(req):
+    if req.model == "ft" and len(req.generated) == off_at:
+      own.available = False
+    if req.model == "ft" and len(req.generated) == on_at:
+      own.available = True
+    return router(req)
+
+  engine._scheduler.router = wrapped
+  return own
+
+
+def _substituted(zoo, model, subs):
+  m = zoo.load_model(model)
+  blocks = list(m.blocks)
+  for p, block_id in subs.items():
+    blocks[p] = zoo.load_block(block_id)
+  return type(m)(m.config, blocks)
+
+
+PROMPT = [5, 17, 3, 8, 41, 2, 9, 30, 11, 7, 25, 19, 4, 33, 12, 6, 50, 21]
+
+
+@pytest.fixture(scope="module")
+def reroute_zoo(eq_zoo, tmp_path_factory):
+  root = tmp_path_factory.mktemp("reroute") / "zoo"
+  shutil.copytree(eq_zoo.root, root)
+  zoo = Zoo(str(root))
+  eqv.evaluate(zoo, "ft", calibration=TOKENS, **OPTS)  # records: base's block at every position
+  return zoo
+
+
+def test_rerouted_request_recomputes_kv_and_routes_back(reroute_zoo):
+  zoo = reroute_zoo
+  base1 = zoo.manifest("base")["chain"][1]
+  with _reroute_engine(zoo, kv_reuse_max_rel_l2=0.0) as engine:  # never interchangeable: replay
+    recs = [r for r in records.read_all(zoo.root, "ft") if r["position"] == 1]
+    assert engine.set_equivalences("ft", recs) == 1
+    _while_absent(engine, 1, off_at=3, on_at=7)
+    got = engine.generate("ft", PROMPT, max_new_tokens=10, accuracy_budget=1.0)
+    events = engine.reroute_events()
+    stats = engine.stats()["reroute"]
+  assert [(e["generated"], e["route"], e["kv"]) for e in events] == [
+      (3, [(1, base1)], "recompute"), (7, [], "recompute")]
+  assert stats["moves"] == 2 and stats["routed_back"] == 1 and stats["kv_recomputed"] == 2
+  assert stats["kv_reused"] == 0 and stats["steps_rerouted"] == 4
+  # Tokens 1-3 from ft; 4-7 from ft with base's block 1 on the whole context (its KV replayed);
+  # 8-10 from ft again, its own KV replayed over all 17 + 7 tokens.
+  ft, alt = zoo.load_model("ft"), _substituted(zoo, "ft", {1: base1})
+  first = ft.generate([PROMPT], max_new_tokens=3)[0].tolist()
+  middle = alt.generate([PROMPT + first], max_new_tokens=4)[0].tolist()
+  last = ft.generate([PROMPT + first + middle], max_new_tokens=3)[0].tolist()
+  assert got == first + middle + last
+
+
+def test_rerouted_request_reuses_kv_of_an_interchangeable_block(reroute_zoo):
+  zoo = reroute_zoo
+  base1 = zoo.manifest("base")["chain"][1]
+  rec = next(r for r in records.read_all(zoo.root, "ft") if r["position"] == 1)
+  copied = {}
+  with _reroute_engine(zoo, kv_reuse_max_rel_l2=1.0) as engine:
+    engine.set_equivalences("ft", [rec])
+    own = _while_absent(engine, 1, off_at=3, on_at=99)
+    alt_inst = engine._instances[base1]
+    router = engine._scheduler.router
+
+    def spy(req):  # the pages ft's block wrote, then the same pages in base's block after the move
+      before = [list(l.pages) for l in req.leases.get(own.key, [])]
+      kv_before = np.asarray(own.kv["k"]) if before else None
+      out = router(req)
+      if before and own.key not in req.leases and "after" not in copied:
+        n = -(-req.cached // 16)
+        copied["src"] = kv_before[:, before[0][:n]]
+        copied["dst"] = np.asarray(alt_inst.kv["k"])[:, req.leases[base1][0].pages[:n]]
+      return out
+
+    engine._scheduler.router = spy
+    got = engine.generate("ft", PROMPT, max_new_tokens=8, accuracy_budget=1.0)
+    stats = engine.stats()["reroute"]
+  assert stats["kv_reused"] == 1 and stats["kv_recomputed"] == 0 and stats["moves"] == 1
+  np.testing.assert_array_equal(copied["dst"], copied["src"])
+  assert np.abs(copied["src"]).max() > 0  # real KV was there to copy
+  # Reused KV: tokens 4-8 run base's block over ft's KV of the first 20 tokens. Here that keeps
+  # ft's own greedy tokens, where recomputing the KV with base's block changes the last one.
+  ft = zoo.load_model("ft").generate([PROMPT], max_new_tokens=8)[0].tolist()
+  alt = _substituted(zoo, "ft", {1: base1}).generate([PROMPT + ft[:3]], max_new_tokens=5)[0]
+  assert got == ft and ft[:3] + alt.tolist() != ft
+
+
+def test_rerouting_keeps_each_tenant_within_its_budget(reroute_zoo):
+  zoo = reroute_zoo
+  base = zoo.manifest("base")["chain"]
+  eq = eqv.Equivalence(zoo, "ft", TOKENS, **OPTS)
+  both = eq.evaluate(2, base[2], context={1: base[1]})  # a measured route through both
+  loss = {r["position"]: 1 - r["metrics"]["top1"] for r in records.read_all(zoo.root, "ft")
+          if not r["context"]}
+  loss_both = 1 - both["metrics"]["top1"]
+  small = (loss[1] + loss[2]) / 2  # room for the cheaper of the two alone, not for both
+  assert min(loss[1], loss[2]) < small < min(loss_both, max(loss[1], loss[2]))
+  budgets = {"zero": 0.0, "small": small, "big": 1.0}
+  # The records come from the zoo with the model; only absence (not load) moves requests here.
+  # Unfused: every block its own segment, one compiled step per kind (a shorter test).
+  with _reroute_engine(zoo, fuse=False, overload_requests=8) as engine:
+    own = [engine._models["ft"][1][p] for p in (1, 2)]
+    with engine._lock:
+      for inst in own:  # ft's blocks 1 and 2 are away (as while they load) until big is done
+        inst.available = False
+    handles = {t: engine.submit("ft", PROMPT, max_new_tokens=8, tenant=t, accuracy_budget=b)
+               for t, b in budgets.items()}
+    got = {"big": handles["big"].result(timeout=120)}
+    assert not handles["zero"].done  # it waits for its own blocks
+    with engine._lock:
+      for inst in own:
+        inst.available = True
+      engine._lock.notify_all()
+    got.update({t: h.result(timeout=120) for t, h in handles.items()})
+    events = engine.reroute_events()
+    stats = engine.stats()["reroute"]
+    with pytest.raises(InvalidRequestError, match="accuracy_budget"):
+      engine.submit("ft", PROMPT, accuracy_budget=1.5)
+  for e in events:
+    assert e["cost"] <= budgets[e["tenant"]] and e["budget"] == budgets[e["tenant"]]
+  first = {e["tenant"]: e for e in reversed(events)}  # each tenant's first route
+  assert "zero" not in first
+  assert first["big"]["route"] == [(1, base[1]), (2, base[2])]
+  assert first["big"]["cost"] == pytest.approx(loss_both)
+  cheaper = min((1, 2), key=loss.get)
+  assert first["small"]["route"] == [(cheaper, base[cheaper])]
+  assert first["small"]["cost"] == pytest.approx(loss[cheaper])
+  assert stats["moves"] == sum(len(e["moves"]) for e in events)
+  ft = zoo.load_model("ft")
+  assert got["zero"] == ft.generate([PROMPT], max_new_tokens=8)[0].tolist()
+  # big ran its whole request with base's blocks 1 and 2 (admitted there: no KV to coordinate).
+  assert got["big"] == _substituted(zoo, "ft", {1: base[1], 2: base[2]}).generate(
+      [PROMPT], max_new_tokens=8)[0].tolist()

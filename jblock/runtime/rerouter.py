@@ -1,0 +1,251 @@
+"""Applies rerouting decisions (jblock.runtime.reroute) to the engine's running requests.
+
+The scheduler calls `Rerouter.__call__(req)` at each step boundary, under the engine lock. For
+a model with measured substitutions it computes the instances' loads, asks the policy for the
+request's route and, when the route changes: leases KV in the instances the request enters
+(releasing the ones it leaves), re-cuts its segments (runs of the model's own segments, with
+each substituted position a segment of its own, so untouched runs keep batching with the
+model's other requests), and coordinates the KV: pages copied from the instance the request
+left (reuse) or a replay of its tokens (recompute, returned as True to the scheduler).
+"""
+
+import collections
+import dataclasses
+import functools
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+
+from jblock.blocks import LAYERS
+from jblock.runtime import reroute
+from jblock.runtime.kv import pages_for
+from jblock.runtime.scheduler import Request, Scheduler
+from jblock.runtime.segments import Segment
+
+
+class Rerouter:
+
+  def __init__(self, config: reroute.RerouteConfig, scheduler: Scheduler,
+               instances: Mapping[str, Any], model_chain: Callable[[str], tuple[list[str], list]],
+               model_segments: Callable[[str], list[Segment]], dispatch_lock):
+    self.config = config
+    self._scheduler = scheduler
+    self._instances = instances  # key -> instance (with sharing, key == block id)
+    self._model_chain = model_chain  # model -> (block ids, own instances)
+    self._model_segments = model_segments
+    self._dispatch_lock = dispatch_lock
+    self.measured: dict[str, dict] = {}  # model -> {route: reroute.Measured}
+    self.counts = collections.Counter()
+    self.events: collections.deque = collections.deque(maxlen=1000)
+
+  def set_records(self, model: str, chain: list[str], recs: Iterable[Mapping]) -> int:
+    """The equivalence records the model's rerouting may use; returns how many routes they give."""
+    measured = reroute.measured_routes(recs, chain)
+    if measured:
+      self.measured[model] = measured
+    else:
+      self.measured.pop(model, None)
+    return len(measured)
+
+  def drop_model(self, model: str) -> None:
+    self.measured.pop(model, None)
+
+  def stats(self) -> dict[str, Any]:
+    return {"models": sorted(self.measured), **{k: self.counts[k] for k in (
+        "moves", "routed_back", "kv_reused", "kv_recomputed", "steps_rerouted")}}
+
+  # ---- the hook -----------------------------------------------------------------------------
+
+  def __call__(self, req: Request) -> bool:
+    measured = self.measured.get(req.model)
+    if not measured:
+      return False
+    chain, own = self._model_chain(req.model)
+    decision = reroute.decide(chain, req.route, measured, req.accuracy_budget,
+                              self._loads(req, chain, measured, own), self.config,
+                              [i.kind for i in own])
+    recompute = False
+    if decision.route != req.route:
+      recompute = self._move(req, chain, own, decision)
+    if req.route:
+      self.counts["steps_rerouted"] += 1
+    return recompute
+
+  def reroute_stalled(self) -> None:
+    """Steps queued behind an instance that is not resident (being loaded or re-placed) are
+    routed again at once rather than at their next step boundary."""
+    if not self.measured:
+      return
+    sched = self._scheduler
+    for key, queue in list(sched.queues.items()):
+      seg = sched.segments[key]
+      if not queue or all(getattr(i, "available", True) for i in seg.instances):
+        continue
+      for item in [it for it in queue if it.req.model in self.measured]:
+        req = item.req
+        before, start = req.route, _starts(req.segments)[item.pos]
+        recompute = self(req)
+        if req.route == before:
+          continue
+        queue.remove(item)
+        req.item = None
+        starts = _starts(req.segments)
+        if not recompute and start in starts:  # its input is the hidden state entering `start`
+          sched.requeue(dataclasses.replace(item, pos=starts.index(start)))
+          continue
+        if not recompute:
+          self.counts["kv_recomputed"] += 1  # cut elsewhere: the step restarts from its tokens
+        req.replay_to = req.cached if req.generated else 0
+        req.cached = 0
+        sched.enqueue_prefill(req)  # replay what it had cached (or restart its prompt)
+
+  def _loads(self, req: Request, chain, measured, own) -> dict[str, reroute.Load]:
+    through = collections.Counter()
+    for r in self._scheduler.active:
+      if r is not req:
+        through.update({i.key for seg in r.segments for i in seg.instances})
+    loads = {}
+    for block in set(chain) | reroute.candidates_of(measured):
+      inst = self._instances.get(block)
+      if inst is None:
+        continue
+      resident = getattr(inst, "available", True) and not getattr(inst, "lost_reason", "")
+      room = (inst.pool is None or block in req.leases
+              or inst.pool.can_lease(inst.pool.lease_tokens(req.tokens_needed,
+                                                            self._scheduler.config.prefill_chunk)))
+      loads[block] = reroute.Load(through[block],
+                                  self.config.overload_requests or inst.batch_size, resident, room)
+    return loads
+
+  def _move(self, req: Request, chain, own, decision: reroute.Decision) -> bool:
+    """Moves the request onto the decision's route; True when its KV must be replayed."""
+    at = {p: self._instances[b] for p, b in decision.route}
+    new_chain = [at.get(p, inst) for p, inst in enumerate(own)]
+    if not self._acquire(req, new_chain):
+      return False  # no KV room after all: stay on the current route
+    old_chain = [i for seg in req.segments for i in seg.instances]
+    copies, recompute = [], False
+    for move in decision.moves:
+      self.counts["moves"] += 1
+      self.counts["routed_back"] += move.target == chain[move.position]
+      if own[move.position].kind != LAYERS or req.cached == 0:
+        continue  # no KV there, or none written yet
+      src, dst = old_chain[move.position], new_chain[move.position]
+      if move.kv == reroute.REUSE and hasattr(src, "kv") and hasattr(dst, "kv"):
+        copies.append((src, dst))
+      else:
+        recompute = True
+    if recompute:
+      self.counts["kv_recomputed"] += 1
+    elif copies:
+      for src, dst in copies:
+        self._copy_kv(req, src, dst)
+      self.counts["kv_reused"] += 1
+    self._release(req, new_chain)
+    req.segments = self._segments_for(req.model, at)
+    req.tables = _tables(req)
+    req.route = decision.route
+    self.events.append({"request": req.handle.request_id, "tenant": req.tenant,
+                        "budget": req.accuracy_budget, "generated": len(req.generated),
+                        "route": sorted(decision.route), "cost": decision.cost,
+                        "kv": "recompute" if recompute else ("reuse" if copies else "none"),
+                        "moves": [(m.position, m.source, m.target) for m in decision.moves]})
+    return recompute
+
+  def _acquire(self, req: Request, new_chain: list) -> bool:
+    """Leases KV in the instances the request enters (all or none)."""
+    need = collections.Counter(i.key for i in new_chain if i.kind == LAYERS)
+    chunk = self._scheduler.config.prefill_chunk
+    fresh = []
+    for key, n in need.items():
+      inst = self._instances[key]
+      for _ in range(n - len(req.leases.get(key, []))):
+        tokens = inst.pool.lease_tokens(req.tokens_needed, chunk)
+        if not inst.pool.can_lease(tokens):
+          for k, lease in fresh:
+            lease.release()
+            req.leases[k].remove(lease)
+            if not req.leases[k]:
+              del req.leases[k]
+          return False
+        lease = inst.pool.lease(req.handle.request_id, tokens)
+        req.leases.setdefault(key, []).append(lease)
+        fresh.append((key, lease))
+    return True
+
+  def _release(self, req: Request, new_chain: list) -> None:
+    """Frees the leases of the instances the request left (their pages go back to the pool)."""
+    need = collections.Counter(i.key for i in new_chain if i.kind == LAYERS)
+    for key in list(req.leases):
+      leases = req.leases[key]
+      while len(leases) > need.get(key, 0):
+        leases.pop().release()
+      if not leases:
+        del req.leases[key]
+
+  def _segments_for(self, model: str, at: Mapping[int, Any]) -> list[Segment]:
+    """The model's segments with every substituted position cut out as a segment of its own;
+    segments with keys the scheduler knows are reused (one queue per key)."""
+    known = self._scheduler.segments
+    out, pos = [], 0
+
+    def seg(insts, start):
+      key = tuple(i.key for i in insts)
+      return known.get(key) or Segment(list(insts), start)
+
+    for s in self._model_segments(model):
+      positions = range(pos, pos + len(s.instances))
+      pos += len(s.instances)
+      if not any(p in at for p in positions):
+        out.append(s)
+        continue
+      run, start = [], positions[0]
+      for p, inst in zip(positions, s.instances):
+        if p in at:
+          if run:
+            out.append(seg(run, start))
+          out.append(seg([at[p]], p))
+          run, start = [], p + 1
+        else:
+          run.append(inst)
+      if run:
+        out.append(seg(run, start))
+    return out
+
+  def _copy_kv(self, req: Request, src, dst) -> None:
+    """The pages the request's cached tokens wrote in `src`, written into its pages in `dst`."""
+    src_lease, dst_lease = req.leases[src.key][0], req.leases[dst.key][-1]
+    n = min(pages_for(req.cached, dst.pool.page_size), len(dst_lease.pages), len(src_lease.pages))
+    if n == 0:
+      return
+    s_pages = jax.numpy.asarray(src_lease.pages[:n], jax.numpy.int32)
+    d_pages = jax.numpy.asarray(dst_lease.pages[:n], jax.numpy.int32)
+    with self._dispatch_lock:  # every dispatch swaps the pools
+      dst.kv = {k: jax.device_put(_copy_pages(dst.kv[k], src.kv[k], d_pages, s_pages),
+                                  dst.kv_sharding) for k in ("k", "v")}
+
+
+def _starts(segments: list[Segment]) -> list[int]:
+  """The chain position each segment starts at."""
+  out, pos = [], 0
+  for s in segments:
+    out.append(pos)
+    pos += len(s.instances)
+  return out
+
+
+def _tables(req: Request) -> list[list]:
+  used = collections.Counter()
+  tables = []
+  for seg in req.segments:
+    row = []
+    for inst in seg.layers:
+      row.append(req.leases[inst.key][used[inst.key]])
+      used[inst.key] += 1
+    tables.append(row)
+  return tables
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _copy_pages(dst, src, dst_pages, src_pages):
+  return dst.at[:, dst_pages].set(src[:, src_pages])
