@@ -47,6 +47,9 @@ _BYTES_PER_S = flags.DEFINE_float("placement_bytes_per_s", PlannerConfig.bytes_p
 _WORKER_MEMORY = flags.DEFINE_integer("placement_worker_memory_bytes", 0,
                                       "Memory per worker where its devices report none "
                                       "(0 = unbounded).", lower_bound=0)
+_REPLAN_S = flags.DEFINE_float("replan_interval_s", 0.0,
+                                "Re-plan placement this often under the measured load (and when "
+                                "a worker joins); 0 = keep the first plan.", lower_bound=0.0)
 _DRAIN_TIMEOUT_S = flags.DEFINE_float("drain_timeout_s", 30.0,
                                       "On SIGTERM, how long in-flight requests may finish.")
 
@@ -66,7 +69,8 @@ def main(argv):
         MembershipConfig(_HEARTBEAT_S.value, _DEAD_AFTER_S.value), links=links,
         replan=ReplanConfig(PlannerConfig(hop_cost_s=_HOP_COST_S.value,
                                           bytes_per_s=_BYTES_PER_S.value),
-                            worker_memory_bytes=_WORKER_MEMORY.value))
+                            worker_memory_bytes=_WORKER_MEMORY.value,
+                            interval_s=_REPLAN_S.value))
   except PlacementError as e:  # the models do not fit the workers' memory
     raise app.UsageError(f"{e} (--placement_worker_memory_bytes, --models, --num_workers)")
   try:

@@ -28,6 +28,8 @@ class ReplanConfig:
   planner: PlannerConfig = PlannerConfig()  # hop cost, compute speed, memory headroom
   worker_memory_bytes: int = 0  # memory per worker where heartbeats report none (0: unbounded)
   min_gain: float = 0.1  # a re-plan moves blocks only when it lowers the cost by this share
+  interval_s: float = 0.0  # re-plan this often under the rates of the last interval (0: only
+  # when asked); with it on, a worker joining also triggers a re-plan
 
 
 def param_bytes(zoo, block_id: str) -> int:
@@ -87,6 +89,31 @@ class Replanner:
     self.plan: Plan | None = None
     self.history: list[dict] = []  # latest re-plans: when, why, moves, costs
     self._lock = threading.Lock()
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+
+  def start(self) -> None:
+    """Re-plans every `interval_s` on a thread (nothing when it is 0)."""
+    if self.config.interval_s > 0 and self._thread is None:
+      self._thread = threading.Thread(target=self._every, name="jblock-replan", daemon=True)
+      self._thread.start()
+
+  def stop(self) -> None:
+    self._stop.set()
+
+  def _every(self) -> None:
+    interval = self.config.interval_s
+    while not self._stop.wait(interval):
+      self.replan_safely("periodic", since=time.perf_counter() - interval)
+
+  def replan_safely(self, reason: str, since: float | None = None) -> None:
+    """A re-plan whose failure (a worker lost meanwhile, a plan that no longer fits) is kept in
+    the history instead of raised: placement stays as it is."""
+    try:
+      self.replan(reason, since)
+    except Exception as e:
+      self.history = (self.history + [{"at": time.time(), "reason": reason,
+                                       "failed": f"{type(e).__name__}: {e}"}])[-16:]
 
   def inputs(self, chains: Mapping[str, Sequence[str]], rates: Mapping[str, float] | None = None
              ) -> PlacementInputs:

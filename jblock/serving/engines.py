@@ -1,6 +1,7 @@
 """Building the engine a server runs: in process (all-in-one) or over registered workers."""
 
 import concurrent.futures
+import threading
 from typing import Sequence
 
 import grpc
@@ -34,6 +35,11 @@ class ClusterEngine(Engine):
   """An engine over workers; its stats add `placement`: where each block lives and why."""
 
   replanner: Replanner | None = None  # replanner.replan(reason): re-plan under measured load
+
+  def close(self, drain_timeout: float = 0.0) -> None:
+    if self.replanner is not None:
+      self.replanner.stop()
+    super().close(drain_timeout)
 
   def stats(self):
     out = super().stats()
@@ -88,6 +94,10 @@ def distributed_engine(zoo_dir: str, models: Sequence[str] | None, num_workers: 
     engine.cluster_stats = registry.stats
     registry.on_dead(lambda address, reason: engine.placement_lost(f"worker:{address}", reason))
     registry.on_join(lambda address: engine.retry_lost())
+    if replanner.config.interval_s > 0:
+      registry.on_join(lambda address: threading.Thread(
+          target=replanner.replan_safely, args=(f"worker {address} joined",), daemon=True).start())
+      replanner.start()
     return engine, server
   except Exception:
     server.stop(0)

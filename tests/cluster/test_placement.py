@@ -114,3 +114,70 @@ def test_rates_and_memory_from_the_engine_and_heartbeats():
            {"address": "w2", "state": "alive", "devices": [{"memory_limit_bytes": 0}]},
            {"address": "w3", "state": "dead", "devices": []}]
   assert worker_memory(views, fallback=100) == {"w1": 12, "w2": 100}
+
+
+class _Zoo:
+  """Block records as the zoo keeps them: two 1 MB layers blocks per chain, no KV here."""
+
+  def block_record(self, block_id):
+    return {"kind": "embed", "config": {},
+            "leaves": {"w": {"shape": [1 << 18], "dtype": "float32"}}}
+
+
+class _Engine:
+  """What the replanner reads and calls: models, blocks, trace, relocate (moves at once)."""
+
+  def __init__(self, placer, chains, trace):
+    self.placer, self.chains, self._trace = placer, chains, trace
+    self.relocated = []
+
+  def stats(self):
+    blocks = [{"key": b, "block_id": b, "worker": w} for b, w in self.placer.plan.items()]
+    return {"blocks": blocks, "models": self.chains}
+
+  def trace(self):
+    return self._trace
+
+  def relocate(self, keys, reason, to=None):
+    self.relocated.append((sorted(keys), to))
+    for k in keys:
+      self.placer.plan[k] = to
+
+
+class _Membership:
+  def stats(self):
+    return [{"address": "w1", "state": "alive", "devices": []},
+            {"address": "w2", "state": "alive", "devices": []}]
+
+
+def test_a_replan_moves_only_what_pays_and_keeps_the_rest():
+  import types
+  from jblock.cluster.replan import ReplanConfig, Replanner
+  from jblock.runtime.engine import EngineConfig
+  chains = {"a": ["a0", "a1"], "b": ["b0", "b1"]}
+  placer = types.SimpleNamespace(plan={})
+  # Compute dear, hops cheap: each chain split over both workers balances them.
+  config = ReplanConfig(PlannerConfig(hop_cost_s=1e-6, bytes_per_s=1e6))
+  replanner = Replanner(None, placer, _Zoo(), EngineConfig(), _Membership(), config, lambda *_: None)
+  first = replanner.initial(chains)
+  placer.plan.update(first.primary())
+  engine = replanner.engine = _Engine(placer, chains, [])
+  # Equal rates: one chain per worker balances them without a hop.
+  assert all(len({placer.plan[b] for b in blocks}) == 1 for blocks in chains.values())
+  assert len(set(placer.plan.values())) == 2
+  # Only "a" runs now: splitting it over both workers pays; one of its blocks moves.
+  engine._trace = [{"blocks": ("a1",), "items": 4, "models": ("a",), "dispatched": 0.0,
+                    "done": 1.0}]
+  moves = replanner.replan("a alone")
+  assert len(moves) == 1 and moves[0].block_id in chains["a"] and moves[0].remove
+  assert len({placer.plan[b] for b in chains["a"]}) == 2
+  assert replanner.replan("a alone, again") == []  # nothing more to gain
+  # Hops turn dear: joining each chain on one worker pays; the moves are applied via relocate.
+  replanner.config = ReplanConfig(PlannerConfig(hop_cost_s=10.0, bytes_per_s=1e6))
+  moves = replanner.replan("hops dear")
+  assert moves and engine.relocated
+  assert all(len({placer.plan[b] for b in blocks}) == 1 for blocks in chains.values())
+  view = replanner.view()
+  assert [r["reason"] for r in view["replans"]] == ["a alone", "a alone, again", "hops dear"]
+  assert view["replans"][-1]["cost_after"] < view["replans"][-1]["cost_before"]
+  assert replanner.replan("again") == []
