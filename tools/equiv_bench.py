@@ -2,12 +2,13 @@
 
   python -m tools.equiv_bench                       # 8 full fine-tunes, the default budgets
   python -m tools.equiv_bench --min_top1=0.99,0.97 --max_kl= --n=4
+  python -m tools.equiv_bench --mode=overload        # rerouting under one tenant's burst
 
 Builds (once, into --work_dir) a byte-level Llama base pre-trained on the demo corpus minus
 its held-out tail and N full fine-tunes of it (every tensor trained on its own corpus section,
 as `tools.make_variants --full` trains them), converts them into a zoo, assembles every variant
 from the base's blocks at every budget, and writes the table, JSON and plot. The logic lives in
-jblock.zoo.pareto.
+jblock.zoo.pareto; --mode=overload runs jblock.bench.reroute_bench instead.
 """
 
 import datetime
@@ -20,6 +21,13 @@ from jblock import results
 from jblock.zoo import cli, pareto
 from jblock.zoo.store import Zoo
 
+_MODE = flags.DEFINE_enum("mode", "pareto", ["pareto", "overload"],
+                          "pareto: the assembly sweep; overload: p95 per tenant with and without "
+                          "on-the-fly rerouting while one tenant's private blocks are overloaded.")
+_ROUNDS = flags.DEFINE_integer("rounds", 4, "overload: measured rounds (alternating modes).",
+                               lower_bound=1)
+_BURST = flags.DEFINE_integer("burst", 12, "overload: concurrent requests of the loaded tenant.",
+                              lower_bound=1)
 _WORK = flags.DEFINE_string("work_dir", "/tmp/jblock_equiv_bench",
                             "Where the checkpoints and the zoo are made (reused when present).")
 _N = flags.DEFINE_integer("n", 8, "Full fine-tunes of the base.", lower_bound=1)
@@ -39,13 +47,27 @@ def main(argv):
   cli.quiet_libraries()
   say = cli.progress_printer()
   start = time.monotonic()
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d_%H%M%S")
+  if _MODE.value == "overload":
+    from jblock.bench import reroute_bench
+    work = os.path.join(_WORK.value, "overload")
+    os.makedirs(work, exist_ok=True)
+    result = reroute_bench.run(work, rounds=_ROUNDS.value, burst=_BURST.value, say=say)
+    out = _OUT.value or os.path.join("tools", "results", f"reroute_bench_{stamp}.json")
+    results.write_json(out, {"seconds": time.monotonic() - start, **result})
+    for mode in ("per_model", "rerouted"):
+      print(f"{mode:9s} " + "  ".join(f"{t} p50 {v['p50']:.3f}s p95 {v['p95']:.3f}s"
+                                      for t, v in sorted(result["summary"][mode].items())))
+    print("p95 rerouted / per-model:", {t: round(v, 3) for t, v in
+                                         result["summary"]["p95_ratio_rerouted_over_per_model"].items()})
+    print(f"results: {out}")
+    return
   material = pareto.Material(n=_N.value, finetune_lr=_FT_LR.value, finetune_steps=_FT_STEPS.value)
   os.makedirs(_WORK.value, exist_ok=True)
   zoo = Zoo(os.path.join(_WORK.value, "zoo"))
   names = pareto.build_zoo(zoo, _WORK.value, material, say)
   budgets = pareto.budgets(_MIN_TOP1.value, _MAX_KL.value)
   result = pareto.sweep(zoo, names, budgets, material, say)
-  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d_%H%M%S")
   out = _OUT.value or os.path.join("tools", "results", f"equiv_bench_{stamp}.json")
   results.write_json(out, {"material": pareto.material_dict(material), "models": names,
                            "seconds": time.monotonic() - start, **result})
