@@ -93,6 +93,8 @@ def measured_routes(recs: Iterable[Mapping], chain: list[str]) -> dict[Route, Me
   for r in recs:
     if r.get("model_chain") != digest or r["candidate"] == chain[r["position"]]:
       continue
+    if r.get("delta") or any(b == chain[int(p)] for p, b in r.get("context", [])):
+      continue  # a LoRA delta dropped: served by an assembled model, not by moving instances
     route = Route({(int(r["position"]), r["candidate"])} |
                   {(int(p), b) for p, b in r.get("context", [])})
     m = r["metrics"]

@@ -12,6 +12,8 @@ loss budget measured against the original.
 3. Held-out check: the accepted set is measured on the held-out split; while that exceeds the
    budget, the last accepted substitution is dropped. The result never exceeds the budget on
    the held-out split it was measured on.
+   For a LoRA adapter a candidate may be the base block itself: the position is served without
+   its delta (the plain base block, batched with the base's requests).
 4. The new model is a normal manifest (a chain of block ids) recording its provenance:
    original model, substitutions, budget, calibration hashes, measured loss and perplexity on
    the held-out split. It is served like any model; the original stays as it was.
@@ -128,18 +130,22 @@ def assemble(zoo, model: str, name: str, max_kl: float | None = None,
 
   chain = list(eq.chain)
   block_bytes = list(eq.manifest["block_bytes"])
+  deltas = list(eq.delta_ids)
+  delta_bytes = list(eq.manifest.get("delta_bytes") or [0] * len(chain))
   substitutions = []
   by_position = {s["position"]: s for s in result["steps"] if s["accepted"]}
   for p, c in result["accepted"]:
     chain[p] = c
     block_bytes[p] = int(zoo.block_record(c)["nbytes"])
+    deltas[p], delta_bytes[p] = None, 0  # a delta is over its own block: substituted, it goes
     step = by_position[p]
     alone = next(a for a in result["alone"] if a["position"] == p and a["candidate"] == c)
     substitutions.append({"position": p, "kind": step["kind"], "original": eq.chain[p],
                           "candidate": c, "candidate_models": step["candidate_models"],
+                          "dropped_delta": eq.delta_ids[p],
                           "bytes": step["nbytes"], "alone": alone["metrics"],
                           "combined_at_acceptance": step["metrics"]})
-  model_bytes = sum(eq.manifest["block_bytes"])
+  model_bytes = sum(eq.manifest["block_bytes"]) + sum(eq.manifest.get("delta_bytes") or [])
   saved = sum(s["bytes"] for s in substitutions)
   provenance = {
       "original_model": model, "original_chain": eq.chain, "budget": budget.to_dict(),
@@ -156,6 +162,11 @@ def assemble(zoo, model: str, name: str, max_kl: float | None = None,
   lineage["assembled_from"] = model
   data.update(name=name, chain=chain, block_bytes=block_bytes, lineage=lineage,
               provenance=provenance, created=provenance["created"])
+  if any(deltas):  # an adapter keeps the deltas not dropped
+    data.update(deltas=deltas, delta_bytes=delta_bytes)
+  else:  # every delta dropped: a plain chain, served like the base it now is
+    for key in ("deltas", "delta_bytes", "adapter"):
+      data.pop(key, None)
   tokenizer = os.path.join(zoo.root, eq.manifest["tokenizer"]) if eq.manifest.get("tokenizer") else None
   written = zoo.publish_manifest(name, data, tokenizer_dir=tokenizer, overwrite=overwrite)
   return {"name": name, **provenance, "manifest_written": written}

@@ -15,6 +15,11 @@ Measurements are stored in the zoo as equivalence records (jblock.zoo.records), 
 model's chain, the position, the candidate, the context and the calibration split's hash: a
 measurement already recorded is read back, not recomputed.
 
+A LoRA adapter (a manifest with `deltas`) is measured with its delta blocks applied (one-slot
+banks, the engine's per-row LoRA op); at a position with a delta the candidate may be the plain
+base block itself (the same block id, the delta dropped): the record names the dropped `delta`
+and its `nbytes` are the delta's bytes, what serving the position without it saves.
+
 Calibration: the demo corpus (jblock/demo_corpus.txt) by default; any text file (tokenized
 with the model's tokenizer.json, or as UTF-8 bytes when the model has none and its vocabulary
 holds 256 byte ids), or token ids in a .npy or .json file. The token stream is cut into a
@@ -164,8 +169,11 @@ class ChainRunner:
   """
 
   def __init__(self, blocks: Sequence[Block], windows: np.ndarray, batch_size: int = 16,
-               progress: bool = False):
+               progress: bool = False, deltas: Sequence[Block | None] | None = None):
     self.blocks = list(blocks)
+    # A LoRA adapter's delta block per position (None: none there), applied from one-slot banks.
+    self.deltas = list(deltas) if deltas is not None else [None] * len(self.blocks)
+    self._banks: dict[int, Any] = {}
     self.windows = np.asarray(windows, np.int32)
     self._params: dict[tuple[int, int], Any] = {}
     self._dtype = jnp.asarray(self.blocks[0].params["embedding"][:1]).dtype
@@ -182,7 +190,7 @@ class ChainRunner:
         xs, x = [], toks
         for i in range(len(self.blocks)):
           xs.append(x)
-          x = self.apply(self.blocks, i, x, meta)
+          x = self.apply(self.blocks, i, x, meta, self.deltas[i])
         self.inputs.append(xs)
         logp = jax.nn.log_softmax(x, axis=-1)
         self.ref_logp.append(logp)
@@ -191,8 +199,13 @@ class ChainRunner:
     self.tokens = int(self.windows.shape[0] * self.windows.shape[1])
     self.ref_nll = nll / self.windows.shape[0] / max(1, self.windows.shape[1] - 1)
 
-  def apply(self, chain: Sequence[Block], i: int, x, meta):
+  def apply(self, chain: Sequence[Block], i: int, x, meta, delta: Block | None = None):
     block = chain[i]
+    if delta is not None:
+      from jblock.runtime.lora import single_bank
+      if i not in self._banks:
+        self._banks[i] = single_bank(delta)
+      meta = {**meta, "lora": self._banks[i], "adapter": jnp.zeros(x.shape[0], jnp.int32)}
     tied = block.kind == HEAD and block.config.get("tied_to") is not None
     embed = next(b for b in chain if b.kind == EMBED) if tied else None
     # Keyed by object identity; the entry keeps the objects alive so an id is never reused.
@@ -213,6 +226,8 @@ class ChainRunner:
 
     target: the position whose block-level error is reported (its candidate's output vs the
     model's own block on the same inputs, which include the other substitutions' effects).
+    A substituted position runs without its delta (an adapter's own block substituted for
+    itself is the delta dropped).
     """
     if target is not None and target not in substitutions:
       raise ValueError(f"target position {target} is not substituted")
@@ -230,9 +245,9 @@ class ChainRunner:
         else:
           x = self.inputs[n][start]
           for i in range(start, len(chain)):
-            y = self.apply(chain, i, x, meta)
+            y = self.apply(chain, i, x, meta, None if i in substitutions else self.deltas[i])
             if i == target:
-              y0 = self.apply(self.blocks, i, x, meta)
+              y0 = self.apply(self.blocks, i, x, meta, self.deltas[i])
               e2, r2, c, count = _block_error(y, y0)
               err2, ref2, cos, block_tokens = err2 + e2, ref2 + r2, cos + c, block_tokens + count
             x = y
@@ -314,8 +329,10 @@ class Equivalence:
     self.name = model
     self.manifest = zoo.manifest(model)
     self.chain: list[str] = list(self.manifest["chain"])
-    self.digest = records.chain_digest(self.chain)
+    self.delta_ids: list[str | None] = list(self.manifest.get("deltas") or [None] * len(self.chain))
+    self.digest = records.chain_digest(self.chain, self.delta_ids)
     self.model: Model = zoo.load_model(model)
+    self.deltas = [zoo.load_block(d) if d else None for d in self.delta_ids]
     self.progress = progress
     self.batch_size = batch_size
     vocab = self.model.config.vocab_size
@@ -345,7 +362,7 @@ class Equivalence:
   def runner(self, split: str = FIT) -> ChainRunner:
     if split not in self._runners:
       self._runners[split] = ChainRunner(self.model.blocks, self.calibration.split(split),
-                                         self.batch_size, self.progress)
+                                         self.batch_size, self.progress, self.deltas)
     return self._runners[split]
 
   def block(self, block_id: str) -> Block:
@@ -396,6 +413,8 @@ class Equivalence:
     if position not in self.positions():
       return []
     found: dict[str, list[str]] = {}
+    if self.delta_ids[position]:  # an adapter's base block without the delta
+      found[own] = [(self.manifest.get("adapter") or {}).get("base_model") or self.name]
     for model in self.sources(sources):
       chain = self.chain_of(model)
       ids = chain if any_position else chain[position:position + 1]
@@ -417,7 +436,8 @@ class Equivalence:
         raise InvalidRequestError("candidates", f"no model {', '.join(map(repr, unknown))} in "
                                   f"the zoo at {self.zoo.root}")
       return [m for m in sources if m != self.name]
-    base = (self.manifest.get("lineage") or {}).get("base_model")
+    base = ((self.manifest.get("adapter") or {}).get("base_model")
+            or (self.manifest.get("lineage") or {}).get("base_model"))
     if base and base in models and base != self.name:
       return [base]
     return [m for m in models if m != self.name]
@@ -450,7 +470,8 @@ class Equivalence:
         "block": self.chain[position], "candidate": candidate,
         "candidate_models": sorted(m for m in self.zoo.models() if m != self.name
                                    and candidate in self.chain_of(m)),
-        "nbytes": int(self._record_of(self.chain[position])["nbytes"]),
+        "nbytes": self.saved_bytes(position, candidate),
+        "delta": self.delta_ids[position],  # dropped by any substitution (it is over its block)
         "context": sorted([p, b] for p, b in context.items()),
         "calibration": calib, "metrics": metrics,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -458,6 +479,15 @@ class Equivalence:
     if store:
       records.write(self.zoo.root, self.zoo.tmp_dir, record)
     return record
+
+  def saved_bytes(self, position: int, candidate: str) -> int:
+    """Bytes the model no longer holds of its own with `candidate` at `position`: the block's
+    (and its delta's), or only the delta's when the candidate is the block itself."""
+    delta = self.delta_ids[position]
+    delta_bytes = int(self._record_of(delta)["nbytes"]) if delta else 0
+    if candidate == self.chain[position]:
+      return delta_bytes
+    return int(self._record_of(self.chain[position])["nbytes"]) + delta_bytes
 
   def measure(self, substitutions: Mapping[int, str], split: str = FIT) -> dict[str, float]:
     """Combined loss of a substitution set (position -> block id) against the original model."""

@@ -24,9 +24,13 @@ FORMAT = "jblock-equivalence-v1"
 _KEY = re.compile(r"[0-9a-f]{40}")
 
 
-def chain_digest(chain: Sequence[str]) -> str:
-  """A short hash of a chain of block ids: records are valid for exactly this chain."""
-  return hashlib.sha256("\n".join(chain).encode()).hexdigest()[:24]
+def chain_digest(chain: Sequence[str], deltas: Sequence[str | None] | None = None) -> str:
+  """A short hash of a chain of block ids (and a LoRA adapter's delta ids over it): records are
+  valid for exactly this chain."""
+  text = "\n".join(chain)
+  if deltas and any(deltas):
+    text += "\ndeltas\n" + "\n".join(d or "-" for d in deltas)
+  return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def record_key(model_chain: str, position: int, candidate: str, calibration: str,
@@ -84,13 +88,15 @@ def read_all(root: str, model: str | None = None) -> list[dict[str, Any]]:
 
 def block_ids(record: dict[str, Any]) -> set[str]:
   """Every block a record depends on."""
-  return {record["block"], record["candidate"], *(b for _, b in record.get("context", []))}
+  return {record["block"], record["candidate"], *(b for _, b in record.get("context", [])),
+          *([record["delta"]] if record.get("delta") else [])}
 
 
-def prune(root: str, tmp_dir: str, stored: set[str], chains: dict[str, Sequence[str]]) -> int:
+def prune(root: str, tmp_dir: str, stored: set[str], chains: dict[str, Sequence[str]],
+          deltas: dict[str, Sequence[str | None] | None] | None = None) -> int:
   """Removes records naming a block not in `stored`, or whose model (name -> chain) is gone or
-  has another chain now, and anything in equivalence/ that is not a record; returns how many
-  records went. The caller holds the zoo lock exclusively (gc)."""
+  has another chain (or, for an adapter, other `deltas`) now, and anything in equivalence/ that
+  is not a record; returns how many records went. The caller holds the zoo lock exclusively (gc)."""
   base = os.path.join(root, RECORDS_DIR)
   if not os.path.isdir(base):
     return 0
@@ -101,7 +107,7 @@ def prune(root: str, tmp_dir: str, stored: set[str], chains: dict[str, Sequence[
       os.remove(directory)
       continue
     chain = chains.get(model)
-    digest = chain_digest(chain) if chain is not None else None
+    digest = chain_digest(chain, (deltas or {}).get(model)) if chain is not None else None
     for entry in sorted(os.listdir(directory)):
       record = None
       if entry.endswith(".json") and _KEY.fullmatch(entry[:-len(".json")]):

@@ -464,11 +464,12 @@ class Zoo:
     if not os.path.isdir(self.root):
       return GcReport([], 0, 0)
     with self._lock.exclusive():
-      referenced, chains = set(), {}
+      referenced, chains, deltas = set(), {}, {}
       for name in self.models():
         try:
           data = self.manifest(name)
           chains[name] = data["chain"]
+          deltas[name] = data.get("deltas")
           referenced.update(chains[name])
           referenced.update(d for d in data.get("deltas") or () if d)  # LoRA delta blocks
         except CorruptedManifestError as e:
@@ -482,7 +483,8 @@ class Zoo:
           freed += _dir_size(directory)
           atomic.remove_dir(directory, self.tmp_dir)
           removed.append(block_id)
-      pruned = records.prune(self.root, self.tmp_dir, set(self.block_ids()), chains)
+      pruned = records.prune(self.root, self.tmp_dir, set(self.block_ids()), chains,
+                             deltas)
       freed += self._gc_parts()
       stale = 0
       for entry in os.listdir(self.tmp_dir) if os.path.isdir(self.tmp_dir) else []:

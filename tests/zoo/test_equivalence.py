@@ -449,3 +449,62 @@ def test_rerouting_keeps_each_tenant_within_its_budget(reroute_zoo):
   # big ran its whole request with base's blocks 1 and 2 (admitted there: no KV to coordinate).
   assert got["big"] == _substituted(zoo, "ft", {1: base[1], 2: base[2]}).generate(
       [PROMPT], max_new_tokens=8)[0].tolist()
+
+
+@pytest.fixture(scope="module")
+def adapter_zoo(tmp_path_factory):
+  """base; `tiny`, a LoRA adapter whose delta is negligible; `real`, one that changes the model."""
+  from tests.lora_adapters import make_adapter
+  root = tmp_path_factory.mktemp("adapter_equiv")
+  base = variants.init_base(SPEC, str(root / "base"), seed=0, init_std=0.2)
+  zoo = Zoo(str(root / "zoo"))
+  zoo.convert(base, "base")
+  targets = ["q_proj", "v_proj", "up_proj", "down_proj"]
+  for name, std in (("tiny", 1e-3), ("real", 0.3)):
+    make_adapter(base, str(root / name), targets=targets, r=4, alpha=8, std=std, seed=5)
+    zoo.convert_peft(str(root / name), "base", name)
+  return zoo
+
+
+def test_adapter_with_negligible_delta_is_served_by_its_base_blocks(adapter_zoo):
+  from jblock.runtime.engine import Engine, EngineConfig
+  zoo = adapter_zoo
+  base_chain = zoo.manifest("base")["chain"]
+  deltas = {n: zoo.manifest(n)["deltas"] for n in ("tiny", "real")}
+  with_delta = [p for p, d in enumerate(deltas["tiny"]) if d]
+  assert with_delta == [1, 2, 3, 4]  # the four layers blocks
+  # The candidate at a delta position is the base block itself: the record drops the delta.
+  report = eqv.evaluate(zoo, "tiny", calibration=TOKENS, **OPTS)
+  recs = {r["position"]: r for r in report["records"]}
+  assert sorted(recs) == with_delta
+  for p, r in recs.items():
+    assert (r["candidate"], r["delta"]) == (base_chain[p], deltas["tiny"][p])
+    assert r["nbytes"] == zoo.manifest("tiny")["delta_bytes"][p]
+    assert r["metrics"]["kl"] < 1e-6 and r["metrics"]["top1"] == 1.0
+    assert r["metrics"]["block_rel_l2"] < 1e-3
+  real = {r["position"]: r for r in eqv.evaluate(zoo, "real", calibration=TOKENS,
+                                                 **OPTS)["records"]}
+  # The reference applies the real adapter's delta: dropping it moves the outputs.
+  assert all(r["metrics"]["block_rel_l2"] > 0.05 for r in real.values())
+  assert all(r["metrics"]["top1"] < 0.97 for r in real.values()), {
+      p: r["metrics"]["top1"] for p, r in real.items()}
+  zoo.gc()  # adapter records are valid for the chain and deltas they were measured on
+  assert len(records.read_all(zoo.root, "tiny")) == len(with_delta)
+
+  out = asm.assemble(zoo, "tiny", "tiny-plain", min_top1=0.97, calibration=TOKENS, **OPTS)
+  assert [s["position"] for s in out["substitutions"]] == with_delta
+  assert out["bytes_saved"] == sum(zoo.manifest("tiny")["delta_bytes"])
+  plain = zoo.manifest("tiny-plain")
+  assert plain["chain"] == base_chain and "deltas" not in plain
+  kept = asm.assemble(zoo, "real", "real-lean", min_top1=0.97, calibration=TOKENS, **OPTS)
+  assert kept["substitutions"] == [] and zoo.manifest("real-lean")["deltas"] == deltas["real"]
+
+  prompt = [5, 17, 3, 8, 41, 2, 9]
+  config = EngineConfig(batch_size=2, kv_slots=4, max_seq_len=32, prefill_chunk=16,
+                        length_buckets=(16,), warmup=False)
+  expected = zoo.load_model("base").generate([prompt], max_new_tokens=6)[0].tolist()
+  with Engine.from_zoo(zoo.root, ["base", "tiny-plain"], mesh_shape=(1, 1),
+                       config=config) as engine:
+    assert engine.generate("tiny-plain", prompt, max_new_tokens=6) == expected
+    stats = engine.stats()
+    assert stats["models"]["tiny-plain"] == stats["models"]["base"]  # the base's instances
