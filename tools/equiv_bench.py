@@ -3,12 +3,15 @@
   python -m tools.equiv_bench                       # 8 full fine-tunes, the default budgets
   python -m tools.equiv_bench --min_top1=0.99,0.97 --max_kl= --n=4
   python -m tools.equiv_bench --mode=overload        # rerouting under one tenant's burst
+  python -m tools.equiv_bench --mode=serve --finetune_lr=1e-4   # N originals vs N assembled
 
 Builds (once, into --work_dir) a byte-level Llama base pre-trained on the demo corpus minus
 its held-out tail and N full fine-tunes of it (every tensor trained on its own corpus section,
 as `tools.make_variants --full` trains them), converts them into a zoo, assembles every variant
 from the base's blocks at every budget, and writes the table, JSON and plot. The logic lives in
-jblock.zoo.pareto; --mode=overload runs jblock.bench.reroute_bench instead.
+jblock.zoo.pareto; --mode=overload runs jblock.bench.reroute_bench instead; --mode=serve runs
+jblock.bench.serve_bench (the same material, assembled at --serve_min_top1, served through the
+engine once as the N originals and once as the N assembled models, side by side).
 """
 
 import datetime
@@ -21,11 +24,18 @@ from jblock import results
 from jblock.zoo import cli, pareto
 from jblock.zoo.store import Zoo
 
-_MODE = flags.DEFINE_enum("mode", "pareto", ["pareto", "overload"],
+_MODE = flags.DEFINE_enum("mode", "pareto", ["pareto", "overload", "serve"],
                           "pareto: the assembly sweep; overload: p95 per tenant with and without "
-                          "on-the-fly rerouting while one tenant's private blocks are overloaded.")
-_ROUNDS = flags.DEFINE_integer("rounds", 4, "overload: measured rounds (alternating modes).",
+                          "on-the-fly rerouting while one tenant's private blocks are overloaded; "
+                          "serve: the N fine-tunes served per-model vs assembled.")
+_ROUNDS = flags.DEFINE_integer("rounds", 4, "overload, serve: measured rounds (alternating modes).",
                                lower_bound=1)
+_SERVE_TOP1 = flags.DEFINE_float("serve_min_top1", 0.97, "serve: the assembly's top-1 budget.",
+                                 lower_bound=0.0, upper_bound=1.0)
+_PER_TENANT = flags.DEFINE_integer("per_tenant", 4, "serve: requests per model per round.",
+                                   lower_bound=1)
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 16, "serve: tokens generated per request.",
+                                   lower_bound=1)
 _BURST = flags.DEFINE_integer("burst", 12, "overload: concurrent requests of the loaded tenant.",
                               lower_bound=1)
 _WORK = flags.DEFINE_string("work_dir", "/tmp/jblock_equiv_bench",
@@ -60,6 +70,18 @@ def main(argv):
                                       for t, v in sorted(result["summary"][mode].items())))
     print("p95 rerouted / per-model:", {t: round(v, 3) for t, v in
                                          result["summary"]["p95_ratio_rerouted_over_per_model"].items()})
+    print(f"results: {out}")
+    return
+  if _MODE.value == "serve":
+    from jblock.bench import serve_bench
+    from jblock.zoo.assemble import Budget
+    result = serve_bench.run(_WORK.value, n=_N.value, budget=Budget(min_top1=_SERVE_TOP1.value),
+                             finetune_lr=_FT_LR.value, finetune_steps=_FT_STEPS.value,
+                             per_tenant=_PER_TENANT.value, new_tokens=_NEW_TOKENS.value,
+                             rounds=_ROUNDS.value, say=say)
+    out = _OUT.value or os.path.join("tools", "results", f"serve_bench_{stamp}.json")
+    results.write_json(out, {"seconds": time.monotonic() - start, **result})
+    print("\n".join(serve_bench.table_lines(result)))
     print(f"results: {out}")
     return
   material = pareto.Material(n=_N.value, finetune_lr=_FT_LR.value, finetune_steps=_FT_STEPS.value)

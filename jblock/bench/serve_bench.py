@@ -1,0 +1,181 @@
+"""Serving N full fine-tunes per-model vs assembled, side by side through the engine.
+
+Material: the Pareto sweep's (jblock.zoo.pareto): N full fine-tunes of one byte-level base,
+each assembled from the base's blocks at one budget (default top-1 >= 0.97 on the fitting
+split, checked on the held-out split). Two engines (Engine.from_zoo, sharing on) are open at
+once in one process: one serving the N originals, one the N assembled models. Rounds alternate
+between them; each round submits the same multi-tenant workload at once (one tenant per model,
+`per_tenant` requests each, prompts cut from the held-out tail of the corpus, greedy decoding,
+no rerouting). Reported per engine: resident param bytes (engine stats), throughput (generated
+tokens / round wall time), p50/p95 end-to-end latency; per model: held-out perplexity of the
+original and the assembled model (the equivalence harness, through the engine's block
+functions) and the share of greedy tokens the two engines served identically.
+"""
+
+import os
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from jblock.runtime.engine import Engine, EngineConfig
+from jblock.zoo import assemble as asm
+from jblock.zoo import pareto
+from jblock.zoo.equivalence import DEFAULT_CALIBRATION, Equivalence
+from jblock.zoo.store import Zoo
+
+
+def assemble_all(zoo, names: Sequence[str], budget: asm.Budget, m: pareto.Material,
+                 say: Callable[[str], None]) -> list[dict[str, Any]]:
+  """Assembles every model at the budget; its name, chain and held-out metrics."""
+  out = []
+  for n in names:
+    calibration = Equivalence(zoo, n, DEFAULT_CALIBRATION, seq_len=m.seq_len, max_windows=64,
+                              holdout=m.holdout).calibration
+    a = asm.assemble(zoo, n, pareto._model_name(n, budget), max_kl=budget.max_kl,
+                     min_top1=budget.min_top1, calibration=calibration, overwrite=True)
+    out.append({"model": n, "assembled": a["name"],
+                "substitutions": [s["position"] for s in a["substitutions"]],
+                "bytes_saved": a["bytes_saved"], "model_bytes": a["model_bytes"],
+                "holdout": a["holdout"]})
+    say(f"{n}: {len(out[-1]['substitutions'])} substitutions, held-out top-1 "
+        f"{a['holdout']['top1']:.4f}, perplexity {a['holdout']['perplexity']:.3f} vs "
+        f"{a['holdout']['perplexity_original']:.3f}")
+  return out
+
+
+def workload(n_models: int, per_tenant: int, prompt_len: int, holdout: float,
+             seed: int) -> list[tuple[int, list[int]]]:
+  """(model index, prompt) for every request, shuffled; prompts are cut from the held-out tail."""
+  tokens = pareto.corpus_tokens()
+  tail = tokens[tokens.size - int(round(tokens.size * holdout)):]
+  rng = np.random.default_rng(seed)
+  jobs = []
+  for i in range(n_models):
+    for _ in range(per_tenant):
+      start = int(rng.integers(0, tail.size - prompt_len))
+      jobs.append((i, tail[start:start + prompt_len].tolist()))
+  return [jobs[j] for j in rng.permutation(len(jobs))]
+
+
+def timed_round(engine, models: Sequence[str], jobs, new_tokens: int) -> dict[str, Any]:
+  """Submits every job at once; latency per request, generated tokens and wall time."""
+  results: list[Any] = [None] * len(jobs)
+  lat = [0.0] * len(jobs)
+  threads = []
+  start = time.perf_counter()
+  for j, (i, prompt) in enumerate(jobs):
+    submitted = time.perf_counter()
+    handle = engine.submit(models[i], prompt, max_new_tokens=new_tokens, tenant=f"t{i}",
+                           accuracy_budget=0.0)
+
+    def wait(h=handle, s=submitted, j=j):
+      results[j] = h.result(timeout=600)
+      lat[j] = time.perf_counter() - s
+
+    th = threading.Thread(target=wait)
+    th.start()
+    threads.append(th)
+  for th in threads:
+    th.join(600)
+  wall = time.perf_counter() - start
+  if any(r is None for r in results):
+    raise RuntimeError("a request did not finish within 600 s")
+  tokens = [list(r) for r in results]
+  return {"latency_s": lat, "tokens": tokens, "wall_s": wall,
+          "generated": sum(len(t) for t in tokens)}
+
+
+def run(work_dir: str, n: int = 8, budget: asm.Budget | None = None,
+        finetune_lr: float = 1e-4, finetune_steps: int = 30, per_tenant: int = 4, new_tokens: int = 16,
+        prompt_len: int = 32, rounds: int = 4, batch_size: int = 8,
+        say=print) -> dict[str, Any]:
+  budget = budget or asm.Budget(min_top1=0.97)
+  m = pareto.Material(n=n, finetune_lr=finetune_lr, finetune_steps=finetune_steps)
+  os.makedirs(work_dir, exist_ok=True)
+  zoo = Zoo(os.path.join(work_dir, "zoo"))
+  names = pareto.build_zoo(zoo, work_dir, m, say)
+  assembled = assemble_all(zoo, names, budget, m, say)
+  modes = {"per_model": list(names), "assembled": [a["assembled"] for a in assembled]}
+  config = EngineConfig(batch_size=batch_size, kv_slots=max(32, n * per_tenant),
+                        max_seq_len=prompt_len + new_tokens + 16, prefill_chunk=prompt_len,
+                        length_buckets=(prompt_len,))
+  engines = {mode: Engine.from_zoo(zoo.root, models, mesh_shape=(1, 1), config=config)
+             for mode, models in modes.items()}
+  out: dict[str, Any] = {"material": pareto.material_dict(m), "budget": budget.to_dict(),
+                         "config": {"per_tenant": per_tenant, "new_tokens": new_tokens,
+                                    "prompt_len": prompt_len, "rounds": rounds,
+                                    "batch_size": batch_size, "tenants": n},
+                         "assembled": assembled, "rounds": []}
+  try:
+    resident = {mode: e.stats()["resident_bytes"] for mode, e in engines.items()}
+    warm = workload(n, per_tenant, prompt_len, m.holdout, seed=1000)
+    for mode, e in engines.items():  # compiles every batch shape the rounds use
+      timed_round(e, modes[mode], warm, new_tokens)
+    served: dict[str, list] = {mode: [] for mode in modes}
+    for r in range(rounds):
+      jobs = workload(n, per_tenant, prompt_len, m.holdout, seed=r)
+      order = list(modes) if r % 2 == 0 else list(modes)[::-1]
+      for mode in order:
+        res = timed_round(engines[mode], modes[mode], jobs, new_tokens)
+        served[mode].append((jobs, res["tokens"]))
+        out["rounds"].append({"mode": mode, "latency_s": res["latency_s"], "wall_s": res["wall_s"],
+                              "generated": res["generated"]})
+        say(f"round {r} {mode:9s} {res['generated'] / res['wall_s']:.1f} tok/s, p95 "
+            f"{np.percentile(res['latency_s'], 95):.3f}s")
+  finally:
+    for e in engines.values():
+      e.close()
+  summary = {}
+  for mode in modes:
+    rs = [r for r in out["rounds"] if r["mode"] == mode]
+    lat = [x for r in rs for x in r["latency_s"]]
+    summary[mode] = {"resident_bytes": int(resident[mode]),
+                     "tok_per_s": sum(r["generated"] for r in rs) / sum(r["wall_s"] for r in rs),
+                     "p50_s": float(np.percentile(lat, 50)), "p95_s": float(np.percentile(lat, 95))}
+  a, p = summary["assembled"], summary["per_model"]
+  summary["ratios_assembled_over_per_model"] = {
+      "resident_bytes": a["resident_bytes"] / p["resident_bytes"],
+      "tok_per_s": a["tok_per_s"] / p["tok_per_s"], "p50_s": a["p50_s"] / p["p50_s"],
+      "p95_s": a["p95_s"] / p["p95_s"]}
+  out["summary"] = summary
+  out["per_model"] = _per_model(names, assembled, served)
+  return out
+
+
+def _per_model(names, assembled, served) -> list[dict[str, Any]]:
+  """Held-out perplexity of each original and its assembly, and the share of greedy tokens the
+  two engines served identically for that model's requests (position by position)."""
+  same = {i: [0, 0] for i in range(len(names))}
+  for (jobs, ref), (_, got) in zip(served["per_model"], served["assembled"]):
+    for (i, _), x, y in zip(jobs, ref, got):
+      same[i][0] += sum(int(u == v) for u, v in zip(x, y))
+      same[i][1] += max(len(x), len(y))
+  return [{"model": n, "assembled": a["assembled"], "substitutions": a["substitutions"],
+           "perplexity_original": a["holdout"]["perplexity_original"],
+           "perplexity_assembled": a["holdout"]["perplexity"],
+           "holdout_top1": a["holdout"]["top1"], "holdout_kl": a["holdout"]["kl"],
+           "served_token_agreement": same[i][0] / max(same[i][1], 1)}
+          for i, (n, a) in enumerate(zip(names, assembled))]
+
+
+def table_lines(result: dict[str, Any]) -> list[str]:
+  """Markdown: the two engines side by side, then held-out perplexity per model."""
+  s = result["summary"]
+  r = s["ratios_assembled_over_per_model"]
+  lines = ["| serving | resident param bytes | throughput (tok/s) | p50 latency | p95 latency |",
+           "|---|---|---|---|---|"]
+  for mode in ("per_model", "assembled"):
+    v = s[mode]
+    lines.append(f"| {mode.replace('_', '-')} | {v['resident_bytes']:,} | {v['tok_per_s']:.1f} | "
+                 f"{v['p50_s']:.3f} s | {v['p95_s']:.3f} s |")
+  lines.append(f"| assembled / per-model | {r['resident_bytes']:.2f}x | {r['tok_per_s']:.2f}x | "
+               f"{r['p50_s']:.2f}x | {r['p95_s']:.2f}x |")
+  lines += ["", "| model | substituted positions | held-out perplexity original -> assembled | "
+            "held-out top-1 | served greedy tokens identical |", "|---|---|---|---|---|"]
+  for p in result["per_model"]:
+    lines.append(f"| {p['model']} | {p['substitutions']} | {p['perplexity_original']:.3f} -> "
+                 f"{p['perplexity_assembled']:.3f} | {p['holdout_top1']:.4f} | "
+                 f"{p['served_token_agreement']:.1%} |")
+  return lines
