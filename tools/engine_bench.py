@@ -8,13 +8,11 @@ Writes OUT/engine_bench_<timestamp>.json and prints the summary table. The logic
 jblock.bench.engine_bench; this script only reads flags.
 """
 
-import json
 import os
-import time
 
 from absl import app, flags
 
-from jblock.bench import engine_bench
+from jblock.bench import engine_bench, report
 
 _SHAPES = flags.DEFINE_list("shapes", list(engine_bench.SHAPES), "Model shapes to compare.")
 _PAIRS = flags.DEFINE_integer("pairs", 3, "Alternating (jblock, vLLM) runs per shape.", lower_bound=1)
@@ -36,10 +34,8 @@ def main(argv):
                          "--vllm_python= for jblock only")
   result = engine_bench.run_all(_SHAPES.value, _WORK.value, vllm, _PAIRS.value,
                                 progress=lambda m: print(m, flush=True))
-  os.makedirs(_OUT.value, exist_ok=True)
-  path = os.path.join(_OUT.value, f"engine_bench_{time.strftime('%Y%m%d_%H%M%S')}.json")
-  with open(path, "w") as f:
-    json.dump(result, f, indent=1)
+  path = report.results_path(_OUT.value, "engine_bench")
+  report.write_json(result, path)
   print("\n".join(result["table"]))
   print(f"wrote {path}")
 

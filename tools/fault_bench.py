@@ -9,12 +9,10 @@ and prints it. The logic lives in jblock.bench.fault_bench; this script only rea
 import dataclasses
 import json
 import os
-import socket
-import time
 
 from absl import app, flags
 
-from jblock.bench import fault_bench
+from jblock.bench import fault_bench, report
 
 _ZOO = flags.DEFINE_string("zoo", "checkpoints/zoo", "Block zoo (the demo zoo is built if empty).")
 _MODELS = flags.DEFINE_list("models", [], "Models to serve; empty = all of the zoo's.")
@@ -40,14 +38,9 @@ def main(argv):
   spec = dataclasses.replace(fault_bench.FaultBenchSpec(), streams=_STREAMS.value,
                              max_new_tokens=_NEW.value, kill_after_tokens=_KILL_AFTER.value,
                              fault=_FAULT.value)
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  result = fault_bench.run(spec, _ZOO.value, models, port)
-  os.makedirs(_OUT.value, exist_ok=True)
-  path = os.path.join(_OUT.value, f"fault_bench_{_FAULT.value}_{time.strftime('%Y%m%d_%H%M%S')}.json")
-  with open(path, "w") as f:
-    json.dump(result, f, indent=2)
+  result = fault_bench.run(spec, _ZOO.value, models, report.free_loopback_port())
+  path = report.results_path(_OUT.value, f"fault_bench_{_FAULT.value}")
+  report.write_json(result, path)
   print(json.dumps(result, indent=2))
   print(f"wrote {path}")
 

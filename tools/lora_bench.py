@@ -9,13 +9,11 @@ repeat. The logic lives in jblock.bench.lora_bench; this script only reads flags
 """
 
 import dataclasses
-import json
 import os
-import time
 
 from absl import app, flags
 
-from jblock.bench import lora_bench
+from jblock.bench import lora_bench, report
 
 _COUNTS = flags.DEFINE_list("counts", ["0", "1", "4", "16", "64", "256"], "Adapter counts to run.")
 _REHEARSE = flags.DEFINE_bool("rehearse", False, "No engine warm-up: one untimed pass first.")
@@ -37,11 +35,8 @@ def main(argv):
                              rehearse=_REHEARSE.value, timed_runs=_TIMED.value)
   vllm = _VLLM.value if _VLLM.value and os.path.exists(_VLLM.value) else None
   passes = [lora_bench.run(spec, _WORK.value, vllm_python=vllm) for _ in range(_REPEATS.value)]
-  os.makedirs(_OUT.value, exist_ok=True)
-  path = os.path.join(_OUT.value, f"lora_bench_{time.strftime('%Y%m%d_%H%M%S')}.json")
-  with open(path, "w") as f:
-    json.dump({"spec": dataclasses.asdict(spec), "rows": passes[-1], "passes": passes}, f,
-              indent=2, default=str)
+  path = report.results_path(_OUT.value, "lora_bench")
+  report.write_json({"spec": dataclasses.asdict(spec), "rows": passes[-1], "passes": passes}, path)
   for i, rows in enumerate(passes):
     print(f"pass {i + 1}:")
     print(lora_bench.table(rows))

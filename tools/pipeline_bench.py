@@ -57,10 +57,8 @@ def run_one(zoo: str, models, prompts, latency_s: float, serial: bool) -> dict:
   from jblock.runtime.engine import EngineConfig
   from jblock.runtime.executor import ThreadExecutor
   from jblock.serving.engines import distributed_engine
-  import socket
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    registry = s.getsockname()[1]
+  from jblock.bench import report
+  registry = report.free_loopback_port()
   shared = {}
 
   spans = []  # (worker, start, end) of every RunBlock, as its executor thread ran it
@@ -134,10 +132,9 @@ def main(argv):
     result["rows"] += [{k: v for k, v in r.items() if k != "tokens"} for r in (serial, piped)]
     result["rows"][-1]["speedup_vs_serial"] = round(piped["tokens_per_s"] / serial["tokens_per_s"], 2)
     result["rows"][-1]["same_tokens_as_serial"] = piped["tokens"] == serial["tokens"]
-  os.makedirs(_OUT.value, exist_ok=True)
-  path = os.path.join(_OUT.value, f"pipeline_bench_{time.strftime('%Y%m%d_%H%M%S')}.json")
-  with open(path, "w") as f:
-    json.dump(result, f, indent=2)
+  from jblock.bench import report
+  path = report.results_path(_OUT.value, "pipeline_bench")
+  report.write_json(result, path)
   print(json.dumps(result, indent=2))
   print(f"wrote {path}")
 

@@ -1,7 +1,9 @@
-"""Metrics of benchmark runs, the block-vs-baseline comparisons, a text table and a plot."""
+"""Metrics of benchmark runs, the block-vs-baseline comparisons, a text table, a plot, results files."""
 
 import json
 import os
+import socket
+import time
 from typing import Sequence
 
 import numpy as np
@@ -218,6 +220,18 @@ def plot(runs: list[dict], n_main: int, path: str) -> str:
   fig.savefig(path, dpi=90)
   plt.close(fig)
   return path
+
+
+def results_path(out_dir: str, name: str) -> str:
+  """`out_dir/name_YYYYmmdd_HHMMSS.json`: one file per run, never overwriting an earlier one."""
+  return os.path.join(out_dir, f"{name}_{time.strftime('%Y%m%d_%H%M%S')}.json")
+
+
+def free_loopback_port() -> int:
+  """A port free on 127.0.0.1 now (for a bench's coordinator or registry)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def write_json(result: dict, path: str) -> None:

@@ -68,6 +68,7 @@ class Request:
   replay_to: int = 0  # > 0 while replaying: tokens of prompt + generated to write into KV again
   accuracy_budget: float | None = None  # the tenant's budget for rerouting (jblock.runtime.reroute)
   route: frozenset = frozenset()  # (chain position, block id) substitutions it runs with now
+  rerun_at: int | None = None  # rerun_length, found once (every route shares the layers' config)
 
   @property
   def tokens_needed(self) -> int:
@@ -379,9 +380,8 @@ def rope_len(req: Request, item: StepItem) -> int:
 
 def rerun_length(req: Request) -> int:
   """The cached length at which the request runs its whole sequence again (0 = never)."""
-  for seg in req.segments:
-    for inst in seg.instances:
-      if inst.kind == LAYERS:
-        return rope_lib.rerun_length((getattr(inst, "config", None) or {}).get("rope"))
-  return 0
+  if req.rerun_at is None:
+    req.rerun_at = next((rope_lib.rerun_length((getattr(inst, "config", None) or {}).get("rope"))
+                         for seg in req.segments for inst in seg.instances if inst.kind == LAYERS), 0)
+  return req.rerun_at
 

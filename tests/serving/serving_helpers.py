@@ -1,4 +1,4 @@
-"""Helpers shared by the serving tests (bounded polling, free ports)."""
+"""Helpers shared by the serving tests (bounded polling, free ports, a cluster's clean-up)."""
 
 import socket
 import time
@@ -26,3 +26,16 @@ def kv_slots_used(stats: dict) -> dict[str, int]:
   """KV leases in use per layers block (the only blocks that hold KV)."""
   return {block["block_id"]: block["kv_slots_used"] for block in stats["blocks"]
           if block["kind"] == "layers"}
+
+
+def stop_cluster(server, engine, procs) -> None:
+  """Stops a test cluster whatever state it is in: coordinator, engine, worker processes."""
+  if server is not None:
+    server.stop(0)
+  if engine is not None:
+    engine.close()
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+    p.wait(timeout=10)
+    p.stdout.close()

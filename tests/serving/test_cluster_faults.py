@@ -14,7 +14,7 @@ from jblock.cluster.membership import MembershipConfig
 from jblock.errors import UnavailableError
 from jblock.runtime.engine import EngineConfig
 from jblock.serving.engines import distributed_engine
-from tests.serving.serving_helpers import free_port, wait_until
+from tests.serving.serving_helpers import free_port, stop_cluster, wait_until
 from tests.serving.test_block_serving import MODELS, NEW, PROMPTS, REPO, _wait_line
 from tests.serving.test_block_serving import expected, zoo_dir  # noqa: F401 (fixtures)
 
@@ -122,12 +122,4 @@ def test_workers_join_fail_over_and_outlive_no_coordinator(zoo_dir, expected):
     assert time.monotonic() - gone < 10
     assert "no answer from the coordinator" in procs[2].stdout.read()
   finally:
-    if server is not None:
-      server.stop(0)
-    if engine is not None:
-      engine.close()
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-      p.wait(timeout=10)
-      p.stdout.close()
+    stop_cluster(server, engine, procs)

@@ -8,7 +8,7 @@ from jblock.cluster.placement import PlannerConfig
 from jblock.cluster.replan import ReplanConfig
 from jblock.runtime.executor import ThreadExecutor
 from jblock.serving.engines import distributed_engine
-from tests.serving.serving_helpers import free_port, wait_until
+from tests.serving.serving_helpers import free_port, stop_cluster
 from tests.serving.test_block_serving import MODELS, NEW, PROMPTS
 from tests.serving.test_block_serving import expected, zoo_dir  # noqa: F401 (fixtures)
 from tests.serving.test_cluster_faults import CONFIG, _address, _worker
@@ -92,12 +92,4 @@ def test_planned_split_runs_both_workers_at_once_and_replans_under_load(zoo_dir,
     assert engine.generate("base", PROMPTS[3], max_new_tokens=NEW) == expected["base", 3]
     assert engine.replanner.replan("again") == []
   finally:
-    if server is not None:
-      server.stop(0)
-    if engine is not None:
-      engine.close()
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-      p.wait(timeout=10)
-      p.stdout.close()
+    stop_cluster(server, engine, procs)
