@@ -2,7 +2,10 @@
 
 Three tenants share one engine: A on a full fine-tune `ft-a` (its blocks are A's alone), B on
 another fine-tune `ft-b`, C on the base. A sends a burst of `burst` concurrent requests (more
-than one batch of its blocks holds); B and C send a few each. Rounds alternate between A's
+than one batch of its blocks holds); B and C send a few each. Per-block batch sizes: each
+fine-tune's private blocks take `batch_size` rows per call, the base's blocks — the ones every
+variant can share — `shared_batch_size` (BlockLLM sizes a block's batch by how widely it is
+shared), so the base has room the burst cannot use unless it is rerouted there. Rounds alternate between A's
 budget 0 (never rerouted: the per-model behaviour) and A's budget (rerouted onto the base's
 blocks where its own are overloaded, within the measured loss of the whole-base route), in one
 process, so the ratio of p95 latencies compares the two side by side.
@@ -62,14 +65,16 @@ def build(work_dir: str, scale: float = 0.02, say=print) -> tuple[Zoo, dict]:
 
 
 def run(work_dir: str, rounds: int = 4, burst: int = 12, others: int = 2, new_tokens: int = 16,
-        batch_size: int = 4, say=print) -> dict:
+        batch_size: int = 4, shared_batch_size: int = 16, say=print) -> dict:
   zoo, measured = build(work_dir, say=say)
   budget = (1.0 - measured["whole_base"]["top1"]) + 1e-6  # exactly what the route measured
-  config = EngineConfig(batch_size=batch_size, kv_slots=32, max_seq_len=64, prefill_chunk=16,
-                        length_buckets=(16,), reroute=RerouteConfig())
+  shared = tuple((b, shared_batch_size) for b in zoo.manifest("base")["chain"])
+  config = EngineConfig(batch_size=batch_size, batch_size_by_block=shared, kv_slots=32,
+                        max_seq_len=64, prefill_chunk=16, length_buckets=(16,),
+                        reroute=RerouteConfig())
   out = {"budget_a": budget, "measured": measured, "rounds": [], "config": {
       "burst": burst, "others": others, "new_tokens": new_tokens, "batch_size": batch_size,
-      "rounds": rounds}}
+      "shared_batch_size": shared_batch_size, "rounds": rounds}}
   with Engine.from_zoo(zoo.root, ["base", "ft-a", "ft-b"], mesh_shape=(1, 1),
                        config=config) as engine:
     _timed_round(engine, budget, burst, others, new_tokens, seed=99)  # compiles the cut routes

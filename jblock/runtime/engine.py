@@ -166,7 +166,8 @@ class Engine:
     # Rerouting onto equivalent blocks (jblock.runtime.reroute): only between shared instances.
     self._rerouter = Rerouter(self.config.reroute, self._scheduler, self._instances,
                               lambda m: (self._models[m][0].block_ids, self._models[m][1]),
-                              lambda m: self._segments[m], self._local.dispatch_lock)
+                              lambda m: self._segments[m], self._local.dispatch_lock,
+                              lambda: [s for segs in self._segments.values() for s in segs])
     if sharing:
       self._scheduler.router = self._rerouter
     self._recoveries: collections.deque = collections.deque(maxlen=32)  # latest placement losses

@@ -11,7 +11,12 @@ runs with — given the instances' loads:
   resident, have KV room and are not overloaded themselves;
 - a substituted position whose own instance has calmed down (fewer than `return_fraction` of
   its threshold) is *released*: the route goes back to the model's own block;
-- in between nothing changes (hysteresis: no flapping at the threshold).
+- in between nothing changes (hysteresis: no flapping at the threshold);
+- a move that needs a KV recompute while the request's current route still runs (a move out of
+  an overloaded instance mid-decode, or a return home) is made only when the tokens the request
+  has left to generate are at least `replay_min_remaining` times the tokens the replay re-runs:
+  a short request finishes where it is rather than paying a replay. Before a request's first
+  prefill nothing is cached, so its route is chosen freely at admission.
 
 Budget: `accuracy_budget` is the top-1 disagreement (1 - top-1 agreement with the unmodified
 model on the record's calibration set) a tenant accepts. Only substitution sets some record
@@ -44,12 +49,15 @@ class RerouteConfig:
   return_fraction: float = 0.5  # route back when the own instance has fewer than this share of that
   kv_reuse_max_rel_l2: float = 0.02  # blocks whose outputs differ by at most this share their KV
   default_budget: float = 0.0  # budget of requests that name none (an open server): 0 = never reroute
+  replay_min_remaining: float = 1.0  # a replaying move needs tokens left >= this x tokens replayed (0 = always)
 
   def __post_init__(self):
     if self.overload_requests < 0:
       raise ValueError(f"overload_requests must be >= 0, got {self.overload_requests}")
     if not 0.0 <= self.return_fraction <= 1.0:
       raise ValueError(f"return_fraction must be in [0, 1], got {self.return_fraction}")
+    if self.replay_min_remaining < 0:
+      raise ValueError(f"replay_min_remaining must be >= 0, got {self.replay_min_remaining}")
     if not 0.0 <= self.default_budget <= 1.0:
       raise ValueError(f"default_budget must be in [0, 1], got {self.default_budget}")
 
@@ -115,8 +123,11 @@ def candidates_of(measured: Mapping[Route, Measured]) -> set[str]:
 
 def decide(chain: list[str], current: Route, measured: Mapping[Route, Measured],
            budget: float | None, loads: Mapping[str, Load], config: RerouteConfig,
-           kinds: list[str] | None = None) -> Decision:
-  """The request's route for its next step (see the module docstring)."""
+           kinds: list[str] | None = None, cached_tokens: int = 0,
+           remaining_tokens: int | None = None) -> Decision:
+  """The request's route for its next step (see the module docstring). `cached_tokens`: the
+  request's tokens in KV now (what a recompute replays); `remaining_tokens`: tokens it has left
+  to generate (None = unknown: moves are never held back)."""
   budget = config.default_budget if budget is None else budget
   current = Route(current)
   if budget <= 0.0:
@@ -159,8 +170,14 @@ def decide(chain: list[str], current: Route, measured: Mapping[Route, Measured],
       best, best_score = route, score
   if best is None:  # nothing usable, not even the own chain: stay where the request is
     best = current
-  return Decision(best, _moves(chain, current, best, measured, config, kinds),
-                  measured[best].disagreement if best in measured else 0.0)
+  moves = _moves(chain, current, best, measured, config, kinds)
+  if (best != current and cached_tokens and remaining_tokens is not None
+      and any(m.kv == RECOMPUTE for m in moves)
+      and current in routes
+      and all(usable(dict(current).get(p, own), False) for p, own in enumerate(chain))
+      and remaining_tokens < config.replay_min_remaining * cached_tokens):
+    best, moves = current, ()  # the current route still runs: not worth a replay this late
+  return Decision(best, moves, measured[best].disagreement if best in measured else 0.0)
 
 
 def _moves(chain, current: Route, new: Route, measured, config: RerouteConfig,

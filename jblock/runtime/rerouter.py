@@ -27,12 +27,14 @@ class Rerouter:
 
   def __init__(self, config: reroute.RerouteConfig, scheduler: Scheduler,
                instances: Mapping[str, Any], model_chain: Callable[[str], tuple[list[str], list]],
-               model_segments: Callable[[str], list[Segment]], dispatch_lock):
+               model_segments: Callable[[str], list[Segment]], dispatch_lock,
+               all_segments: Callable[[], Iterable[Segment]] = lambda: ()):
     self.config = config
     self._scheduler = scheduler
     self._instances = instances  # key -> instance (with sharing, key == block id)
     self._model_chain = model_chain  # model -> (block ids, own instances)
     self._model_segments = model_segments
+    self._all_segments = all_segments  # every model's segments, to batch a route with theirs
     self._dispatch_lock = dispatch_lock
     self.measured: dict[str, dict] = {}  # model -> {route: reroute.Measured}
     self.counts = collections.Counter()
@@ -63,7 +65,8 @@ class Rerouter:
     chain, own = self._model_chain(req.model)
     decision = reroute.decide(chain, req.route, measured, req.accuracy_budget,
                               self._loads(req, chain, measured, own), self.config,
-                              [i.kind for i in own])
+                              [i.kind for i in own], cached_tokens=req.cached,
+                              remaining_tokens=req.params.max_new_tokens - len(req.generated))
     recompute = False
     if decision.route != req.route:
       recompute = self._move(req, chain, own, decision)
@@ -184,32 +187,42 @@ class Rerouter:
         del req.leases[key]
 
   def _segments_for(self, model: str, at: Mapping[int, Any]) -> list[Segment]:
-    """The model's segments with every substituted position cut out as a segment of its own;
-    segments with keys the scheduler knows are reused (one queue per key)."""
-    known = self._scheduler.segments
-    out, pos = [], 0
-
-    def seg(insts, start):
-      key = tuple(i.key for i in insts)
-      return known.get(key) or Segment(list(insts), start)
-
-    for s in self._model_segments(model):
-      positions = range(pos, pos + len(s.instances))
+    """The request's new chain of instances cut into segments: at each position the longest
+    segment the engine already runs that starts there with the same instances (the model's own,
+    or another model's — a route onto the base's blocks batches with the base's requests in the
+    base's fused call, compiled shapes included); where none does, the rest of the model's own
+    segment up to the next substituted position, or the substituted instance alone."""
+    own = self._model_segments(model)
+    if not at:
+      return own
+    chain = [i for s in own for i in s.instances]
+    new = [at.get(p, inst) for p, inst in enumerate(chain)]
+    own_end = {}  # position -> end of the own segment covering it
+    pos = 0
+    for s in own:
+      for p in range(pos, pos + len(s.instances)):
+        own_end[p] = pos + len(s.instances)
       pos += len(s.instances)
-      if not any(p in at for p in positions):
-        out.append(s)
-        continue
-      run, start = [], positions[0]
-      for p, inst in zip(positions, s.instances):
-        if p in at:
-          if run:
-            out.append(seg(run, start))
-          out.append(seg([at[p]], p))
-          run, start = [], p + 1
-        else:
-          run.append(inst)
-      if run:
-        out.append(seg(run, start))
+    known: dict[tuple[int, str], dict[tuple[str, ...], Segment]] = {}
+    for s in [*own, *self._all_segments(), *self._scheduler.segments.values()]:
+      known.setdefault((s.start, s.key[0]), {}).setdefault(s.key, s)
+    out, p = [], 0
+    while p < len(new):
+      fits = [s for s in known.get((p, new[p].key), {}).values()
+              if list(s.key) == [i.key for i in new[p:p + len(s.instances)]]]
+      if fits:
+        best = max(fits, key=lambda s: len(s.instances))
+      else:
+        end = p + 1
+        if p not in at:  # untouched: as far as its own segment goes without a substitution
+          while end < own_end[p] and end not in at:
+            end += 1
+        best = Segment(new[p:end], p)
+        key = best.key
+        best = self._scheduler.segments.get(key, best)
+        known.setdefault((p, key[0]), {})[key] = best
+      out.append(best)
+      p += len(best.instances)
     return out
 
   def _copy_kv(self, req: Request, src, dst) -> None:

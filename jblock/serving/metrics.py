@@ -7,7 +7,7 @@ they are never stale and need no refresher thread.
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client import start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from jblock.runtime.engine_api import Engine, RequestHandle
@@ -45,6 +45,39 @@ class _EngineStatsCollector(Collector):
       free.add_metric(key, block.get("kv_slots_free", 0))
       resident.add_metric(key, block.get("resident_bytes", 0))
     yield from (occupancy, used, free, resident)
+    yield from _reroute_counters(stats.get("reroute") or {})
+    yield from _adapter_counters(stats.get("adapters") or {})
+
+
+# engine.stats()["reroute"] key -> (metric name without _total, help)
+_REROUTE = {
+    "moves": ("jblock_reroute_moves", "Chain positions moved onto another equivalent block or back."),
+    "routed_back": ("jblock_reroute_routed_back", "Moves back onto the model's own block."),
+    "kv_reused": ("jblock_reroute_kv_reused", "Moves whose KV pages were copied (interchangeable blocks)."),
+    "kv_recomputed": ("jblock_reroute_kv_recomputed", "Moves whose KV was recomputed by a replay."),
+    "steps_rerouted": ("jblock_reroute_steps", "Request steps run on a rerouted chain."),
+}
+# engine.stats()["adapters"] key -> (metric name, help); counters end in _total, swap time in seconds
+_ADAPTERS = {
+    "hits": ("jblock_lora_bank_hits", "Requests whose adapter was already in a bank slot."),
+    "misses": ("jblock_lora_bank_misses", "Requests whose adapter had to be swapped into a slot."),
+    "evictions": ("jblock_lora_bank_evictions", "Adapters evicted from a bank slot (LRU)."),
+    "swap_s": ("jblock_lora_swap_seconds", "Time spent installing adapters into bank slots."),
+}
+
+
+def _reroute_counters(reroute: dict):
+  for key, (name, doc) in _REROUTE.items():
+    metric = CounterMetricFamily(name, doc)
+    metric.add_metric([], reroute.get(key, 0))
+    yield metric
+
+
+def _adapter_counters(adapters: dict):
+  for key, (name, doc) in _ADAPTERS.items():
+    metric = CounterMetricFamily(name, doc)
+    metric.add_metric([], adapters.get(key, 0))
+    yield metric
 
 
 class ServingMetrics:

@@ -76,6 +76,33 @@ def test_not_resident_overload_hysteresis_and_route_back():
                   KINDS).route == Route()
 
 
+def test_a_replaying_move_waits_for_enough_tokens_left():
+  m = measured_routes(RECS, CHAIN)
+  cfg = RerouteConfig(kv_reuse_max_rel_l2=0.0)  # every layers move replays
+  one = Route({(1, BASE[1])})
+  calm, busy = _loads(**{CHAIN[1]: Load(1, 4)}), _loads(**{CHAIN[1]: Load(9, 4)})
+  # Home is calm, but 3 tokens left do not pay for replaying 20: it finishes where it is.
+  assert decide(CHAIN, one, m, 0.1, calm, cfg, KINDS, cached_tokens=20,
+                remaining_tokens=3).route == one
+  back = decide(CHAIN, one, m, 0.1, calm, cfg, KINDS, cached_tokens=20, remaining_tokens=20)
+  assert back.route == Route() and [mv.kv for mv in back.moves] == ["recompute"]
+  # The same holds for a move out of an overloaded instance mid-decode; at admission (nothing
+  # cached) it moves at once.
+  assert decide(CHAIN, Route(), m, 0.1, busy, cfg, KINDS, cached_tokens=20,
+                remaining_tokens=3).route == Route()
+  assert decide(CHAIN, Route(), m, 0.1, busy, cfg, KINDS, cached_tokens=0,
+                remaining_tokens=3).route == one
+  # A route that no longer runs (its block left) or a budget gone to zero moves regardless.
+  gone = _loads(**{CHAIN[1]: Load(1, 4), BASE[1]: Load(0, 4, resident=False)})
+  assert decide(CHAIN, one, m, 0.1, gone, cfg, KINDS, cached_tokens=20,
+                remaining_tokens=1).route == Route()
+  assert decide(CHAIN, one, m, 0.0, calm, cfg, KINDS, cached_tokens=20,
+                remaining_tokens=1).route == Route()
+  always = RerouteConfig(kv_reuse_max_rel_l2=0.0, replay_min_remaining=0.0)
+  assert decide(CHAIN, one, m, 0.1, calm, always, KINDS, cached_tokens=20,
+                remaining_tokens=1).route == Route()
+
+
 def test_kv_is_reused_only_for_interchangeable_blocks():
   m = measured_routes(RECS, CHAIN)
   busy = _loads(**{CHAIN[2]: Load(9, 4)})
@@ -90,3 +117,5 @@ def test_bad_config_is_refused():
     RerouteConfig(return_fraction=2.0)
   with pytest.raises(ValueError, match="default_budget"):
     RerouteConfig(default_budget=-1.0)
+  with pytest.raises(ValueError, match="replay_min_remaining"):
+    RerouteConfig(replay_min_remaining=-1.0)

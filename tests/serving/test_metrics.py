@@ -74,3 +74,22 @@ def test_metrics_endpoint_exposes_histograms_statuses_and_block_gauges(serve, en
   assert _sample(text, f"jblock_block_resident_bytes{embed}") == 1 << 20
   # 2 requests x 6 steps, one row in a batch of 8 each time.
   assert _sample(text, f"jblock_block_batch_occupancy{embed}") == pytest.approx(1 / 8)
+
+
+def test_reroute_and_adapter_bank_counters_come_from_engine_stats():
+  class _Stats:  # the two stats sections the counters read (as Engine.stats() gives them)
+    def stats(self):
+      return {"reroute": {"models": ["ft"], "moves": 7, "routed_back": 3, "kv_reused": 2,
+                          "kv_recomputed": 4, "steps_rerouted": 41},
+              "adapters": {"hits": 11, "misses": 5, "evictions": 2, "swap_s": 0.25}}
+
+  text = ServingMetrics(_Stats()).render().decode()
+  assert _sample(text, "jblock_reroute_moves_total") == 7
+  assert _sample(text, "jblock_reroute_routed_back_total") == 3
+  assert _sample(text, "jblock_reroute_kv_reused_total") == 2
+  assert _sample(text, "jblock_reroute_kv_recomputed_total") == 4
+  assert _sample(text, "jblock_reroute_steps_total") == 41
+  assert _sample(text, "jblock_lora_bank_hits_total") == 11
+  assert _sample(text, "jblock_lora_bank_misses_total") == 5
+  assert _sample(text, "jblock_lora_bank_evictions_total") == 2
+  assert _sample(text, "jblock_lora_swap_seconds_total") == 0.25

@@ -349,7 +349,8 @@ def reroute_zoo(eq_zoo, tmp_path_factory):
 def test_rerouted_request_recomputes_kv_and_routes_back(reroute_zoo):
   zoo = reroute_zoo
   base1 = zoo.manifest("base")["chain"][1]
-  with _reroute_engine(zoo, kv_reuse_max_rel_l2=0.0) as engine:  # never interchangeable: replay
+  # Never interchangeable (a replay), and home again even with few tokens left.
+  with _reroute_engine(zoo, kv_reuse_max_rel_l2=0.0, replay_min_remaining=0.0) as engine:
     recs = [r for r in records.read_all(zoo.root, "ft") if r["position"] == 1]
     assert engine.set_equivalences("ft", recs) == 1
     _while_absent(engine, 1, off_at=3, on_at=7)
