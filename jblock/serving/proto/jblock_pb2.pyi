@@ -253,18 +253,22 @@ class RegisterResponse(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("blocks_hosted", "resident_bytes", "kv_bytes", "batches_run", "batches_running")
+    __slots__ = ("blocks_hosted", "resident_bytes", "kv_bytes", "batches_run", "batches_running", "mailbox_rows", "mailbox_bytes")
     BLOCKS_HOSTED_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     BATCHES_RUN_FIELD_NUMBER: _ClassVar[int]
     BATCHES_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    MAILBOX_ROWS_FIELD_NUMBER: _ClassVar[int]
+    MAILBOX_BYTES_FIELD_NUMBER: _ClassVar[int]
     blocks_hosted: int
     resident_bytes: int
     kv_bytes: int
     batches_run: int
     batches_running: int
-    def __init__(self, blocks_hosted: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., batches_run: _Optional[int] = ..., batches_running: _Optional[int] = ...) -> None: ...
+    mailbox_rows: int
+    mailbox_bytes: int
+    def __init__(self, blocks_hosted: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., batches_run: _Optional[int] = ..., batches_running: _Optional[int] = ..., mailbox_rows: _Optional[int] = ..., mailbox_bytes: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("worker_id", "devices", "load")
@@ -317,7 +321,7 @@ class UnhostBlockResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class RunBlockRequest(_message.Message):
-    __slots__ = ("block_id", "inputs")
+    __slots__ = ("block_id", "inputs", "sources", "output_handle", "destinations", "row_destinations")
     class InputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -327,12 +331,46 @@ class RunBlockRequest(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
     BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    DESTINATIONS_FIELD_NUMBER: _ClassVar[int]
+    ROW_DESTINATIONS_FIELD_NUMBER: _ClassVar[int]
     block_id: str
     inputs: _containers.MessageMap[str, Tensor]
-    def __init__(self, block_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
+    sources: _containers.RepeatedCompositeFieldContainer[RowSource]
+    output_handle: int
+    destinations: _containers.RepeatedCompositeFieldContainer[RowDestination]
+    row_destinations: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, block_id: _Optional[str] = ..., inputs: _Optional[_Mapping[str, Tensor]] = ..., sources: _Optional[_Iterable[_Union[RowSource, _Mapping]]] = ..., output_handle: _Optional[int] = ..., destinations: _Optional[_Iterable[_Union[RowDestination, _Mapping]]] = ..., row_destinations: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class RowSource(_message.Message):
+    __slots__ = ("handle", "row")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    ROW_FIELD_NUMBER: _ClassVar[int]
+    handle: int
+    row: int
+    def __init__(self, handle: _Optional[int] = ..., row: _Optional[int] = ...) -> None: ...
+
+class RowDestination(_message.Message):
+    __slots__ = ("kind", "address", "block_id")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        RETURN: _ClassVar[RowDestination.Kind]
+        KEEP: _ClassVar[RowDestination.Kind]
+        PUSH: _ClassVar[RowDestination.Kind]
+    RETURN: RowDestination.Kind
+    KEEP: RowDestination.Kind
+    PUSH: RowDestination.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
+    kind: RowDestination.Kind
+    address: str
+    block_id: str
+    def __init__(self, kind: _Optional[_Union[RowDestination.Kind, str]] = ..., address: _Optional[str] = ..., block_id: _Optional[str] = ...) -> None: ...
 
 class RunBlockResponse(_message.Message):
-    __slots__ = ("outputs",)
+    __slots__ = ("outputs", "returned_rows", "undelivered", "rows_pushed", "bytes_pushed")
     class OutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -341,8 +379,56 @@ class RunBlockResponse(_message.Message):
         value: Tensor
         def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    RETURNED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    UNDELIVERED_FIELD_NUMBER: _ClassVar[int]
+    ROWS_PUSHED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PUSHED_FIELD_NUMBER: _ClassVar[int]
     outputs: _containers.MessageMap[str, Tensor]
-    def __init__(self, outputs: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
+    returned_rows: _containers.RepeatedScalarFieldContainer[int]
+    undelivered: _containers.RepeatedScalarFieldContainer[str]
+    rows_pushed: int
+    bytes_pushed: int
+    def __init__(self, outputs: _Optional[_Mapping[str, Tensor]] = ..., returned_rows: _Optional[_Iterable[int]] = ..., undelivered: _Optional[_Iterable[str]] = ..., rows_pushed: _Optional[int] = ..., bytes_pushed: _Optional[int] = ...) -> None: ...
+
+class PutRowsRequest(_message.Message):
+    __slots__ = ("handle", "block_id", "rows", "data")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    handle: int
+    block_id: str
+    rows: _containers.RepeatedScalarFieldContainer[int]
+    data: Tensor
+    def __init__(self, handle: _Optional[int] = ..., block_id: _Optional[str] = ..., rows: _Optional[_Iterable[int]] = ..., data: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class PutRowsResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TakeRowsRequest(_message.Message):
+    __slots__ = ("handle", "rows")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    handle: int
+    rows: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, handle: _Optional[int] = ..., rows: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class TakeRowsResponse(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: Tensor
+    def __init__(self, data: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ReleaseRowsRequest(_message.Message):
+    __slots__ = ("handles",)
+    HANDLES_FIELD_NUMBER: _ClassVar[int]
+    handles: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, handles: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ReleaseRowsResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class FreeSlotsRequest(_message.Message):
     __slots__ = ("block_id", "slots")

@@ -506,6 +506,21 @@ class BlockHostStub:
                 request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.FreeSlotsRequest.SerializeToString,
                 response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.FreeSlotsResponse.FromString,
                 _registered_method=True)
+        self.PutRows = channel.unary_unary(
+                '/jblock.v1.BlockHost/PutRows',
+                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.PutRowsRequest.SerializeToString,
+                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.PutRowsResponse.FromString,
+                _registered_method=True)
+        self.TakeRows = channel.unary_unary(
+                '/jblock.v1.BlockHost/TakeRows',
+                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.TakeRowsRequest.SerializeToString,
+                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.TakeRowsResponse.FromString,
+                _registered_method=True)
+        self.ReleaseRows = channel.unary_unary(
+                '/jblock.v1.BlockHost/ReleaseRows',
+                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.ReleaseRowsRequest.SerializeToString,
+                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.ReleaseRowsResponse.FromString,
+                _registered_method=True)
 
 
 class BlockHostServicer:
@@ -536,6 +551,28 @@ class BlockHostServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutRows(self, request, context):
+        """Worker to worker: output rows of a batch the caller ran, kept in this worker's mailbox
+        for the batch of `block_id` it runs next (RESOURCE_EXHAUSTED: the mailbox is full).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TakeRows(self, request, context):
+        """The coordinator takes mailbox rows back (their next block now runs elsewhere).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseRows(self, request, context):
+        """The coordinator drops mailbox rows no batch will read (their requests ended or paused).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BlockHostServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -558,6 +595,21 @@ def add_BlockHostServicer_to_server(servicer, server):
                     servicer.FreeSlots,
                     request_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.FreeSlotsRequest.FromString,
                     response_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.FreeSlotsResponse.SerializeToString,
+            ),
+            'PutRows': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutRows,
+                    request_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.PutRowsRequest.FromString,
+                    response_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.PutRowsResponse.SerializeToString,
+            ),
+            'TakeRows': grpc.unary_unary_rpc_method_handler(
+                    servicer.TakeRows,
+                    request_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.TakeRowsRequest.FromString,
+                    response_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.TakeRowsResponse.SerializeToString,
+            ),
+            'ReleaseRows': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseRows,
+                    request_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.ReleaseRowsRequest.FromString,
+                    response_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.ReleaseRowsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -669,6 +721,87 @@ class BlockHost:
             '/jblock.v1.BlockHost/FreeSlots',
             jblock_dot_serving_dot_proto_dot_jblock__pb2.FreeSlotsRequest.SerializeToString,
             jblock_dot_serving_dot_proto_dot_jblock__pb2.FreeSlotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jblock.v1.BlockHost/PutRows',
+            jblock_dot_serving_dot_proto_dot_jblock__pb2.PutRowsRequest.SerializeToString,
+            jblock_dot_serving_dot_proto_dot_jblock__pb2.PutRowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TakeRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jblock.v1.BlockHost/TakeRows',
+            jblock_dot_serving_dot_proto_dot_jblock__pb2.TakeRowsRequest.SerializeToString,
+            jblock_dot_serving_dot_proto_dot_jblock__pb2.TakeRowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseRows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jblock.v1.BlockHost/ReleaseRows',
+            jblock_dot_serving_dot_proto_dot_jblock__pb2.ReleaseRowsRequest.SerializeToString,
+            jblock_dot_serving_dot_proto_dot_jblock__pb2.ReleaseRowsResponse.FromString,
             options,
             channel_credentials,
             insecure,
