@@ -285,7 +285,7 @@ class HeartbeatResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class HostBlockRequest(_message.Message):
-    __slots__ = ("block_id", "zoo_dir", "batch_size", "kv_slots", "max_len", "kv_pages", "page_size")
+    __slots__ = ("block_id", "zoo_dir", "batch_size", "kv_slots", "max_len", "kv_pages", "page_size", "lora_bank")
     BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
     ZOO_DIR_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -293,6 +293,7 @@ class HostBlockRequest(_message.Message):
     MAX_LEN_FIELD_NUMBER: _ClassVar[int]
     KV_PAGES_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LORA_BANK_FIELD_NUMBER: _ClassVar[int]
     block_id: str
     zoo_dir: str
     batch_size: int
@@ -300,15 +301,49 @@ class HostBlockRequest(_message.Message):
     max_len: int
     kv_pages: int
     page_size: int
-    def __init__(self, block_id: _Optional[str] = ..., zoo_dir: _Optional[str] = ..., batch_size: _Optional[int] = ..., kv_slots: _Optional[int] = ..., max_len: _Optional[int] = ..., kv_pages: _Optional[int] = ..., page_size: _Optional[int] = ...) -> None: ...
+    lora_bank: LoraBank
+    def __init__(self, block_id: _Optional[str] = ..., zoo_dir: _Optional[str] = ..., batch_size: _Optional[int] = ..., kv_slots: _Optional[int] = ..., max_len: _Optional[int] = ..., kv_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., lora_bank: _Optional[_Union[LoraBank, _Mapping]] = ...) -> None: ...
+
+class LoraBank(_message.Message):
+    __slots__ = ("slots", "max_rank", "targets")
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RANK_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    slots: int
+    max_rank: int
+    targets: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, slots: _Optional[int] = ..., max_rank: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HostBlockResponse(_message.Message):
-    __slots__ = ("resident_bytes", "placement")
+    __slots__ = ("resident_bytes", "placement", "lora_bank_bytes")
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    LORA_BANK_BYTES_FIELD_NUMBER: _ClassVar[int]
     resident_bytes: int
     placement: str
-    def __init__(self, resident_bytes: _Optional[int] = ..., placement: _Optional[str] = ...) -> None: ...
+    lora_bank_bytes: int
+    def __init__(self, resident_bytes: _Optional[int] = ..., placement: _Optional[str] = ..., lora_bank_bytes: _Optional[int] = ...) -> None: ...
+
+class InstallAdapterRequest(_message.Message):
+    __slots__ = ("block_id", "slot", "factors")
+    class FactorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    FACTORS_FIELD_NUMBER: _ClassVar[int]
+    block_id: str
+    slot: int
+    factors: _containers.MessageMap[str, Tensor]
+    def __init__(self, block_id: _Optional[str] = ..., slot: _Optional[int] = ..., factors: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
+
+class InstallAdapterResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class UnhostBlockRequest(_message.Message):
     __slots__ = ("block_id",)

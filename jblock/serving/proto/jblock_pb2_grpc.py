@@ -521,6 +521,11 @@ class BlockHostStub:
                 request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.ReleaseRowsRequest.SerializeToString,
                 response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.ReleaseRowsResponse.FromString,
                 _registered_method=True)
+        self.InstallAdapter = channel.unary_unary(
+                '/jblock.v1.BlockHost/InstallAdapter',
+                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.InstallAdapterRequest.SerializeToString,
+                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.InstallAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class BlockHostServicer:
@@ -573,6 +578,14 @@ class BlockHostServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InstallAdapter(self, request, context):
+        """Writes one LoRA adapter's factors into a bank slot of a hosted layers block (no factors:
+        the slot is cleared); the bank's shape came with HostBlock.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BlockHostServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -610,6 +623,11 @@ def add_BlockHostServicer_to_server(servicer, server):
                     servicer.ReleaseRows,
                     request_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.ReleaseRowsRequest.FromString,
                     response_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.ReleaseRowsResponse.SerializeToString,
+            ),
+            'InstallAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.InstallAdapter,
+                    request_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.InstallAdapterRequest.FromString,
+                    response_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.InstallAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -802,6 +820,33 @@ class BlockHost:
             '/jblock.v1.BlockHost/ReleaseRows',
             jblock_dot_serving_dot_proto_dot_jblock__pb2.ReleaseRowsRequest.SerializeToString,
             jblock_dot_serving_dot_proto_dot_jblock__pb2.ReleaseRowsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InstallAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jblock.v1.BlockHost/InstallAdapter',
+            jblock_dot_serving_dot_proto_dot_jblock__pb2.InstallAdapterRequest.SerializeToString,
+            jblock_dot_serving_dot_proto_dot_jblock__pb2.InstallAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
