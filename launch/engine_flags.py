@@ -25,6 +25,9 @@ _KV_PAGES = flags.DEFINE_integer("kv_pages", 0, "KV pages per layers block; 0 = 
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page.", lower_bound=1)
 _FUSE = flags.DEFINE_boolean("fuse_segments", True, "Run consecutive blocks that every model "
                              "traverses together as one jitted call.")
+_FUSE_SHARED = flags.DEFINE_boolean("fuse_through_shared", False, "Fuse each model's chain into "
+                                    "one call even through blocks other models share (weights "
+                                    "held once, batches per model; fewer calls per step).")
 _MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 256, "Prompt + generated tokens per request.",
                                     lower_bound=2)
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 64, "Longest prompt piece per step.",
@@ -44,7 +47,8 @@ _TOKENIZER_DIR = flags.DEFINE_string("tokenizer_dir", None, "tokenizer.json dir 
 def engine_config() -> EngineConfig:
   return EngineConfig(batch_size=_BATCH_SIZE.value, kv_slots=_KV_SLOTS.value,
                       kv_pages=_KV_PAGES.value, page_size=_PAGE_SIZE.value,
-                      fuse_segments=_FUSE.value, max_seq_len=_MAX_SEQ_LEN.value,
+                      fuse_segments=_FUSE.value, fuse_through_shared=_FUSE_SHARED.value,
+                      max_seq_len=_MAX_SEQ_LEN.value,
                       prefill_chunk=_PREFILL_CHUNK.value, max_waiting=_MAX_WAITING.value,
                       max_waiting_per_model=_MAX_WAITING_PER_MODEL.value, warmup=_WARMUP.value,
                       compilation_cache_dir=os.path.abspath(_CACHE_DIR.value) if _CACHE_DIR.value else None)

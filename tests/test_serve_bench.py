@@ -23,8 +23,10 @@ def test_per_model_counts_identical_tokens_position_by_position():
   assembled = [{"assembled": f"m{i}.a", "substitutions": [i], "holdout": held} for i in range(2)]
   jobs = [(0, [1]), (1, [2]), (0, [3])]
   served = {"per_model": [(jobs, [[1, 2, 3, 4], [5, 6], [7, 8]])],
-            "assembled": [(jobs, [[1, 2, 9, 4], [5, 6], [7, 0]])]}
+            "assembled": [(jobs, [[1, 2, 9, 4], [5, 6], [7, 0]])],
+            "assembled_fused": [(jobs, [[1, 2, 9, 4], [5, 0], [7, 8]])]}
   rows = serve_bench._per_model(["m0", "m1"], assembled, served)
   assert [r["served_token_agreement"] for r in rows] == [4 / 6, 1.0]
+  assert [r["served_token_agreement_fused"] for r in rows] == [5 / 6, 0.5]
   assert rows[0]["perplexity_assembled"] == 6.0 and rows[1]["substitutions"] == [1]
   assert np.isclose(rows[0]["perplexity_original"], 6.5)

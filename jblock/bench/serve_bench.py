@@ -2,9 +2,12 @@
 
 Material: the Pareto sweep's (jblock.zoo.pareto): N full fine-tunes of one byte-level base,
 each assembled from the base's blocks at one budget (default top-1 >= 0.97 on the fitting
-split, checked on the held-out split). Two engines (Engine.from_zoo, sharing on) are open at
-once in one process: one serving the N originals, one the N assembled models. Rounds alternate
-between them; each round submits the same multi-tenant workload at once (one tenant per model,
+split, checked on the held-out split). Three engines (Engine.from_zoo, sharing on) are open at
+once in one process: one serving the N originals, one the N assembled models with the default
+segment cut (a shared block's rows batch across models, so an assembled chain that alternates
+its own and the base's blocks runs as several calls), and one with the assembled models fused
+through the shared blocks (EngineConfig.fuse_through_shared: one call per model per step,
+weights still held once, batches per model). Rounds rotate between them; each round submits the same multi-tenant workload at once (one tenant per model,
 `per_tenant` requests each, prompts cut from the held-out tail of the corpus, greedy decoding,
 no rerouting). Reported per engine: resident param bytes (engine stats), throughput (generated
 tokens / round wall time), p50/p95 end-to-end latency; per model: held-out perplexity of the
@@ -12,6 +15,7 @@ original and the assembled model (the equivalence harness, through the engine's 
 functions) and the share of greedy tokens the two engines served identically.
 """
 
+import dataclasses
 import os
 import threading
 import time
@@ -97,11 +101,15 @@ def run(work_dir: str, n: int = 8, budget: asm.Budget | None = None,
   zoo = Zoo(os.path.join(work_dir, "zoo"))
   names = pareto.build_zoo(zoo, work_dir, m, say)
   assembled = assemble_all(zoo, names, budget, m, say)
-  modes = {"per_model": list(names), "assembled": [a["assembled"] for a in assembled]}
+  assembled_names = [a["assembled"] for a in assembled]
+  modes = {"per_model": list(names), "assembled": assembled_names,
+           "assembled_fused": assembled_names}
   config = EngineConfig(batch_size=batch_size, kv_slots=max(32, n * per_tenant),
                         max_seq_len=prompt_len + new_tokens + 16, prefill_chunk=prompt_len,
                         length_buckets=(prompt_len,))
-  engines = {mode: Engine.from_zoo(zoo.root, models, mesh_shape=(1, 1), config=config)
+  configs = {"per_model": config, "assembled": config,
+             "assembled_fused": dataclasses.replace(config, fuse_through_shared=True)}
+  engines = {mode: Engine.from_zoo(zoo.root, models, mesh_shape=(1, 1), config=configs[mode])
              for mode, models in modes.items()}
   out: dict[str, Any] = {"material": pareto.material_dict(m), "budget": budget.to_dict(),
                          "config": {"per_tenant": per_tenant, "new_tokens": new_tokens,
@@ -127,7 +135,7 @@ def run(work_dir: str, n: int = 8, budget: asm.Budget | None = None,
     served: dict[str, list] = {mode: [] for mode in modes}
     for r in range(rounds):
       jobs = workload(n, per_tenant, prompt_len, m.holdout, seed=r)
-      order = list(modes) if r % 2 == 0 else list(modes)[::-1]
+      order = list(modes)[r % len(modes):] + list(modes)[:r % len(modes)]
       for mode in order:
         res = timed_round(engines[mode], modes[mode], jobs, new_tokens)
         served[mode].append((jobs, res["tokens"]))
@@ -150,48 +158,55 @@ def run(work_dir: str, n: int = 8, budget: asm.Budget | None = None,
                          [r["generated"] / r["wall_s"] for r in rs])),
                      "median_round_p95_s": float(np.median(
                          [np.percentile(r["latency_s"], 95) for r in rs]))}
-  a, p = summary["assembled"], summary["per_model"]
-  summary["ratios_assembled_over_per_model"] = {
-      "resident_bytes": a["resident_bytes"] / p["resident_bytes"],
-      "tok_per_s": a["tok_per_s"] / p["tok_per_s"], "p50_s": a["p50_s"] / p["p50_s"],
-      "p95_s": a["p95_s"] / p["p95_s"],
-      "median_round_tok_per_s": a["median_round_tok_per_s"] / p["median_round_tok_per_s"],
-      "median_round_p95_s": a["median_round_p95_s"] / p["median_round_p95_s"]}
+  p = summary["per_model"]
+  for mode in ("assembled", "assembled_fused"):
+    a = summary[mode]
+    summary[f"ratios_{mode}_over_per_model"] = {k: a[k] / p[k] for k in (
+        "resident_bytes", "tok_per_s", "p50_s", "p95_s", "median_round_tok_per_s",
+        "median_round_p95_s")}
   out["summary"] = summary
   out["per_model"] = _per_model(names, assembled, served)
   return out
 
 
-def _per_model(names, assembled, served) -> list[dict[str, Any]]:
-  """Held-out perplexity of each original and its assembly, and the share of greedy tokens the
-  two engines served identically for that model's requests (position by position)."""
-  same = {i: [0, 0] for i in range(len(names))}
-  for (jobs, ref), (_, got) in zip(served["per_model"], served["assembled"]):
+def _agreement(served, mode: str, n_models: int) -> dict[int, float]:
+  """Per model: the share of greedy tokens `mode` served as the per-model engine did."""
+  same = {i: [0, 0] for i in range(n_models)}
+  for (jobs, ref), (_, got) in zip(served["per_model"], served[mode]):
     for (i, _), x, y in zip(jobs, ref, got):
       same[i][0] += sum(int(u == v) for u, v in zip(x, y))
       same[i][1] += max(len(x), len(y))
+  return {i: s / max(t, 1) for i, (s, t) in same.items()}
+
+
+def _per_model(names, assembled, served) -> list[dict[str, Any]]:
+  """Held-out perplexity of each original and its assembly, and the share of greedy tokens the
+  assembled engines served as the per-model one did (position by position)."""
+  same = _agreement(served, "assembled", len(names))
+  fused = _agreement(served, "assembled_fused", len(names))
   return [{"model": n, "assembled": a["assembled"], "substitutions": a["substitutions"],
            "perplexity_original": a["holdout"]["perplexity_original"],
            "perplexity_assembled": a["holdout"]["perplexity"],
            "holdout_top1": a["holdout"]["top1"], "holdout_kl": a["holdout"]["kl"],
-           "served_token_agreement": same[i][0] / max(same[i][1], 1)}
+           "served_token_agreement": same[i], "served_token_agreement_fused": fused[i]}
           for i, (n, a) in enumerate(zip(names, assembled))]
 
 
 def table_lines(result: dict[str, Any]) -> list[str]:
   """Markdown: the two engines side by side, then held-out perplexity per model."""
   s = result["summary"]
-  r = s["ratios_assembled_over_per_model"]
   lines = ["| serving | resident param bytes | throughput (tok/s) | p50 latency | p95 latency | "
            "median round: tok/s, p95 |", "|---|---|---|---|---|---|"]
-  for mode in ("per_model", "assembled"):
+  for mode in ("per_model", "assembled", "assembled_fused"):
     v = s[mode]
     lines.append(f"| {mode.replace('_', '-')} | {v['resident_bytes']:,} | {v['tok_per_s']:.1f} | "
                  f"{v['p50_s']:.3f} s | {v['p95_s']:.3f} s | {v['median_round_tok_per_s']:.1f}, "
                  f"{v['median_round_p95_s']:.3f} s |")
-  lines.append(f"| assembled / per-model | {r['resident_bytes']:.2f}x | {r['tok_per_s']:.2f}x | "
-               f"{r['p50_s']:.2f}x | {r['p95_s']:.2f}x | {r['median_round_tok_per_s']:.2f}x, "
-               f"{r['median_round_p95_s']:.2f}x |")
+  for mode in ("assembled", "assembled_fused"):
+    r = s[f"ratios_{mode}_over_per_model"]
+    lines.append(f"| {mode.replace('_', '-')} / per-model | {r['resident_bytes']:.2f}x | "
+                 f"{r['tok_per_s']:.2f}x | {r['p50_s']:.2f}x | {r['p95_s']:.2f}x | "
+                 f"{r['median_round_tok_per_s']:.2f}x, {r['median_round_p95_s']:.2f}x |")
   lines += ["", "| model | substituted positions | held-out perplexity original -> assembled | "
             "held-out top-1 | served greedy tokens identical |", "|---|---|---|---|---|"]
   for p in result["per_model"]:

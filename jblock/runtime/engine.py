@@ -58,6 +58,7 @@ class EngineConfig:
   max_waiting: int = 256  # admission queue bound; beyond it submit raises OverloadedError
   max_waiting_per_model: int = 0  # per-model admission bound (0 = max_waiting)
   fuse_segments: bool = True  # run consecutive blocks always traversed together as one call
+  fuse_through_shared: bool = False  # fuse each model's local chain even through shared blocks (batches per model)
   max_in_flight_per_segment: int = 1  # batches of one segment on the device at once
   warmup: bool = True  # compile every decode bucket (and the prefill buckets) at start-up
   compilation_cache_dir: str | None = None  # persistent XLA compilation cache
@@ -265,7 +266,8 @@ class Engine:
   def _replan(self) -> None:
     """Re-cuts every chain into segments (new requests use them; running ones keep theirs)."""
     self._segments = plan_segments({n: c for n, (_, c) in self._models.items()},
-                                   fuse=self.config.fuse_segments)
+                                   fuse=self.config.fuse_segments,
+                                   through_shared=self.config.fuse_through_shared)
 
   def _warm(self, seg: Segment) -> None:
     """Compiles the segment's decode buckets (every batch and page-table width) and its

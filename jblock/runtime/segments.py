@@ -60,16 +60,23 @@ class Segment:
     return f"Segment({'+'.join(i.kind for i in self.instances)} @{self.start})"
 
 
-def plan_segments(chains: dict[str, Sequence[Any]], fuse: bool = True) -> dict[str, list[Segment]]:
+def plan_segments(chains: dict[str, Sequence[Any]], fuse: bool = True,
+                  through_shared: bool = False) -> dict[str, list[Segment]]:
   """Cuts every model's chain of instances into segments (fused where the rule above allows).
 
   Instances shared by several models get one Segment object, so their queues are shared and
-  requests of different models batch together there.
+  requests of different models batch together there. `through_shared`: fuse each model's
+  consecutive local instances whoever else uses them — a model whose chain alternates its own
+  and shared blocks (an assembled model) runs as one call per step; the shared instances keep
+  one copy of their weights and KV pool, but their rows batch per model, not across models.
   """
   def follows(a, b) -> bool:
-    if not (fuse and a.models == b.models and hasattr(a, "mesh") and hasattr(b, "mesh")
+    same_models = a.models == b.models or through_shared
+    if not (fuse and same_models and hasattr(a, "mesh") and hasattr(b, "mesh")
             and a.batch_size == b.batch_size):
       return False
+    if through_shared:
+      return True
     for chain in chains.values():
       for p, inst in enumerate(chain):
         if inst is a and (p + 1 >= len(chain) or chain[p + 1] is not b):

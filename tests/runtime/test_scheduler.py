@@ -51,6 +51,11 @@ def test_segments_fuse_only_what_every_model_traverses_together():
     inst.models = {"a"}
   assert [s.key for s in plan_segments(alone)["a"]] == [("e", "s", "ta", "h")]
   assert [len(s.instances) for s in plan_segments(alone, fuse=False)["a"]] == [1, 1, 1, 1]
+  # Through shared blocks: one segment per model, the shared instances in both.
+  both = plan_segments(chains(), through_shared=True)
+  assert [s.key for s in both["a"]] == [("e", "s", "ta", "h")]
+  assert [s.key for s in both["b"]] == [("e", "s", "tb", "h")]
+  assert both["a"][0].instances[1] is both["b"][0].instances[1]
 
 
 def test_leases_follow_real_lengths_and_cancel_frees_them_at_once():

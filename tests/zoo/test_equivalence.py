@@ -267,13 +267,22 @@ def test_the_engine_serves_an_assembled_model_like_any_model(eq_copy):
   out = asm.assemble(eq_copy, "ft", "ft-lean", calibration=TOKENS, min_top1=0.85, **OPTS)
   assert out["substitutions"]
   prompt = [5, 17, 3, 8, 41, 2, 9]
-  config = EngineConfig(batch_size=2, kv_slots=2, max_seq_len=32, prefill_chunk=16,
-                        length_buckets=(16,), warmup=False)
-  with Engine.from_zoo(eq_copy.root, ["ft", "ft-lean"], mesh_shape=(1, 1),
-                       config=config) as engine:
-    for name in ("ft", "ft-lean"):
-      expected = eq_copy.load_model(name).generate([prompt], max_new_tokens=4)[0]
-      assert engine.generate(name, prompt, max_new_tokens=4) == expected.tolist()
+  expected = {name: eq_copy.load_model(name).generate([prompt], max_new_tokens=4)[0].tolist()
+              for name in ("ft", "ft-lean")}
+  resident = {}
+  # Fused through the blocks both models hold: one call per model per step, weights held once.
+  for through_shared in (False, True):
+    config = EngineConfig(batch_size=2, kv_slots=2, max_seq_len=32, prefill_chunk=16,
+                          length_buckets=(16,), warmup=False, fuse_through_shared=through_shared)
+    with Engine.from_zoo(eq_copy.root, ["ft", "ft-lean"], mesh_shape=(1, 1),
+                         config=config) as engine:
+      for name in ("ft", "ft-lean"):
+        assert engine.generate(name, prompt, max_new_tokens=4) == expected[name]
+      stats = engine.stats()
+    resident[through_shared] = stats["resident_bytes"]
+    segments = {name: len(segs) for name, segs in stats["segments"].items()}
+    assert segments == {"ft": 1, "ft-lean": 1} if through_shared else segments["ft-lean"] > 1
+  assert resident[True] == resident[False]
   assert eq_copy.manifest("ft")["chain"] != eq_copy.manifest("ft-lean")["chain"]
 
 
