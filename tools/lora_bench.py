@@ -21,7 +21,7 @@ _TIMED = flags.DEFINE_integer("timed_runs", 1, "Timed passes per N (the fastest 
                               lower_bound=1)
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Passes (jblock then vLLM each).", lower_bound=1)
 _REQUESTS = flags.DEFINE_integer("requests", 64, "Requests per run.", lower_bound=1)
-_SLOTS = flags.DEFINE_integer("slots", 16, "Bank slots (resident adapters).", lower_bound=1)
+_SLOTS = flags.DEFINE_integer("slots", 64, "Bank slots (resident adapters).", lower_bound=1)
 _WORK = flags.DEFINE_string("work_dir", "checkpoints/lora_bench", "Base, adapters and zoo.")
 _OUT = flags.DEFINE_string("out", "tools/results", "Where the JSON goes.")
 _VLLM = flags.DEFINE_string("vllm_python", ".venv-vllm/bin/python",

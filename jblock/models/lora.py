@@ -7,7 +7,9 @@ scaling already folded into `b`. One batch mixes rows of many adapters: row r ad
 `(x_r · a[s_r]) · b[s_r]` to the base projection, where s_r = meta["adapter"][r]; s_r = -1 is
 exactly the base (the delta is selected away, not added as zeros).
 
-`a` is laid out [in, S, R]: bank column c = s·R + j is rank component j of slot s. The host
+Bank column c = s·R + j is rank component j of slot s: row c of both `a` and `b` viewed as
+[S·R, in] and [S·R, out], so a column is one contiguous row in either (gathering columns copies
+whole rows, several times cheaper on CPU than gathering strided columns of an [in, S·R]). The host
 knows which slots a batch uses and their ranks, so it sends the batch's columns
 (`meta["lora_cols"]`, int32 [C], padded with -1 to a power-of-two bucket): the delta gathers
 those C columns of `a` and rows of `b` and runs two dense matmuls over them, each row masked to
@@ -29,7 +31,7 @@ ATTN_TARGETS = ("attn/q", "attn/k", "attn/v", "attn/o")
 MLP_TARGETS = ("mlp/gate", "mlp/up", "mlp/down", "mlp/fc", "mlp/proj")
 TARGETS = ATTN_TARGETS + MLP_TARGETS
 
-# (a [in, S, R], b [S, R, out], slot per row [B], bank columns [C] or None = all)
+# (a [S, R, in], b [S, R, out], slot per row [B], bank columns [C] or None = all)
 Lora = tuple[Any, Any, Any, Any]
 
 
@@ -52,19 +54,19 @@ def select_mlp(meta, layer: int) -> dict[str, Lora] | None:
 
 
 def delta(x, a, b, slots, cols=None):
-  """Per-row low-rank update: x [B, T, in] -> [B, T, out] = (x · a[:, slot]) · b[slot].
+  """Per-row low-rank update: x [B, T, in] -> [B, T, out] = (x · a[slot]ᵀ) · b[slot].
 
   Only bank columns `cols` (slot·R + j; -1 = padding) are computed; a row keeps the columns of
   its own slot."""
-  d_in, s, r = a.shape
-  a2, b2 = a.reshape(d_in, s * r), b.reshape(s * r, b.shape[-1])
+  s, r, d_in = a.shape
+  a2, b2 = a.reshape(s * r, d_in), b.reshape(s * r, b.shape[-1])
   if cols is None or 2 * cols.shape[0] >= s * r:  # most columns: reading all beats gathering
     col_slot = jnp.arange(s * r, dtype=slots.dtype) // r
   else:
     safe = jnp.maximum(cols, 0)
-    a2, b2 = jnp.take(a2, safe, axis=1), jnp.take(b2, safe, axis=0)
+    a2, b2 = jnp.take(a2, safe, axis=0), jnp.take(b2, safe, axis=0)
     col_slot = jnp.where(cols >= 0, cols // r, -2).astype(slots.dtype)  # -2: no row's slot
-  h = x.astype(a.dtype) @ a2  # [B, T, C]
+  h = jnp.einsum("btd,cd->btc", x.astype(a.dtype), a2)
   own = (slots[:, None] == col_slot[None, :]).astype(h.dtype)  # [B, C]
   return (h * own[:, None, :]) @ b2
 

@@ -1,7 +1,7 @@
 """Adapter banks: LoRA delta blocks resident in fixed slots of their base layers instances.
 
 Every layers instance some adapter touches holds a bank (`inst.lora_bank`): for each of its
-projections, `a` [in, S, R] and `b` [S, R, out] — S slots, factors zero-padded to the max rank
+projections, `a` [S, R, in] and `b` [S, R, out] — S slots, factors zero-padded to the max rank
 R, the scaling folded into `b` — so the shapes, and the compiled segment functions, never change
 when adapters come and go. Slots are engine-wide: an adapter resident in slot s occupies slot s
 of every banked instance (zeros where it has no delta), so one per-row index (StepMeta.adapter)
@@ -17,6 +17,11 @@ a swap only dispatches the (asynchronous) write of staged device arrays into the
 Each batch sends the bank columns its adapters use (`columns`: the slots of its rows, each with
 its adapter's rank, padded to a power-of-two bucket), so the delta costs what the batch's ranks
 cost, not slots x max rank; the buckets are compiled at warm-up.
+
+A base block hosted on a worker holds its bank there (a delta lives where its base block lives):
+the remote instance asks its worker to hold a bank of this shape (`ensure_lora_bank`) and a swap
+sends the slot's factors over (`install_adapter`, one RPC per banked instance; the worker writes
+them with `write_slot`).
 """
 
 import bisect
@@ -37,15 +42,15 @@ from jblock.models.lora import TARGETS
 
 @jax.jit
 def _write_slot(bank, slot, factors):
-  """Slot `slot` of every bank entry := factors[path] (a [in, R], b [R, out]), zeros if absent."""
+  """Slot `slot` of every bank entry := factors[path] (a [R, in], b [R, out]), zeros if absent."""
   out = {}
   for p, e in bank.items():
     f = factors.get(p)
-    a_in, _, r = e["a"].shape
-    a = f["a"].astype(e["a"].dtype) if f is not None else jnp.zeros((a_in, r), e["a"].dtype)
+    a = (f["a"].astype(e["a"].dtype) if f is not None
+         else jnp.zeros(e["a"].shape[1:], e["a"].dtype))
     b = (f["b"].astype(e["b"].dtype) if f is not None
          else jnp.zeros(e["b"].shape[1:], e["b"].dtype))
-    out[p] = {"a": e["a"].at[:, slot].set(a), "b": e["b"].at[slot].set(b)}
+    out[p] = {"a": e["a"].at[slot].set(a), "b": e["b"].at[slot].set(b)}
   return out
 
 
@@ -65,7 +70,7 @@ def column_buckets(slots: int, max_rank: int) -> tuple[int, ...]:
   return tuple(out) + (total,)
 
 
-def _projections(params: dict[str, Any]) -> dict[str, tuple[int, int]]:
+def projections(params: dict[str, Any]) -> dict[str, tuple[int, int]]:
   """'layer_k/attn/q' -> (in, out) for every LoRA-able projection of a layers block."""
   out = {}
   for layer, sub in params.items():
@@ -77,6 +82,57 @@ def _projections(params: dict[str, Any]) -> dict[str, tuple[int, int]]:
         d_in, d_out = node["kernel"].shape
         out[f"{layer}/{target}"] = (int(d_in), int(d_out))
   return out
+
+
+def _remote(inst) -> bool:
+  """A block instance hosted on a worker (its bank lives there)."""
+  return hasattr(inst, "install_adapter")
+
+
+def _delta_shapes(delta: Block) -> dict[str, tuple[int, int]]:
+  """(in, out) of every projection a delta block touches, read off its factors (a [in, r],
+  b [r, out]); the worker checks them against its base kernels."""
+  out = {}
+  for path in delta.config["ranks"]:
+    node = delta.params
+    for p in path.split("/"):
+      node = node[p]
+    out[path] = (int(np.shape(node["a"])[0]), int(np.shape(node["b"])[-1]))
+  return out
+
+
+def ensure_bank(inst, paths, slots: int, max_rank: int) -> None:
+  """A local instance's bank covers `paths` with `slots` x `max_rank` (zeros where new).
+
+  Banks only grow: a projection no adapter targets costs nothing, and a new kind of target
+  (the first adapter on mlp/down, say) changes the bank's structure once (one recompile)."""
+  bank = dict(getattr(inst, "lora_bank", None) or {})
+  missing = [p for p in sorted(paths) if p not in bank]
+  if not missing:
+    return
+  shapes = projections(inst.params)
+  for path in missing:
+    d_in, d_out = shapes[path]
+    # Factors sharded like their base kernel: a row-parallel kernel's input dim is split, so
+    # is a's; a column-parallel kernel's output dim is split, so is b's.
+    node = inst.params
+    for p in path.split("/"):
+      node = node[p]
+    spec = tuple(getattr(node["kernel"].sharding, "spec", ())) + (None, None)
+    a_spec = NamedSharding(inst.mesh, P(None, None, spec[0]))
+    b_spec = NamedSharding(inst.mesh, P(None, None, spec[1]))
+    bank[path] = {
+        "a": jax.device_put(np.zeros((slots, max_rank, d_in), inst.dtype), a_spec),
+        "b": jax.device_put(np.zeros((slots, max_rank, d_out), inst.dtype), b_spec)}
+  inst.lora_bank = bank
+  inst.lora_bank_bytes = sum(int(x.nbytes) for e in bank.values() for x in e.values())
+
+
+def write_slot(inst, slot: int, factors: dict[str, dict[str, Any]]) -> None:
+  """Slot `slot` of a local instance's bank := factors (path -> a [R, in], b [R, out]); banked
+  paths not in `factors` are zeroed. Dispatches only: JAX orders it before later reads."""
+  factors = {p: f for p, f in factors.items() if p in inst.lora_bank}
+  inst.lora_bank = _write_slot(inst.lora_bank, np.int32(slot), factors)
 
 
 class AdapterBanks:
@@ -113,26 +169,23 @@ class AdapterBanks:
     """Keeps the adapter's factors (padded, scaled) in host memory; banks the instances."""
     host, nbytes = {}, 0
     for inst, delta in deltas:
-      if not hasattr(inst, "mesh"):
-        raise JBlockError(f"adapter {model!r}: its base block {inst.block_id[:12]} is not on "
-                          "this process's mesh (adapters on workers are not supported)")
-      projections = _projections(inst.params)
+      shapes = _delta_shapes(delta) if _remote(inst) else projections(inst.params)
       ranks, scaling = delta.config["ranks"], delta.config["scaling"]
       factors = {}
       for path, rank in ranks.items():
-        if path not in projections:
+        if path not in shapes:
           raise JBlockError(f"adapter {model!r}: base block {inst.block_id[:12]} has no "
                             f"projection {path}")
         if rank > self.max_rank:
           raise InvalidRequestError("model", f"adapter {model!r} has rank {rank} at {path}, "
                                     f"more than the engine's lora_max_rank={self.max_rank}")
-        d_in, d_out = projections[path]
+        d_in, d_out = shapes[path]
         node = delta.params
         for p in path.split("/"):
           node = node[p]
-        a = np.zeros((d_in, self.max_rank), np.float32)
+        a = np.zeros((self.max_rank, d_in), np.float32)  # A transposed: a bank column is a row
         b = np.zeros((self.max_rank, d_out), np.float32)
-        a[:, :rank] = np.asarray(node["a"], np.float32)
+        a[:rank] = np.asarray(node["a"], np.float32).T
         b[:rank] = np.asarray(node["b"], np.float32) * np.float32(scaling[path])
         factors[path] = {"a": a, "b": b}
         nbytes += int(np.asarray(node["a"]).nbytes + np.asarray(node["b"]).nbytes)
@@ -160,32 +213,12 @@ class AdapterBanks:
       self._staged.pop(model, None)
 
   def _ensure_bank(self, inst, paths) -> None:
-    """The instance's bank covers `paths` (projections some registered adapter targets).
-
-    Banks only grow: a projection no adapter targets costs nothing, and a new kind of target
-    (the first adapter on mlp/down, say) changes the bank's structure once (one recompile)."""
-    bank = dict(getattr(inst, "lora_bank", None) or {})
-    missing = [p for p in sorted(paths) if p not in bank]
+    """The instance's bank covers `paths` (projections some registered adapter targets)."""
     self._instances[inst.key] = inst
-    if not missing:
-      return
-    projections = _projections(inst.params)
-    for path in missing:
-      d_in, d_out = projections[path]
-      # Factors sharded like their base kernel: a row-parallel kernel's input dim is split, so
-      # is a's; a column-parallel kernel's output dim is split, so is b's.
-      node = inst.params
-      for p in path.split("/"):
-        node = node[p]
-      spec = tuple(getattr(node["kernel"].sharding, "spec", ())) + (None, None)
-      a_spec = NamedSharding(inst.mesh, P(spec[0], None, None))
-      b_spec = NamedSharding(inst.mesh, P(None, None, spec[1]))
-      bank[path] = {
-          "a": jax.device_put(np.zeros((d_in, self.slots, self.max_rank), inst.dtype), a_spec),
-          "b": jax.device_put(np.zeros((self.slots, self.max_rank, d_out), inst.dtype), b_spec)}
-    inst.lora_bank = bank
-    inst.lora_bank_bytes = sum(int(x.nbytes) for e in bank.values() for x in e.values())
-    self._instances[inst.key] = inst
+    if _remote(inst):
+      inst.ensure_lora_bank(self.slots, self.max_rank, paths)  # its worker builds or grows it
+    else:
+      ensure_bank(inst, paths, self.slots, self.max_rank)
 
   def drop_instance(self, key: str) -> None:
     self._instances.pop(key, None)
@@ -249,10 +282,13 @@ class AdapterBanks:
       inst = self._instances.get(key)
       if inst is None:
         continue
+      if _remote(inst):  # sent over the wire at install: nothing to copy to a device here
+        staged[key] = factors
+        continue
       staged[key] = {}
       for path, f in factors.items():
         entry = (inst.lora_bank or {})[path]
-        a_spec = NamedSharding(inst.mesh, P(_spec(entry["a"])[0], None))  # a slot of a [in, S, R]
+        a_spec = NamedSharding(inst.mesh, P(None, _spec(entry["a"])[2]))  # a slot of a [S, R, in]
         b_spec = NamedSharding(inst.mesh, P(None, _spec(entry["b"])[2]))  # a slot of b [S, R, out]
         staged[key][path] = {"a": jax.device_put(f["a"].astype(inst.dtype), a_spec),
                              "b": jax.device_put(f["b"].astype(inst.dtype), b_spec)}
@@ -289,8 +325,10 @@ class AdapterBanks:
         factors = {}
       else:
         self._dirty.add((key, slot))
-        factors = {p: f for p, f in factors.items() if p in inst.lora_bank}
-      inst.lora_bank = _write_slot(inst.lora_bank, np.int32(slot), factors)
+      if _remote(inst):
+        inst.install_adapter(slot, factors)
+      else:
+        write_slot(inst, slot, factors)
 
   def bucket_for(self, n: int) -> int:
     """The compiled column-list size that holds n columns."""
@@ -326,6 +364,6 @@ def single_bank(delta: Block, slot_dtype=jnp.float32) -> dict[str, dict[str, Any
     for p in path.split("/"):
       node = node[p]
     scale = np.float32(delta.config["scaling"][path])
-    bank[path] = {"a": jnp.asarray(np.asarray(node["a"], np.float32)[:, None], slot_dtype),
+    bank[path] = {"a": jnp.asarray(np.asarray(node["a"], np.float32).T[None], slot_dtype),
                   "b": jnp.asarray((np.asarray(node["b"], np.float32) * scale)[None], slot_dtype)}
   return bank

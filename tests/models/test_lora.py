@@ -24,7 +24,7 @@ def test_base_rows_exact_with_every_slot_filled(tmp_path, slots, rank):
                               "mlp/down": (53, 40)}.items():
     std = .6 / rank ** .5
     bank[f"layer_0/{path}"] = {
-        "a": jnp.asarray(rng.normal(0, std, (d_in, slots, rank)), jnp.float32),
+        "a": jnp.asarray(rng.normal(0, std, (slots, rank, d_in)), jnp.float32),
         "b": jnp.asarray(rng.normal(0, std, (slots, rank, d_out)), jnp.float32)}
   x = jnp.asarray(rng.normal(0, 1, (4, 5, 40)), jnp.float32)
   meta = contiguous_meta(4, 16, 0, 5)
