@@ -63,8 +63,11 @@ def delta(x, a, b, slots, cols=None):
   if cols is None or 2 * cols.shape[0] >= s * r:  # most columns: reading all beats gathering
     col_slot = jnp.arange(s * r, dtype=slots.dtype) // r
   else:
-    safe = jnp.maximum(cols, 0)
-    a2, b2 = jnp.take(a2, safe, axis=0), jnp.take(b2, safe, axis=0)
+    safe = jnp.maximum(cols, 0)  # padding reads column 0 (cached), masked below
+    # "clip": every index is in range (the host builds them; a worker validates them), and a
+    # clipping gather skips the fill-mode's bounds select (about a third of the op on CPU).
+    a2 = jnp.take(a2, safe, axis=0, mode="clip")
+    b2 = jnp.take(b2, safe, axis=0, mode="clip")
     col_slot = jnp.where(cols >= 0, cols // r, -2).astype(slots.dtype)  # -2: no row's slot
   h = jnp.einsum("btd,cd->btc", x.astype(a.dtype), a2)
   own = (slots[:, None] == col_slot[None, :]).astype(h.dtype)  # [B, C]
