@@ -35,6 +35,12 @@ _REGISTER_TIMEOUT_S = flags.DEFINE_float("register_timeout_s", 120.0,
 _COORDINATOR_TIMEOUT_S = flags.DEFINE_float(
     "coordinator_timeout_s", 10.0, "Exit when heartbeats have failed for this long.",
     lower_bound=0.1)
+_MAILBOX_BYTES = flags.DEFINE_integer(
+    "mailbox_bytes", 1 << 30, "Hidden rows kept for this worker's next batches, at most; past "
+    "it rows go back through the coordinator.", lower_bound=0)
+_HOP_LATENCY_MS = flags.DEFINE_float(
+    "hop_latency_ms", 0.0, "Benchmarks: a sleep before each worker-to-worker PutRows (stands "
+    "for a slower link).", lower_bound=0.0)
 flags.mark_flag_as_required("coordinator")
 
 ORPHANED = 3  # exit status of a worker whose coordinator is gone
@@ -48,7 +54,9 @@ def main(argv):
   creds = cluster_flags.credentials()
   notes = []  # said on the "serving on" line: scripts read that one line
   bind = cluster_flags.bind_host(_HOST.value, creds, "the worker", log=notes.append)
-  server, port, host = worker.start_worker_server(_ZOO.value, _PORT.value, bind, mesh, creds)
+  server, port, host = worker.start_worker_server(
+      _ZOO.value, _PORT.value, bind, mesh, creds, mailbox_bytes=_MAILBOX_BYTES.value,
+      push_delay_s=_HOP_LATENCY_MS.value / 1e3)
   address = f"{bind}:{port}"
   stop = threading.Event()
   for signum in (signal.SIGTERM, signal.SIGINT):

@@ -98,7 +98,8 @@ class Membership(pb_grpc.RegistryServicer):
       load = request.load
       member.load = {"blocks_hosted": load.blocks_hosted, "resident_bytes": load.resident_bytes,
                      "kv_bytes": load.kv_bytes, "batches_run": load.batches_run,
-                     "batches_running": load.batches_running}
+                     "batches_running": load.batches_running, "mailbox_rows": load.mailbox_rows,
+                     "mailbox_bytes": load.mailbox_bytes}
     return pb.HeartbeatResponse()
 
   # ---- liveness -------------------------------------------------------------------------------

@@ -26,6 +26,9 @@ class HostLimits:
   max_len: int = 1 << 20  # tokens of one request
   max_page_size: int = 4096  # tokens per KV page
   max_kv_bytes: int = 64 << 30  # one block's KV page pool
+  max_lora_slots: int = 4096  # adapters resident at once in one block's bank
+  max_lora_rank: int = 1024
+  max_lora_bank_bytes: int = 16 << 30  # one block's adapter bank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,29 +105,43 @@ def _tensor(request, name: str) -> np.ndarray:
     raise InvalidRequestError(f"inputs[{name!r}]", str(e).split(": ", 1)[-1]) from None
 
 
-def run_block(request, spec: Hosted) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(x, ints, floats) of a RunBlockRequest, each checked against the hosted block."""
-  names = set(request.inputs.keys())
-  if names != set(RUN_INPUTS):
-    missing, extra = sorted(set(RUN_INPUTS) - names), sorted(names - set(RUN_INPUTS))
-    raise InvalidRequestError("inputs", f"expected exactly {list(RUN_INPUTS)}; missing "
+def run_block(request, spec: Hosted, mailbox=None):
+  """(x, ints, floats) of a RunBlockRequest, each checked against the hosted block.
+
+  With `sources` (rows kept in this worker's mailbox, jblock.cluster.mailbox), x is instead a
+  list of (array, index) per real row: mailbox rows, and the rows of inputs['x'] in order.
+  """
+  names = set(request.inputs.keys()) - {"lora_cols"}  # checked by lora_cols()
+  expected = set(RUN_INPUTS)
+  if request.sources and "x" not in names:
+    expected.discard("x")  # every row comes from the mailbox
+  if names != expected:
+    missing, extra = sorted(expected - names), sorted(names - expected)
+    raise InvalidRequestError("inputs", f"expected exactly {sorted(expected)}; missing "
                               f"{missing}, unexpected {extra}")
-  x, ints, floats = (_tensor(request, n) for n in RUN_INPUTS)
+  ints, floats = _tensor(request, "ints"), _tensor(request, "floats")
+  x = _tensor(request, "x") if "x" in names else None
   if spec.kind == EMBED:
+    if request.sources:
+      raise InvalidRequestError("sources", "an embed block reads token ids from inputs['x'], "
+                                "not hidden rows")
     if x.ndim != 2 or x.dtype != np.int32:
       raise InvalidRequestError("inputs['x']", f"token ids [rows, tokens] int32 expected, got "
                                 f"{x.dtype.name} {list(x.shape)}")
     if x.size and (x.min() < 0 or x.max() >= spec.vocab_size):
       raise InvalidRequestError("inputs['x']", f"token ids must lie in [0, {spec.vocab_size})")
+  elif x is not None:
+    _hidden("inputs['x']", x, spec)
+  if request.sources:
+    if ints.ndim != 2:
+      raise InvalidRequestError("inputs['ints']", f"int32 [rows, {len(_INT_FIELDS)} + pages] "
+                                f"expected, got {list(ints.shape)}")
+    rows = ints.shape[0]
+    _range("inputs['ints'].shape[0] (rows)", rows, 1, spec.batch_size)
+    refs, tokens = _sources(request, x, spec, rows, mailbox)
   else:
-    if x.ndim != 3 or x.shape[2] != spec.hidden_size:
-      raise InvalidRequestError("inputs['x']", f"hidden states [rows, tokens, "
-                                f"{spec.hidden_size}] expected, got {list(x.shape)}")
-    if x.dtype.name not in spec.dtypes:
-      raise InvalidRequestError("inputs['x']", f"dtype {x.dtype.name} is not the block's "
-                                f"({', '.join(sorted(spec.dtypes))})")
-  rows, tokens = x.shape[0], x.shape[1]
-  _range("inputs['x'].shape[0] (rows)", rows, 1, spec.batch_size)
+    rows, tokens = x.shape[0], x.shape[1]
+    _range("inputs['x'].shape[0] (rows)", rows, 1, spec.batch_size)
   _range("inputs['x'].shape[1] (tokens)", tokens, 1, spec.max_len)
   n_tables = 1 if spec.kind == LAYERS else 0
   k = len(_INT_FIELDS)
@@ -166,7 +183,136 @@ def run_block(request, spec: Hosted) -> tuple[np.ndarray, np.ndarray, np.ndarray
     raise InvalidRequestError("inputs['floats'] (temperature)", "must be >= 0")
   if top_p.min() < 0 or top_p.max() > 1:
     raise InvalidRequestError("inputs['floats'] (top_p)", "must lie in [0, 1]")
-  return x, ints, floats
+  return (refs if request.sources else x), ints, floats
+
+
+def _hidden(field: str, x, spec: Hosted, tokens: int | None = None) -> None:
+  """x is [rows, tokens, hidden_size] hidden states of one of the block's dtypes."""
+  if x.ndim != 3 or x.shape[2] != spec.hidden_size or (tokens is not None and x.shape[1] != tokens):
+    raise InvalidRequestError(field, f"hidden states [rows, {tokens or 'tokens'}, "
+                              f"{spec.hidden_size}] expected, got {list(x.shape)}")
+  if np.dtype(x.dtype).name not in spec.dtypes:
+    raise InvalidRequestError(field, f"dtype {np.dtype(x.dtype).name} is not the block's "
+                              f"({', '.join(sorted(spec.dtypes))})")
+
+
+def _sources(request, x, spec: Hosted, rows: int, mailbox) -> tuple[list, int]:
+  """(array, index) per real row and the batch's tokens, from request.sources."""
+  sources = request.sources
+  if len(sources) > rows:
+    raise InvalidRequestError("sources", f"{len(sources)} entries for a batch of {rows} rows")
+  inline = sum(1 for s in sources if s.handle == 0)
+  if (x.shape[0] if x is not None else 0) != inline:
+    raise InvalidRequestError("inputs['x']", f"{0 if x is None else x.shape[0]} rows for the "
+                              f"{inline} sources with handle 0")
+  seen, named = set(), []
+  for i, s in enumerate(sources):
+    if s.handle:
+      _range(f"sources[{i}].row", s.row, 0, HostLimits.max_batch_size - 1)
+      if (s.handle, s.row) in seen:
+        raise InvalidRequestError(f"sources[{i}]", f"handle {s.handle} row {s.row} is named twice")
+      seen.add((s.handle, s.row))
+      named.append((s.handle, s.row))
+  if mailbox is None:
+    raise InvalidRequestError("sources", "this worker keeps no mailbox")
+  kept = iter(mailbox.lookup(named))
+  refs, k = [], 0
+  tokens = x.shape[1] if x is not None else None
+  for i, s in enumerate(sources):
+    if s.handle == 0:
+      refs.append((x, k))
+      k += 1
+      continue
+    array, index = next(kept)
+    _hidden(f"sources[{i}]", array, spec, tokens)
+    tokens = array.shape[1]
+    refs.append((array, index))
+  return refs, tokens
+
+
+def _rows(field: str, rows) -> None:
+  """Row numbers of one batch: at least one, each in range, none twice."""
+  if not rows:
+    raise InvalidRequestError(field, "at least one row is required")
+  for i, row in enumerate(rows):
+    _range(f"{field}[{i}]", row, 0, HostLimits.max_batch_size - 1)
+  if len(set(rows)) != len(rows):
+    raise InvalidRequestError(field, "a row is named twice")
+
+
+def _block_ref(field: str, block_id: str) -> None:
+  if not block_id or len(block_id) > 128:
+    raise InvalidRequestError(field, f"{block_id[:80]!r} is not a block id")
+
+
+def run_outputs(request, spec: Hosted, hosts: dict, rows: int) -> None:
+  """A RunBlockRequest's output routing: where each output row goes (KEEP and PUSH need a
+  next block of this block's width; KEEP's must be hosted here)."""
+  from jblock.serving.proto import jblock_pb2 as pb
+  if not request.output_handle:
+    if request.destinations or request.row_destinations:
+      raise InvalidRequestError("output_handle", "destinations need a non-zero output_handle")
+    return
+  if spec.kind == HEAD:
+    raise InvalidRequestError("output_handle", "a head block returns its tokens, not rows")
+  dests = request.destinations
+  if len(dests) > 64:
+    raise InvalidRequestError("destinations", f"{len(dests)} entries; at most 64")
+  if len(request.row_destinations) > rows:
+    raise InvalidRequestError("row_destinations", f"{len(request.row_destinations)} entries for "
+                              f"a batch of {rows} rows")
+  for i, d in enumerate(request.row_destinations):
+    if not -1 <= d < len(dests):
+      raise InvalidRequestError(f"row_destinations[{i}]", f"{d} is outside [-1, {len(dests)})")
+  kinds = pb.RowDestination.Kind
+  for i, dest in enumerate(dests):
+    if dest.kind not in kinds.values():
+      raise InvalidRequestError(f"destinations[{i}].kind", f"{dest.kind} is not one of "
+                                f"{list(kinds.keys())}")
+    if dest.kind == kinds.Value("KEEP"):
+      nxt = hosts.get(dest.block_id)
+      if nxt is None or nxt.kind == EMBED or nxt.hidden_size != spec.hidden_size:
+        raise InvalidRequestError(f"destinations[{i}].block_id", f"{dest.block_id[:80]!r} is not "
+                                  f"a block hosted here that reads this block's rows")
+    elif dest.kind == kinds.Value("PUSH"):
+      _address(f"destinations[{i}].address", dest.address)
+      _block_ref(f"destinations[{i}].block_id", dest.block_id)
+
+
+def put_rows(request, hosts: dict) -> np.ndarray:
+  """The rows of a PutRowsRequest, checked against the block hosted here that reads them."""
+  if not request.handle:
+    raise InvalidRequestError("handle", "must be non-zero")
+  spec = hosts.get(request.block_id)
+  if spec is None:
+    raise InvalidRequestError("block_id", f"{request.block_id[:80]!r} is not hosted on this "
+                              f"worker")
+  if spec.kind == EMBED:
+    raise InvalidRequestError("block_id", "an embed block reads token ids, not hidden rows")
+  _rows("rows", list(request.rows))
+  try:
+    data = from_tensor(request.data)
+  except InvalidRequestError as e:
+    raise InvalidRequestError("data", str(e).split(": ", 1)[-1]) from None
+  _hidden("data", data, spec)
+  if data.shape[0] != len(request.rows):
+    raise InvalidRequestError("data", f"{data.shape[0]} rows for {len(request.rows)} row numbers")
+  _range("data.shape[1] (tokens)", data.shape[1], 1, spec.max_len)
+  return data
+
+
+def take_rows(request) -> None:
+  if not request.handle:
+    raise InvalidRequestError("handle", "must be non-zero")
+  _rows("rows", list(request.rows))
+
+
+def release_rows(request) -> None:
+  if len(request.handles) > 65536:
+    raise InvalidRequestError("handles", f"{len(request.handles)} entries; at most 65536")
+  for i, handle in enumerate(request.handles):
+    if not handle:
+      raise InvalidRequestError(f"handles[{i}]", "must be non-zero")
 
 
 def _columns(name: str, values: np.ndarray, low: int, high: int) -> None:
@@ -209,7 +355,8 @@ def register(request) -> None:
 def heartbeat(request) -> None:
   """A HeartbeatRequest: counts and bytes are never negative."""
   _devices(request.devices)
-  for name in ("blocks_hosted", "resident_bytes", "kv_bytes", "batches_run", "batches_running"):
+  for name in ("blocks_hosted", "resident_bytes", "kv_bytes", "batches_run", "batches_running",
+               "mailbox_rows", "mailbox_bytes"):
     if getattr(request.load, name) < 0:
       raise InvalidRequestError(f"load.{name}", f"{getattr(request.load, name)} is negative")
 
@@ -218,3 +365,90 @@ def free_slots(request, spec: Hosted) -> None:
   for i, slot in enumerate(request.slots):
     if slot < 0:
       raise InvalidRequestError(f"slots[{i}]", f"{slot} is negative")
+
+
+# ---- LoRA adapter banks -----------------------------------------------------------------------
+
+
+def lora_bank(bank, shapes: dict[str, tuple[int, int]], itemsize: int,
+              limits: HostLimits = HostLimits()) -> list[str]:
+  """HostBlockRequest.lora_bank against the block's projections (`shapes`: target -> (in, out));
+  returns its targets."""
+  _range("lora_bank.slots", bank.slots, 1, limits.max_lora_slots)
+  _range("lora_bank.max_rank", bank.max_rank, 1, limits.max_lora_rank)
+  if not bank.targets:
+    raise InvalidRequestError("lora_bank.targets", "at least one projection is required")
+  for i, target in enumerate(bank.targets):
+    if target not in shapes:
+      raise InvalidRequestError(f"lora_bank.targets[{i}]", f"{target[:80]!r} is not a projection "
+                                f"of this block (it has {', '.join(sorted(shapes)) or 'none'})")
+  need = sum(bank.slots * bank.max_rank * sum(shapes[t]) * itemsize for t in set(bank.targets))
+  if need > limits.max_lora_bank_bytes:
+    raise InvalidRequestError("lora_bank", f"the bank needs {need} bytes, over this worker's "
+                              f"{limits.max_lora_bank_bytes}")
+  return list(bank.targets)
+
+
+def bank_matches(bank, held: dict) -> None:
+  """A bank asked for again keeps the shape the block's bank already has."""
+  entry = next(iter(held.values()))
+  slots, rank = entry["a"].shape[:2]
+  if (bank.slots, bank.max_rank) != (slots, rank):
+    raise InvalidRequestError("lora_bank", f"{bank.slots} slots x rank {bank.max_rank}, but the "
+                              f"block's bank is {slots} x {rank}")
+
+
+def install_adapter(request, held: dict | None) -> dict[str, dict[str, np.ndarray]]:
+  """An InstallAdapterRequest against the block's bank (`held`: target -> {"a", "b"} device
+  arrays [S, R, in] / [S, R, out]); returns target -> {"a": [R, in], "b": [R, out]}."""
+  if not held:
+    raise InvalidRequestError("block_id", f"{request.block_id[:80]!r} holds no adapter bank "
+                              "(host it with lora_bank first)")
+  slots, rank = next(iter(held.values()))["a"].shape[:2]
+  _range("slot", request.slot, 0, slots - 1)
+  factors: dict[str, dict[str, np.ndarray]] = {}
+  for name in sorted(request.factors.keys()):
+    target, _, which = name.rpartition("/")
+    field = f"factors[{name[:80]!r}]"
+    if which not in ("a", "b") or target not in held:
+      raise InvalidRequestError(field, f"expected '<target>/a' or '<target>/b' for a banked "
+                                f"target ({', '.join(sorted(held))})")
+    try:
+      value = from_tensor(request.factors[name])
+    except InvalidRequestError as e:
+      raise InvalidRequestError(field, str(e).split(": ", 1)[-1]) from None
+    want = (rank, held[target][which].shape[2])
+    if value.dtype.kind != "f" or value.shape != want:
+      raise InvalidRequestError(field, f"float {list(want)} expected, got {value.dtype.name} "
+                                f"{list(value.shape)}")
+    if not np.all(np.isfinite(value)):
+      raise InvalidRequestError(field, "values must be finite")
+    factors.setdefault(target, {})[which] = value
+  for target, pair in factors.items():
+    if len(pair) != 2:
+      missing = "b" if "a" in pair else "a"
+      raise InvalidRequestError(f"factors['{target}/{missing}']", "missing (a target needs both "
+                                "factors)")
+  return factors
+
+
+def lora_cols(request, held: dict | None) -> np.ndarray | None:
+  """RunBlockRequest.inputs['lora_cols'] (None when absent): bank columns of a banked block."""
+  if "lora_cols" not in request.inputs:
+    return None
+  if not held:
+    raise InvalidRequestError("inputs['lora_cols']", "this block holds no adapter bank")
+  cols = _tensor(request, "lora_cols")
+  slots, rank = next(iter(held.values()))["a"].shape[:2]
+  total = slots * rank
+  if cols.dtype != np.int32 or cols.ndim != 1 or not 1 <= cols.shape[0] <= total:
+    raise InvalidRequestError("inputs['lora_cols']", f"int32 [1..{total}] expected, got "
+                              f"{cols.dtype.name} {list(cols.shape)}")
+  _columns_in("inputs['lora_cols']", cols, -1, total - 1)
+  return cols
+
+
+def _columns_in(field: str, values: np.ndarray, low: int, high: int) -> None:
+  if values.min() < low or values.max() > high:
+    i = int(np.argmax((values < low) | (values > high)))
+    raise InvalidRequestError(field, f"entry {i}: {int(values[i])} is outside [{low}, {high}]")

@@ -49,7 +49,9 @@ def stage_input(batch: BlockBatch):
     for row, it in enumerate(items):
       x[row, :it.n] = it.x
     return x
-  return gather_rows([it.x for it in items], batch.b_pad)
+  # Rows a worker kept (jblock.cluster.rows.RemoteRows) are read through host_row.
+  return gather_rows([src.host_row(row) if hasattr(src, "host_row") else (src, row)
+                      for src, row in (it.x for it in items)], batch.b_pad)
 
 
 def run_local_segment(seg, x, ints, floats, lora_cols=None):

@@ -40,10 +40,16 @@ class ClusterEngine(Engine):
     if self.replanner is not None:
       self.replanner.stop()
     super().close(drain_timeout)
+    if self.replanner is not None:
+      self.replanner.placer.rows.close()
 
   def stats(self):
     out = super().stats()
     out["placement"] = self.replanner.view() if self.replanner is not None else {}
+    # Per worker: what crossed the coordinator (hidden-state, token and metadata bytes) and how
+    # hidden rows moved (kept, pushed worker to worker, read by reference) (jblock.cluster.rows).
+    out["hidden_state_traffic"] = (self.replanner.placer.rows.stats()
+                                   if self.replanner is not None else {})
     return out
 
 

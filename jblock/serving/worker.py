@@ -4,8 +4,13 @@ The coordinator's scheduler plans every block; a block placed on a worker is a
 `RemoteBlockInstance` there, run by that worker's executor thread (so different workers compute
 at the same time) with one RunBlock RPC per batch. The worker keeps the params and the KV page
 pool (donated in place, as in process); the coordinator keeps the page leases and sends each
-batch's page tables in its packed step metadata. Hidden states between blocks on different
-workers travel through the coordinator.
+batch's page tables in its packed step metadata.
+
+Hidden states between blocks on workers stay with the workers: a batch's output rows are kept
+in the worker's mailbox when its next block is hosted there too, pushed to the next block's
+worker otherwise (PutRows, with the cluster's credentials), and returned only when a block of the
+coordinator's own runs next (jblock.cluster.mailbox, jblock.cluster.rows). The coordinator
+sees tokens, step metadata, acknowledgements and the sampled tokens.
 
 A worker that dies (an RPC to it fails, or its heartbeats stop: jblock.cluster.membership) loses
 its blocks: each `RemoteBlockInstance` there is re-hosted on a live worker (`recover`), keeping
@@ -14,6 +19,7 @@ its page leases, and the engine replays the affected requests' KV into it (jbloc
 
 import concurrent.futures
 import threading
+import time
 from typing import Any, Sequence
 
 import grpc
@@ -21,12 +27,15 @@ import jax
 import numpy as np
 
 from jblock.blocks import HEAD, LAYERS, Block
+from jblock.cluster import rows as rows_lib
 from jblock.cluster import security, validate
 from jblock.cluster.links import ClusterLinks
-from jblock.errors import InstanceLostError, JBlockError, UnavailableError
+from jblock.cluster.mailbox import Mailbox
+from jblock.errors import InstanceLostError, InvalidRequestError, JBlockError, UnavailableError
+from jblock.runtime import lora as lora_lib
 from jblock.runtime import mesh as mesh_lib
 from jblock.runtime.engine import _load_on_devices
-from jblock.runtime.executor import run_local_segment, stage_input
+from jblock.runtime.executor import gather_rows, run_local_segment
 from jblock.runtime.instance import LocalBlockInstance, instance_stats
 from jblock.runtime.kv import PagePool
 from jblock.runtime.segments import Segment
@@ -34,7 +43,7 @@ from jblock.runtime.step import BlockBatch
 from jblock.serving.coordinator import status_code
 from jblock.serving.proto import jblock_pb2 as pb
 from jblock.serving.proto import jblock_pb2_grpc as pb_grpc
-from jblock.serving.tensor_codec import from_tensor_map, to_tensor_map
+from jblock.serving.tensor_codec import from_tensor_map, to_tensor, to_tensor_map
 
 
 
@@ -45,7 +54,10 @@ def _abort(context, error: Exception):
 class BlockHostServicer(pb_grpc.BlockHostServicer):
   """A worker's side: hosts blocks from its zoo on its own mesh and runs batches of them."""
 
-  def __init__(self, zoo_dir: str, mesh_shape: Sequence[int] | None = None):
+  def __init__(self, zoo_dir: str, mesh_shape: Sequence[int] | None = None,
+               credentials: security.ClusterCredentials | None = None,
+               mailbox_bytes: int = 1 << 30, push_deadline_s: float = 5.0,
+               push_delay_s: float = 0.0):
     from jblock.zoo.store import Zoo
     self.zoo = Zoo(zoo_dir)
     self.mesh = mesh_lib.make_mesh(mesh_shape)
@@ -54,14 +66,22 @@ class BlockHostServicer(pb_grpc.BlockHostServicer):
     self._lock = threading.Lock()
     self._batches_run = 0
     self._running = 0  # RunBlock calls in progress
+    self.mailbox = Mailbox(mailbox_bytes)  # rows for the batches this worker runs next
+    self._peers = ClusterLinks(credentials)  # worker -> worker channels
+    self._peer_stubs: dict[str, Any] = {}
+    self._lock_peers = threading.Lock()
+    self.push_deadline_s = push_deadline_s  # a slower peer: its rows go back to the coordinator
+    self.push_delay_s = push_delay_s  # benchmarks: a sleep before each PutRows (a slower link)
 
   def load(self) -> pb.WorkerLoad:
     """What this worker holds and does, for its heartbeats."""
     instances = list(self._instances.values())
+    mailbox = self.mailbox.stats()
     return pb.WorkerLoad(blocks_hosted=len(instances),
                          resident_bytes=sum(i.resident_bytes for i in instances),
                          kv_bytes=sum(i.kv_bytes for i in instances),
-                         batches_run=self._batches_run, batches_running=self._running)
+                         batches_run=self._batches_run, batches_running=self._running,
+                         mailbox_rows=mailbox["rows"], mailbox_bytes=mailbox["bytes"])
 
   def _table_for(self, head: Block):
     """A tied head needs its embedding table: the hosted embed's buffer, or loaded for it."""
@@ -88,7 +108,31 @@ class BlockHostServicer(pb_grpc.BlockHostServicer):
                                     max_leases=request.kv_slots, shared_table=table)
           self._instances[request.block_id] = inst
           self._hosted[request.block_id] = validate.hosted(inst, request)
-      return pb.HostBlockResponse(resident_bytes=inst.resident_bytes, placement=inst.placement)
+        if request.HasField("lora_bank"):
+          self._host_bank(inst, request.lora_bank)
+      return pb.HostBlockResponse(resident_bytes=inst.resident_bytes, placement=inst.placement,
+                                  lora_bank_bytes=inst.lora_bank_bytes)
+    except JBlockError as e:
+      _abort(context, e)
+
+  def _host_bank(self, inst, bank) -> None:
+    """Builds or grows a layers instance's LoRA adapter bank (under self._lock)."""
+    if inst.kind != LAYERS:
+      raise InvalidRequestError("lora_bank", f"a {inst.kind} block holds no adapter bank")
+    targets = validate.lora_bank(bank, lora_lib.projections(inst.params),
+                                 np.dtype(inst.dtype).itemsize)
+    if inst.lora_bank:
+      validate.bank_matches(bank, inst.lora_bank)
+    lora_lib.ensure_bank(inst, targets, bank.slots, bank.max_rank)
+
+  def InstallAdapter(self, request, context):
+    try:
+      validate.block_id(request, self._hosted)
+      inst = self._instances.get(request.block_id)
+      factors = validate.install_adapter(request, inst.lora_bank if inst is not None else None)
+      with self._lock:  # between batches: a running batch reads the bank
+        lora_lib.write_slot(inst, request.slot, factors)
+      return pb.InstallAdapterResponse()
     except JBlockError as e:
       _abort(context, e)
 
@@ -101,19 +145,30 @@ class BlockHostServicer(pb_grpc.BlockHostServicer):
 
   def RunBlock(self, request, context):
     try:
-      x, ints, floats = validate.run_block(request, validate.block_id(request, self._hosted))
+      spec = validate.block_id(request, self._hosted)
+      x, ints, floats = validate.run_block(request, spec, self.mailbox)
+      validate.run_outputs(request, spec, self._hosted, ints.shape[0])
       inst = self._instances[request.block_id]
+      lora_cols = validate.lora_cols(request, inst.lora_bank)
+      read = [(s.handle, s.row) for s in request.sources if s.handle]
       self._running += 1
       try:
+        if request.sources:  # rows from the mailbox (and x): one [rows, T, D] batch on device
+          x = gather_rows(x, ints.shape[0])
         with self._lock:  # one batch at a time per worker swaps the KV buffers
-          y = run_local_segment(Segment([inst], 0), x, ints, floats)
-          y = np.asarray(y)
+          y = run_local_segment(Segment([inst], 0), x, ints, floats, lora_cols)
+          if not request.output_handle:
+            y = np.asarray(y)
       finally:
         self._running -= 1
+        self.mailbox.consume(read)
       inst.batches_run += 1
       self._batches_run += 1
       response = pb.RunBlockResponse()
-      to_tensor_map({"y": np.asarray(y)}, response.outputs)
+      if request.output_handle:
+        self._route_rows(request, y, response)
+      else:
+        to_tensor_map({"y": np.asarray(y)}, response.outputs)
       return response
     except KeyError as e:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"RunBlock input {e} is missing")
@@ -123,6 +178,81 @@ class BlockHostServicer(pb_grpc.BlockHostServicer):
   def FreeSlots(self, request, context):
     # Slots are bookkept by the coordinator; a freed slot's stale keys are masked, never read.
     return pb.FreeSlotsResponse()
+
+  # ---- hidden rows between workers (jblock.cluster.mailbox) ------------------------------------
+
+  def _route_rows(self, request, y, response) -> None:
+    """Keeps, pushes or returns each output row as request.destinations say. Rows that cannot be
+    kept (mailbox full) or pushed (the peer failed or is slow) come back in the response."""
+    groups: dict[int, list[int]] = {}
+    for row, d in enumerate(request.row_destinations):
+      if d >= 0:
+        groups.setdefault(d, []).append(row)
+    host_y, returned = None, []
+    for d, rows in groups.items():
+      dest = request.destinations[d]
+      if dest.kind == rows_lib.KEEP:
+        if self.mailbox.put(request.output_handle, rows, y, indices=rows):
+          continue
+        response.undelivered.append(f"rows {rows}: this worker's mailbox is full")
+      elif dest.kind == rows_lib.PUSH:
+        host_y = np.asarray(y) if host_y is None else host_y
+        data = host_y[rows]
+        error = self._push(dest, request.output_handle, rows, data)
+        if error is None:
+          response.rows_pushed += len(rows)
+          response.bytes_pushed += data.nbytes
+          continue
+        response.undelivered.append(f"rows {rows} to {dest.address}: {error}")
+      returned += rows
+    if returned:
+      returned.sort()
+      host_y = np.asarray(y) if host_y is None else host_y
+      to_tensor_map({"y": host_y[returned]}, response.outputs)
+      response.returned_rows.extend(returned)
+
+  def _push(self, dest, handle: int, rows: list[int], data: np.ndarray) -> str | None:
+    """PutRows to the worker of the next block; None when delivered, else why not."""
+    if self.push_delay_s:
+      time.sleep(self.push_delay_s)
+    with self._lock_peers:
+      stub = self._peer_stubs.get(dest.address)
+      if stub is None:
+        stub = pb_grpc.BlockHostStub(self._peers.channel(dest.address))
+        self._peer_stubs[dest.address] = stub
+    try:
+      stub.PutRows(pb.PutRowsRequest(handle=handle, block_id=dest.block_id, rows=rows,
+                                     data=to_tensor(data)), timeout=self.push_deadline_s)
+    except grpc.RpcError as e:
+      return f"{e.code().name}: {e.details()}"
+    return None
+
+  def PutRows(self, request, context):
+    try:
+      data = validate.put_rows(request, self._hosted)
+    except JBlockError as e:
+      _abort(context, e)
+    if not self.mailbox.put(request.handle, list(request.rows), data):
+      context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"mailbox full: {data.nbytes} more bytes would pass "
+                    f"{self.mailbox.capacity_bytes}")
+    return pb.PutRowsResponse()
+
+  def TakeRows(self, request, context):
+    try:
+      validate.take_rows(request)
+      refs = [(request.handle, row) for row in request.rows]
+      found = self.mailbox.lookup(refs, field="rows")
+    except JBlockError as e:
+      _abort(context, e)
+    data = np.stack([np.asarray(array[index]) for array, index in found])
+    self.mailbox.consume(refs)
+    return pb.TakeRowsResponse(data=to_tensor(data))
+
+  def ReleaseRows(self, request, context):
+    validate.or_abort(context, validate.release_rows, request)
+    self.mailbox.release(request.handles)
+    return pb.ReleaseRowsResponse()
 
 
 
@@ -134,6 +264,7 @@ class Placer:
     self.membership = membership  # jblock.cluster.membership.Membership
     self.plan = dict(plan)  # block id -> worker address
     self.links = links or ClusterLinks()  # credentials and per-RPC deadlines
+    self.rows = rows_lib.RowLedger(self.links)  # hidden rows left on workers, traffic counters
 
   def candidates(self, block_id: str, exclude: Sequence[str] = ()) -> list[str]:
     """Live workers for `block_id`, best first: its planned one, then the least loaded."""
@@ -181,6 +312,10 @@ class RemoteBlockInstance:
     self.moves: list[str] = []  # why it left each earlier worker
     self.address = ""
     self._channel = None
+    self.lora_bank = None  # banked targets -> None: the bank itself lives on the worker
+    self.lora_bank_bytes = 0
+    self._slots: dict[int, dict] = {}  # adapter bank slot -> factors installed there
+    self._lora_lock = threading.Lock()  # installs vs re-hosting
     self._host_somewhere()
 
   def _host_somewhere(self, exclude: Sequence[str] = ()) -> None:
@@ -201,6 +336,7 @@ class RemoteBlockInstance:
       self._channel, self._stub, self.address = channel, stub, address
       self.executor_key = f"worker:{address}"  # one executor thread per worker
       self.resident_bytes = response.resident_bytes
+      self.lora_bank_bytes = response.lora_bank_bytes
       self.placement = f"worker {address}: {response.placement}"
       self._placer.placed(self.block_id, address)
       return
@@ -231,6 +367,8 @@ class RemoteBlockInstance:
       self.placement = f"lost: {self.lost_reason}"
       raise UnavailableError(self.lost_reason) from None
     self.moves.append(f"{old}: {reason}")
+    with self._lora_lock:
+      self._reinstall_adapters()  # before the callers replay through the new copy
     if old_alive:
       try:
         old_stub.UnhostBlock(pb.UnhostBlockRequest(block_id=self.block_id), timeout=30.0)
@@ -239,29 +377,98 @@ class RemoteBlockInstance:
       old_channel.close()
 
   def run_batch(self, batch: BlockBatch):
-    """One RunBlock RPC: the staged input and the packed metadata in, y (numpy) out."""
-    x = stage_input(batch)
-    ints, floats = batch.meta.pack()
-    request = pb.RunBlockRequest(block_id=self.block_id)
-    to_tensor_map({"x": np.asarray(x), "ints": ints, "floats": floats}, request.inputs)
+    """One RunBlock RPC: the input rows (by value, or by mailbox reference) and the packed
+    metadata in; out, the sampled tokens (numpy) at a head, else a rows_lib.RemoteRows."""
     address, stub = self.address, self._stub  # read before the epochs (see below)
     if any(it.epoch != it.req.epoch for it in batch.items):
       # Built before its requests paused for a lost worker, and now bound for the block's new
       # worker: its writes would land in the KV being replayed there.
       raise UnavailableError(f"batch for block {self.block_id[:12]} outlived its worker")
+    ledger = self._placer.rows
+    x, sources, by_reference = rows_lib.stage(batch, address)
+    ints, floats = batch.meta.pack()
+    request = pb.RunBlockRequest(block_id=self.block_id, sources=sources)
+    to_tensor_map({"ints": ints, "floats": floats, **({"x": x} if x is not None else {})},
+                  request.inputs)
+    if batch.meta.lora_cols is not None:  # the adapter bank columns this batch's rows use
+      to_tensor_map({"lora_cols": batch.meta.lora_cols}, request.inputs)
+    if not batch.segment.ends_at_head and ledger.worker_to_worker:
+      rows_lib.route(request, batch, address, ledger.new_handle())
+    sent = 0 if x is None else x.nbytes
+    ledger.count(address, meta_bytes_sent=ints.nbytes + floats.nbytes,
+                 rows_by_reference=len(by_reference),
+                 **({"token_bytes_sent": sent} if batch.segment.starts_at_embed else
+                    {"hidden_bytes_sent": sent, "rows_sent": len(batch.items) - len(by_reference)}))
     links = self._placer.links
-    timeout = links.run_deadline(address, self.block_id, *x.shape[:2])
+    timeout = links.run_deadline(address, self.block_id, batch.b_pad, batch.t_pad)
     try:
       response = stub.RunBlock(request, timeout=timeout)
-      links.ran(address, self.block_id, *x.shape[:2])
+      links.ran(address, self.block_id, batch.b_pad, batch.t_pad)
     except grpc.RpcError as e:
+      rows_lib.unread(by_reference, address)
       message = (f"worker {address} failed block {self.block_id[:12]}: "
                  f"{links.explain(e, timeout)}")
       if _lost(e.code()):
         self._placer.failed(address, f"RunBlock failed: {e.code().name}")
         raise InstanceLostError(f"worker:{address}", message) from e
       raise UnavailableError(message) from e
-    return from_tensor_map(response.outputs)["y"]
+    if request.output_handle:
+      return rows_lib.received(ledger, request, response, address)
+    y = from_tensor_map(response.outputs)["y"]
+    ledger.count(address, token_bytes_received=y.nbytes)
+    return y
+
+  def ensure_lora_bank(self, slots: int, max_rank: int, targets) -> None:
+    """Its worker holds an adapter bank covering `targets` (HostBlock again: the bank grows;
+    a re-hosted copy gets the same bank)."""
+    with self._lora_lock:
+      have = set(self._host_request.lora_bank.targets)
+      if set(targets) <= have and self._host_request.HasField("lora_bank"):
+        return
+      self._host_request.lora_bank.CopyFrom(pb.LoraBank(
+          slots=slots, max_rank=max_rank, targets=sorted(have | set(targets))))
+      self.lora_bank = {t: None for t in self._host_request.lora_bank.targets}
+      if self._channel is None:
+        return  # lost: re-hosting brings the bank
+      try:
+        response = self._stub.HostBlock(self._host_request,
+                                        timeout=self._placer.links.deadlines.host_s)
+      except grpc.RpcError as e:
+        raise UnavailableError(f"worker {self.address} refused the adapter bank of block "
+                               f"{self.block_id[:12]}: {e.code().name}: {e.details()}") from e
+      self.lora_bank_bytes = response.lora_bank_bytes
+
+  def install_adapter(self, slot: int, factors: dict[str, dict[str, np.ndarray]]) -> None:
+    """Slot `slot` of the worker's bank := factors (target -> a [R, in], b [R, out]); {} clears
+    it. Remembered, so a re-hosted copy gets it again. A worker that fails the install is
+    treated as lost (its requests replay elsewhere, with the slot installed there)."""
+    with self._lora_lock:
+      if factors:
+        self._slots[slot] = factors
+      else:
+        self._slots.pop(slot, None)
+      if self._channel is None:
+        return  # lost: re-hosting installs it
+      try:
+        self._install(slot, factors)
+      except grpc.RpcError as e:
+        self._placer.failed(self.address, f"InstallAdapter failed: {e.code().name}: "
+                            f"{e.details()}")
+
+  def _install(self, slot: int, factors) -> None:
+    request = pb.InstallAdapterRequest(block_id=self.block_id, slot=slot)
+    to_tensor_map({f"{t}/{k}": v for t, f in factors.items() for k, v in f.items()},
+                  request.factors)
+    self._stub.InstallAdapter(request, timeout=self._placer.links.deadlines.host_s)
+
+  def _reinstall_adapters(self) -> None:
+    """The adapters resident here, installed again in a freshly hosted copy."""
+    for slot, factors in sorted(self._slots.items()):
+      try:
+        self._install(slot, factors)
+      except grpc.RpcError as e:
+        raise UnavailableError(f"worker {self.address} could not take back adapter slot {slot} "
+                               f"of block {self.block_id[:12]}: {e.code().name}") from e
 
   def close(self) -> None:
     self._placer.plan.pop(self.block_id, None)
@@ -293,10 +500,12 @@ def remote_factory(placer: Placer, zoo_dir: str, config):
 
 def start_worker_server(zoo_dir: str, port: int = 0, host: str = "127.0.0.1",
                         mesh_shape: Sequence[int] | None = None,
-                        credentials: security.ClusterCredentials | None = None
-                        ) -> tuple[grpc.Server, int, BlockHostServicer]:
-  """Serves BlockHost; only callers with the cluster's `credentials` get past the guard."""
-  servicer = BlockHostServicer(zoo_dir, mesh_shape)
+                        credentials: security.ClusterCredentials | None = None,
+                        **servicer_options) -> tuple[grpc.Server, int, BlockHostServicer]:
+  """Serves BlockHost; only callers with the cluster's `credentials` get past the guard (and
+  the worker presents them to its peers). `servicer_options`: BlockHostServicer's (mailbox
+  size, push deadline and delay)."""
+  servicer = BlockHostServicer(zoo_dir, mesh_shape, credentials, **servicer_options)
   server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8), options=[
       ("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)],
       interceptors=security.server_interceptors(credentials))

@@ -1,14 +1,17 @@
 """Placement on a running cluster (coordinator in process, two worker processes): the planned
-split is what the workers host and what stats explain; the two workers compute at the same
-time; a re-plan moves blocks and the tokens stay those of the reference."""
+split is what the workers host and what stats explain; hidden states go worker to worker (the
+coordinator handles none of their bytes); the two workers compute at the same time; a re-plan
+moves blocks and the tokens stay those of the reference."""
 
 import time
+
+import pytest
 
 from jblock.cluster.placement import PlannerConfig
 from jblock.cluster.replan import ReplanConfig
 from jblock.runtime.executor import ThreadExecutor
 from jblock.serving.engines import distributed_engine
-from tests.serving.serving_helpers import free_port, stop_cluster
+from tests.serving.serving_helpers import free_port, stop_cluster, wait_until
 from tests.serving.test_block_serving import MODELS, NEW, PROMPTS
 from tests.serving.test_block_serving import expected, zoo_dir  # noqa: F401 (fixtures)
 from tests.serving.test_cluster_faults import CONFIG, _address, _worker
@@ -47,7 +50,9 @@ class _TimedExecutors:
     return best
 
 
-def test_planned_split_runs_both_workers_at_once_and_replans_under_load(zoo_dir, expected):
+@pytest.fixture(scope="module")
+def split_cluster(zoo_dir):
+  """A coordinator and two worker processes with every chain split over both."""
   registry = free_port()
   procs = [_worker(zoo_dir, registry), _worker(zoo_dir, registry)]
   engine = server = None
@@ -56,40 +61,84 @@ def test_planned_split_runs_both_workers_at_once_and_replans_under_load(zoo_dir,
     engine, server = distributed_engine(zoo_dir, MODELS, 2, registry, config=CONFIG, wait_s=120,
                                         progress=lambda *_: None, replan=SPLIT,
                                         executor_factory=executors)
-    addresses = {_address(p) for p in procs}
-    stats = engine.stats()
-    plan = stats["placement"]["blocks"]
-    live = {b["block_id"]: b["worker"] for b in stats["blocks"]}
-    assert {b: p["workers"][0] for b, p in plan.items()} == live  # hosted as planned
-    assert set(live.values()) == addresses  # every chain split over both workers
-    assert all("traffic" in p["reason"] and " on 127.0.0.1:" in p["reason"] for p in plan.values())
-    for model, keys in stats["models"].items():  # contiguous: one crossing per chain step
-      workers = [live[k] for k in keys]
-      assert sum(a != b for a, b in zip(workers, workers[1:])) == 1, model
-
-    # Every model's streams at once: batches of different requests on both workers overlap.
-    handles = {(m, i): engine.submit(m, PROMPTS[i], max_new_tokens=NEW)
-               for m in MODELS for i in range(len(PROMPTS))}
-    assert {k: h.result(timeout=300) for k, h in handles.items()} == expected
-    assert {w for w, _, _ in executors.spans} == addresses
-    assert executors.overlap() > 0.0  # two RPCs on different workers running at the same time
-
-    # Load shifts to one model and hops turn out dear (say, a slower link): the re-plan
-    # measures the shift and joins the chains on one worker, moving blocks (new copy, replay,
-    # old one freed); requests get the reference tokens, and a second re-plan finds no gain.
-    shifted = time.perf_counter()
-    hot = [engine.submit("v1", PROMPTS[i], max_new_tokens=NEW) for i in range(len(PROMPTS))]
-    assert [h.result(timeout=300) for h in hot] == [expected["v1", i] for i in range(len(PROMPTS))]
-    engine.replanner.config = ReplanConfig(PlannerConfig(hop_cost_s=1.0, bytes_per_s=1e9))
-    moves = engine.replanner.replan("hops dear", since=shifted)
-    entry = engine.stats()["placement"]["replans"][-1]
-    assert entry["rates"]["v1"] > 0 and entry["rates"]["base"] == 0 == entry["rates"]["v2"]
-    assert moves and entry["cost_after"] < entry["cost_before"], entry
-    live = {b["block_id"]: b["worker"] for b in engine.stats()["blocks"]}
-    assert all(live[m.block_id] == m.add[0] for m in moves)
-    assert len(set(live.values())) == 1
-    assert engine.generate("v1", PROMPTS[2], max_new_tokens=NEW) == expected["v1", 2]
-    assert engine.generate("base", PROMPTS[3], max_new_tokens=NEW) == expected["base", 3]
-    assert engine.replanner.replan("again") == []
+    yield engine, executors, {_address(p) for p in procs}
   finally:
     stop_cluster(server, engine, procs)
+
+
+def _mailbox_rows(engine) -> dict[str, int]:
+  return {w["address"]: w["load"].get("mailbox_rows") for w in engine.stats()["workers"]}
+
+
+def test_hidden_states_go_worker_to_worker(split_cluster, expected):
+  engine, _, addresses = split_cluster
+  live = {b["block_id"]: b["worker"] for b in engine.stats()["blocks"]}
+  assert set(live.values()) == addresses  # every chain crosses from one worker to the other
+  handles = {(m, i): engine.submit(m, PROMPTS[i], max_new_tokens=NEW)
+             for m in MODELS for i in range(len(PROMPTS))}
+  cancelled = engine.submit("v1", PROMPTS[5], max_new_tokens=NEW)
+  wait_until(lambda: len(cancelled.tokens) >= 2, timeout=120)
+  cancelled.cancel()  # its rows waiting in a mailbox are released, not leaked
+  assert {k: h.result(timeout=300) for k, h in handles.items()} == expected
+
+  traffic = engine.stats()["hidden_state_traffic"]
+  assert set(traffic) == addresses
+  for address, t in traffic.items():
+    # Only tokens in (embed), step metadata, and sampled tokens out (head) cross the coordinator.
+    assert t["hidden_bytes_sent"] == 0 and t["hidden_bytes_received"] == 0, (address, t)
+    assert t["rows_sent"] == t["rows_received"] == t["rows_undelivered"] == 0, (address, t)
+    assert t["meta_bytes_sent"] > 0 and t["rows_by_reference"] > 0, (address, t)
+  embed_worker = next(live[b["block_id"]] for b in engine.stats()["blocks"] if b["kind"] == "embed")
+  head_worker = next(live[b["block_id"]] for b in engine.stats()["blocks"] if b["kind"] == "head")
+  assert embed_worker != head_worker
+  assert traffic[embed_worker]["token_bytes_sent"] > 0
+  assert traffic[head_worker]["token_bytes_received"] > 0
+  assert traffic[head_worker]["token_bytes_sent"] == 0  # the head's worker takes no tokens in
+  # Every step crosses once, worker to worker: each layers row the embed's worker kept or
+  # pushed was read by reference on the worker it went to.
+  assert traffic[embed_worker]["rows_pushed"] > 0 and traffic[embed_worker]["bytes_pushed"] > 0
+  assert traffic[head_worker]["rows_pushed"] == 0
+  # Rows read by reference on each worker are at most those kept there or pushed to it (the
+  # cancelled request's were released instead).
+  assert 0 < traffic[head_worker]["rows_by_reference"] <= (
+      traffic[head_worker]["rows_kept"] + traffic[embed_worker]["rows_pushed"])
+  # Nothing is left in the mailboxes once the requests are done (the cancelled one included).
+  wait_until(lambda: set(_mailbox_rows(engine).values()) == {0}, timeout=10)
+
+
+def test_planned_split_runs_both_workers_at_once_and_replans_under_load(split_cluster, expected):
+  engine, executors, addresses = split_cluster
+  stats = engine.stats()
+  plan = stats["placement"]["blocks"]
+  live = {b["block_id"]: b["worker"] for b in stats["blocks"]}
+  assert {b: p["workers"][0] for b, p in plan.items()} == live  # hosted as planned
+  assert set(live.values()) == addresses  # every chain split over both workers
+  assert all("traffic" in p["reason"] and " on 127.0.0.1:" in p["reason"] for p in plan.values())
+  for model, keys in stats["models"].items():  # contiguous: one crossing per chain step
+    workers = [live[k] for k in keys]
+    assert sum(a != b for a, b in zip(workers, workers[1:])) == 1, model
+
+  # Every model's streams at once: batches of different requests on both workers overlap.
+  handles = {(m, i): engine.submit(m, PROMPTS[i], max_new_tokens=NEW)
+             for m in MODELS for i in range(len(PROMPTS))}
+  assert {k: h.result(timeout=300) for k, h in handles.items()} == expected
+  assert {w for w, _, _ in executors.spans} == addresses
+  assert executors.overlap() > 0.0  # two RPCs on different workers running at the same time
+
+  # Load shifts to one model and hops turn out dear (say, a slower link): the re-plan
+  # measures the shift and joins the chains on one worker, moving blocks (new copy, replay,
+  # old one freed); requests get the reference tokens, and a second re-plan finds no gain.
+  shifted = time.perf_counter()
+  hot = [engine.submit("v1", PROMPTS[i], max_new_tokens=NEW) for i in range(len(PROMPTS))]
+  assert [h.result(timeout=300) for h in hot] == [expected["v1", i] for i in range(len(PROMPTS))]
+  engine.replanner.config = ReplanConfig(PlannerConfig(hop_cost_s=1.0, bytes_per_s=1e9))
+  moves = engine.replanner.replan("hops dear", since=shifted)
+  entry = engine.stats()["placement"]["replans"][-1]
+  assert entry["rates"]["v1"] > 0 and entry["rates"]["base"] == 0 == entry["rates"]["v2"]
+  assert moves and entry["cost_after"] < entry["cost_before"], entry
+  live = {b["block_id"]: b["worker"] for b in engine.stats()["blocks"]}
+  assert all(live[m.block_id] == m.add[0] for m in moves)
+  assert len(set(live.values())) == 1
+  assert engine.generate("v1", PROMPTS[2], max_new_tokens=NEW) == expected["v1", 2]
+  assert engine.generate("base", PROMPTS[3], max_new_tokens=NEW) == expected["base", 3]
+  assert engine.replanner.replan("again") == []

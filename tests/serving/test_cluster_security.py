@@ -30,7 +30,7 @@ from jblock.serving.frontend import Frontend
 from jblock.serving.http import HttpServer
 from jblock.serving.proto import jblock_pb2 as pb
 from jblock.serving.proto import jblock_pb2_grpc as pb_grpc
-from jblock.serving.tensor_codec import to_tensor_map
+from jblock.serving.tensor_codec import from_tensor, to_tensor, to_tensor_map
 from jblock.serving.worker import start_worker_server
 from tests.serving.serving_helpers import free_port
 from tests.serving.test_block_serving import PROMPTS, REPO, _wait_line
@@ -123,6 +123,14 @@ def _run_request(block_id: str, hidden: int, rows=1, tokens=16, pages=(0,), **ch
   return request
 
 
+def _put_rows(block_id: str, hidden: int, handle=1, rows=(0,), tokens=1, **changes):
+  """A PutRowsRequest of zero rows of width `hidden`; `changes` replace fields."""
+  data = changes.pop("data", np.zeros((len(rows), tokens, hidden), np.float32))
+  fields = dict(handle=handle, block_id=block_id, rows=list(rows), data=to_tensor(data))
+  fields.update(changes)
+  return pb.PutRowsRequest(**fields)
+
+
 def _code(call, *args) -> tuple[grpc.StatusCode, str]:
   try:
     call(*args, timeout=30)
@@ -144,7 +152,10 @@ def _attack(cluster, channel: grpc.Channel) -> list[tuple[str, grpc.StatusCode]]
           ("HostBlock", _code(stub.HostBlock, pb.HostBlockRequest(
               block_id=block_id, batch_size=4, kv_slots=1, max_len=64, page_size=16))[0]),
           ("FreeSlots", _code(stub.FreeSlots, pb.FreeSlotsRequest(block_id=block_id,
-                                                                  slots=[0]))[0])]
+                                                                  slots=[0]))[0]),
+          ("PutRows", _code(stub.PutRows, _put_rows(block_id, cluster.hidden))[0]),
+          ("TakeRows", _code(stub.TakeRows, pb.TakeRowsRequest(handle=1, rows=[0]))[0]),
+          ("ReleaseRows", _code(stub.ReleaseRows, pb.ReleaseRowsRequest(handles=[1]))[0])]
   with channel(cluster.registry) as ch:
     stub = pb_grpc.RegistryStub(ch)
     codes += [("Register", _code(stub.Register, pb.RegisterRequest(
@@ -164,7 +175,7 @@ def test_strangers_get_unauthenticated_and_the_victim_is_undisturbed(token_clust
     mid_decode += any(0 < len(h.tokens) < NEW for h in handles.values())
     for stranger in strangers:
       codes = _attack(token_cluster, stranger)
-      assert len(codes) == 10
+      assert len(codes) == 16
       assert {c for _, c in codes} == {grpc.StatusCode.UNAUTHENTICATED}, codes
     rounds += 1
   assert {i: h.result(timeout=300) for i, h in handles.items()} == undisturbed
@@ -234,11 +245,120 @@ def test_malformed_host_block_registry_and_tensor_bytes_are_invalid_argument(tok
          "devices[0]")]:
       code, details = _code(stub.Register, request)
       assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(name), details
-    code, details = _code(stub.Heartbeat, pb.HeartbeatRequest(
-        worker_id="w", load=pb.WorkerLoad(kv_bytes=-5)))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("load.kv_bytes")
+    for load, name in [(pb.WorkerLoad(kv_bytes=-5), "load.kv_bytes"),
+                       (pb.WorkerLoad(mailbox_bytes=-1), "load.mailbox_bytes")]:
+      code, details = _code(stub.Heartbeat, pb.HeartbeatRequest(worker_id="w", load=load))
+      assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(name), details
   assert len(token_cluster.engine.stats()["workers"]) == 2
   assert _generate(token_cluster.engine) == undisturbed  # nothing above touched the KV
+
+
+def test_mailbox_rpcs_check_every_field_and_a_full_mailbox_sends_rows_back(token_cluster,
+                                                                           undisturbed):
+  block_id, address = _layers_block(token_cluster)
+  hidden = token_cluster.hidden
+  head = next(b["block_id"] for b in token_cluster.blocks() if b["kind"] == "head"
+              and b["worker"] == address) if any(
+      b["kind"] == "head" and b["worker"] == address for b in token_cluster.blocks()) else None
+  embed = next((b["block_id"] for b in token_cluster.blocks() if b["kind"] == "embed"
+                and b["worker"] == address), None)
+  dest = lambda **f: pb.RowDestination(**f)
+  run_cases = [
+      (dict(sources=[pb.RowSource(handle=99, row=0)], x=None), "sources[0]"),
+      (dict(sources=[pb.RowSource(), pb.RowSource()]), "sources"),
+      (dict(sources=[pb.RowSource(handle=99, row=5000)], x=None), "sources[0].row"),
+      (dict(sources=[pb.RowSource(handle=99, row=0), pb.RowSource(handle=99, row=0)], rows=2,
+            x=None), "sources[1]"),
+      (dict(sources=[pb.RowSource(handle=0)], x=np.zeros((2, 16, hidden), np.float32)),
+       "inputs['x']"),
+      (dict(destinations=[dest(kind=pb.RowDestination.KEEP, block_id=block_id)]),
+       "output_handle"),
+      (dict(output_handle=7, row_destinations=[3]), "row_destinations[0]"),
+      (dict(output_handle=7, destinations=[dest(kind=7)], row_destinations=[0]),
+       "destinations[0].kind"),
+      (dict(output_handle=7, destinations=[dest(kind=pb.RowDestination.KEEP, block_id="f" * 64)],
+            row_destinations=[0]), "destinations[0].block_id"),
+      (dict(output_handle=7, destinations=[dest(kind=pb.RowDestination.PUSH, address="nowhere",
+                                                block_id=block_id)], row_destinations=[0]),
+       "destinations[0].address"),
+      (dict(output_handle=7, destinations=[dest(kind=pb.RowDestination.PUSH,
+                                                address="127.0.0.1:1", block_id="")],
+            row_destinations=[0]), "destinations[0].block_id")]
+  torn = _put_rows(block_id, hidden)
+  torn.data.data = torn.data.data[:-4]
+  put_cases = [(_put_rows(block_id, hidden, handle=0), "handle"),
+               (_put_rows("f" * 64, hidden), "block_id"),
+               (_put_rows(block_id, hidden, rows=()), "rows"),
+               (_put_rows(block_id, hidden, rows=(1, 1)), "rows"),
+               (_put_rows(block_id, hidden, rows=(-1,)), "rows[0]"),
+               (_put_rows(block_id, hidden + 1), "data"),
+               (_put_rows(block_id, hidden, rows=(0, 1), data=np.zeros((1, 1, hidden), np.float32)),
+                "data"),
+               (_put_rows(block_id, hidden, data=np.zeros((1, 1, hidden), np.float16)), "data"),
+               (torn, "data")]
+  if embed is not None:
+    put_cases.append((_put_rows(embed, hidden), "block_id"))
+  with security.channel(address, token_cluster.credentials) as ch:
+    stub = pb_grpc.BlockHostStub(ch)
+    for fields, name in run_cases:
+      fields = dict(fields)
+      extra = {k: fields.pop(k) for k in ("sources", "output_handle", "destinations",
+                                          "row_destinations") if k in fields}
+      request = _run_request(block_id, hidden, **fields)
+      for key, value in extra.items():
+        getattr(request, key).extend(value) if isinstance(value, list) else setattr(
+            request, key, value)
+      code, details = _code(stub.RunBlock, request)
+      assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(name), (name, details)
+    if head is not None:
+      request = _run_request(head, hidden, pages=())
+      request.output_handle = 7
+      code, details = _code(stub.RunBlock, request)
+      assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("output_handle")
+    for request, name in put_cases:
+      code, details = _code(stub.PutRows, request)
+      assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(name), (name, details)
+    for request, name in [(pb.TakeRowsRequest(handle=0, rows=[0]), "handle"),
+                          (pb.TakeRowsRequest(handle=123456789, rows=[0]), "rows[0]"),
+                          (pb.TakeRowsRequest(handle=1, rows=[]), "rows")]:
+      code, details = _code(stub.TakeRows, request)
+      assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith(name), (name, details)
+    code, details = _code(stub.ReleaseRows, pb.ReleaseRowsRequest(handles=[5, 0]))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("handles[1]")
+
+    # A valid put is taken back whole, once.
+    rows = np.arange(2 * 3 * hidden, dtype=np.float32).reshape(2, 3, hidden)
+    assert _code(stub.PutRows, _put_rows(block_id, hidden, handle=123456789, rows=(4, 2),
+                                         data=rows))[0] == grpc.StatusCode.OK
+    taken = stub.TakeRows(pb.TakeRowsRequest(handle=123456789, rows=[2]), timeout=30)
+    np.testing.assert_array_equal(from_tensor(taken.data), rows[1:2])
+    assert _code(stub.TakeRows, pb.TakeRowsRequest(handle=123456789, rows=[2]))[0] == \
+        grpc.StatusCode.INVALID_ARGUMENT
+    assert _code(stub.ReleaseRows, pb.ReleaseRowsRequest(handles=[123456789]))[0] == \
+        grpc.StatusCode.OK
+    assert _code(stub.TakeRows, pb.TakeRowsRequest(handle=123456789, rows=[4]))[0] == \
+        grpc.StatusCode.INVALID_ARGUMENT  # released
+
+  # Full mailboxes: PutRows is RESOURCE_EXHAUSTED, and a worker sends rows it cannot keep or
+  # push back to the coordinator, which sends them on itself: the same tokens.
+  hosts = [host for _, _, host in token_cluster.workers]
+  saved = [h.mailbox.capacity_bytes for h in hosts]
+  before = token_cluster.engine.stats()["hidden_state_traffic"]
+  try:
+    for h in hosts:
+      h.mailbox.capacity_bytes = 0
+    with security.channel(address, token_cluster.credentials) as ch:
+      code, details = _code(pb_grpc.BlockHostStub(ch).PutRows, _put_rows(block_id, hidden))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "mailbox full" in details
+    assert _generate(token_cluster.engine) == undisturbed
+  finally:
+    for h, capacity in zip(hosts, saved):
+      h.mailbox.capacity_bytes = capacity
+  after = token_cluster.engine.stats()["hidden_state_traffic"]
+  grew = lambda key: sum(after[a][key] - before.get(a, {}).get(key, 0) for a in after)
+  assert grew("rows_undelivered") > 0 and grew("hidden_bytes_received") > 0
+  assert grew("hidden_bytes_sent") > 0 and grew("rows_by_reference") == 0
+  assert _generate(token_cluster.engine) == undisturbed
 
 
 def test_an_expired_step_deadline_fails_the_request_with_a_message(token_cluster, undisturbed):
