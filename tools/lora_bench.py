@@ -16,9 +16,9 @@ from absl import app, flags
 from jblock.bench import lora_bench, report
 
 _COUNTS = flags.DEFINE_list("counts", ["0", "1", "4", "16", "64", "256"], "Adapter counts to run.")
-_REHEARSE = flags.DEFINE_bool("rehearse", False, "No engine warm-up: one untimed pass first.")
-_TIMED = flags.DEFINE_integer("timed_runs", 1, "Timed passes per N (the fastest counts).",
-                              lower_bound=1)
+_REHEARSE = flags.DEFINE_bool("rehearse", False, "No engine warm-up: one untimed round first.")
+_TIMED = flags.DEFINE_integer("timed_runs", 1, "Timed rounds, each running every N in turn "
+                              "(the fastest round of each N counts).", lower_bound=1)
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Passes (jblock then vLLM each).", lower_bound=1)
 _REQUESTS = flags.DEFINE_integer("requests", 64, "Requests per run.", lower_bound=1)
 _SLOTS = flags.DEFINE_integer("slots", 64, "Bank slots (resident adapters).", lower_bound=1)
