@@ -77,6 +77,7 @@ class RowLedger:
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
     self._stubs: dict[str, Any] = {}
+    self._channels: list = []
 
   def new_handle(self) -> int:
     with self._lock:
@@ -98,7 +99,9 @@ class RowLedger:
     with self._lock:
       stub = self._stubs.get(address)
       if stub is None:
-        stub = self._stubs[address] = pb_grpc.BlockHostStub(self.links.channel(address))
+        channel = self.links.channel(address)
+        self._channels.append(channel)
+        stub = self._stubs[address] = pb_grpc.BlockHostStub(channel)
       return stub
 
   def take(self, address: str, handle: int, row: int) -> np.ndarray:
@@ -141,6 +144,11 @@ class RowLedger:
     self._wake.set()
     if self._thread is not None:
       self._thread.join(5.0)
+    with self._lock:
+      for channel in self._channels:
+        channel.close()
+      self._channels.clear()
+      self._stubs.clear()
 
 
 def stage(batch: BlockBatch, address: str
