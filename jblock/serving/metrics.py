@@ -138,11 +138,15 @@ class ServingMetrics:
     """The exposition text a scrape returns."""
     return generate_latest(self.registry)
 
-  def start_http(self, port: int, host: str = "127.0.0.1") -> int:
-    """Serves /metrics on `port` (0 = off); returns the port, or 0 when off."""
+  def start_http(self, port: int, host: str = "127.0.0.1",
+                 tls_files: tuple[str, str] | None = None) -> int:
+    """Serves /metrics on `port` (0 = off) — over HTTPS with `tls_files` (certificate and key
+    PEM paths, the client-facing ports' --tls_cert/--tls_key); returns the port, or 0 when off."""
     if not port:
       return 0
-    self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+    certfile, keyfile = tls_files or (None, None)
+    self._http, _ = start_http_server(port, addr=host, registry=self.registry,
+                                      certfile=certfile, keyfile=keyfile)
     return self._http.server_port
 
   def stop_http(self) -> None:

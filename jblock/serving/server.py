@@ -61,7 +61,8 @@ def serve(engine: Engine, port: int, metrics_port: int = 0, *, host: str = "127.
       http_server = HttpServer(frontend, http_port, host, max_body_bytes=max_request_bytes,
                                tls_files=(tls.cert_path, tls.key_path) if tls and tls.tls else None)
       http_server.start()
-    metrics_bound = metrics.start_http(metrics_port, host)
+    metrics_bound = metrics.start_http(
+        metrics_port, host, tls_files=(tls.cert_path, tls.key_path) if tls and tls.tls else None)
     http = f"on {host}:{http_server.port}" if http_server else "off"
     print(READY_LINE.format(host=host, port=bound_port, metrics_port=metrics_bound, http=http,
                             note="" if tenants is not None else OPEN_NOTE), flush=True)

@@ -28,6 +28,7 @@ from jblock.serving.coordinator import build_server
 from jblock.serving.engines import distributed_engine
 from jblock.serving.frontend import Frontend
 from jblock.serving.http import HttpServer
+from jblock.serving.metrics import ServingMetrics
 from jblock.serving.proto import jblock_pb2 as pb
 from jblock.serving.proto import jblock_pb2_grpc as pb_grpc
 from jblock.serving.tensor_codec import from_tensor, to_tensor, to_tensor_map
@@ -470,6 +471,17 @@ def test_mutual_tls_cluster_gives_the_same_tokens(zoo_dir, undisturbed, tmp_path
     with urllib.request.urlopen(f"https://127.0.0.1:{http.port}/v1/models", context=context,
                                 timeout=30) as response:
       assert [m["id"] for m in json.load(response)["data"]] == ["base"]
+    # So does the metrics port.
+    metrics = ServingMetrics(cluster.engine)
+    metrics_port = metrics.start_http(free_port(), tls_files=(creds.cert_path, creds.key_path))
+    try:
+      with urllib.request.urlopen(f"https://127.0.0.1:{metrics_port}/metrics", context=context,
+                                  timeout=30) as response:
+        assert b"jblock_queue_depth 0.0" in response.read()
+      with pytest.raises(OSError):  # plain HTTP gets no answer from a TLS port
+        urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30).read()
+    finally:
+      metrics.stop_http()
   finally:
     if http is not None:
       http.stop()
