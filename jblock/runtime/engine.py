@@ -161,6 +161,7 @@ class Engine:
     self._dispatched: dict[int, float] = {}
     self._request_ids = itertools.count()
     self._local = LocalExecutor(self._batch_done)
+    self._adapters.dispatch_lock = self._local.dispatch_lock  # bank slot writes go in place
     self._executors: dict[str, Any] = {"local": self._local}
     self._executor_factory = executor_factory
     self.cluster_stats: Callable[[], Any] | None = None  # the workers' view, when there are any

@@ -40,7 +40,6 @@ from jblock.errors import InvalidRequestError, JBlockError
 from jblock.models.lora import TARGETS
 
 
-@jax.jit
 def _write_slot(bank, slot, factors):
   """Slot `slot` of every bank entry := factors[path] (a [R, in], b [R, out]), zeros if absent."""
   out = {}
@@ -52,6 +51,12 @@ def _write_slot(bank, slot, factors):
          else jnp.zeros(e["b"].shape[1:], e["b"].dtype))
     out[p] = {"a": e["a"].at[slot].set(a), "b": e["b"].at[slot].set(b)}
   return out
+
+
+_write_copy = jax.jit(_write_slot)
+# Donated: the slot is written in place instead of copying the whole bank (tens of MB on a real
+# base). Only for callers that hold the lock every dispatch reading the bank takes.
+_write_in_place = jax.jit(_write_slot, donate_argnums=(0,))
 
 
 def _spec(x) -> tuple:
@@ -128,11 +133,14 @@ def ensure_bank(inst, paths, slots: int, max_rank: int) -> None:
   inst.lora_bank_bytes = sum(int(x.nbytes) for e in bank.values() for x in e.values())
 
 
-def write_slot(inst, slot: int, factors: dict[str, dict[str, Any]]) -> None:
+def write_slot(inst, slot: int, factors: dict[str, dict[str, Any]], in_place: bool = False) -> None:
   """Slot `slot` of a local instance's bank := factors (path -> a [R, in], b [R, out]); banked
-  paths not in `factors` are zeroed. Dispatches only: JAX orders it before later reads."""
+  paths not in `factors` are zeroed. Dispatches only: JAX orders it after the batches already
+  reading the bank and before later ones. `in_place`: donate the old bank (the caller holds the
+  lock under which batches read `inst.lora_bank`, so no one holds the old arrays)."""
   factors = {p: f for p, f in factors.items() if p in inst.lora_bank}
-  inst.lora_bank = _write_slot(inst.lora_bank, np.int32(slot), factors)
+  write = _write_in_place if in_place else _write_copy
+  inst.lora_bank = write(inst.lora_bank, np.int32(slot), factors)
 
 
 class AdapterBanks:
@@ -157,6 +165,8 @@ class AdapterBanks:
     # Device copies of adapters' factors, made outside the engine lock: model -> key -> path -> a/b.
     self._staged: collections.OrderedDict = collections.OrderedDict()
     self._stage_lock = threading.Lock()
+    # The lock local dispatches (which read the banks) take; with it, slot writes are in place.
+    self.dispatch_lock: Any = None
     self.hits = self.misses = self.evictions = self.staged_installs = 0
     self.swap_s = self.stage_s = 0.0
 
@@ -327,6 +337,9 @@ class AdapterBanks:
         self._dirty.add((key, slot))
       if _remote(inst):
         inst.install_adapter(slot, factors)
+      elif self.dispatch_lock is not None:
+        with self.dispatch_lock:
+          write_slot(inst, slot, factors, in_place=True)
       else:
         write_slot(inst, slot, factors)
 

@@ -130,8 +130,8 @@ class BlockHostServicer(pb_grpc.BlockHostServicer):
       validate.block_id(request, self._hosted)
       inst = self._instances.get(request.block_id)
       factors = validate.install_adapter(request, inst.lora_bank if inst is not None else None)
-      with self._lock:  # between batches: a running batch reads the bank
-        lora_lib.write_slot(inst, request.slot, factors)
+      with self._lock:  # between batches (RunBlock reads the bank under this lock)
+        lora_lib.write_slot(inst, request.slot, factors, in_place=True)
       return pb.InstallAdapterResponse()
     except JBlockError as e:
       _abort(context, e)
