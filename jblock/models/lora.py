@@ -1,8 +1,8 @@
 """LoRA deltas applied per row from an adapter bank (S-LoRA / Punica style).
 
 A layers block's bank holds, for every projection it has (`layer_{i}/attn/q`, ...,
-`layer_{i}/mlp/down`), the factors of the adapters currently resident: `a` [in, S, R] and `b`
-[S, R, out] for S bank slots, each zero-padded to the bank's max rank R, with the adapter's
+`layer_{i}/mlp/down`), the factors of the adapters currently resident: `a` [S, R, in] (A
+transposed) and `b` [S, R, out] for S bank slots, each zero-padded to the bank's max rank R, with the adapter's
 scaling already folded into `b`. One batch mixes rows of many adapters: row r adds
 `(x_r · a[s_r]) · b[s_r]` to the base projection, where s_r = meta["adapter"][r]; s_r = -1 is
 exactly the base (the delta is selected away, not added as zeros).
@@ -14,7 +14,9 @@ knows which slots a batch uses and their ranks, so it sends the batch's columns
 (`meta["lora_cols"]`, int32 [C], padded with -1 to a power-of-two bucket): the delta gathers
 those C columns of `a` and rows of `b` and runs two dense matmuls over them, each row masked to
 its own slot's columns (Punica's SGMV packed into one segment). The cost follows the ranks of the
-adapters in the batch, not S·R; C is static per bucket, so a few compiled shapes serve every mix.
+adapters in the batch, not S·R (a decode step is memory-bound: it reads each of those columns
+once); a prompt chunk (several tokens per row, compute-bound) instead multiplies each row by its
+own slot's factors only; C is static per bucket, so a few compiled shapes serve every mix.
 Without `lora_cols`, or when it names at least half the bank (a gather would copy about as much
 as it saves), every column is used; columns past a slot's rank are zeros.
 
@@ -59,6 +61,15 @@ def delta(x, a, b, slots, cols=None):
   Only bank columns `cols` (slot·R + j; -1 = padding) are computed; a row keeps the columns of
   its own slot."""
   s, r, d_in = a.shape
+  if x.shape[1] > 1:
+    # A prompt chunk is compute-bound: each row multiplies only its own slot's factors (work in
+    # proportion to the rows, as Punica's BGMV), where the column form below would multiply
+    # every row by every adapter's columns in the batch (3x slower at 12 adapters in 16 rows).
+    own = jnp.maximum(slots, 0)  # slot -1 rows are selected away by apply()
+    a_rows = jnp.take(a, own, axis=0, mode="clip")  # [B, R, in]
+    b_rows = jnp.take(b, own, axis=0, mode="clip")  # [B, R, out]
+    h = jnp.einsum("btd,brd->btr", x.astype(a.dtype), a_rows)
+    return jnp.einsum("btr,bro->bto", h, b_rows)
   a2, b2 = a.reshape(s * r, d_in), b.reshape(s * r, b.shape[-1])
   if cols is None or 2 * cols.shape[0] >= s * r:  # most columns: reading all beats gathering
     col_slot = jnp.arange(s * r, dtype=slots.dtype) // r

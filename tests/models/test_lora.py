@@ -43,6 +43,16 @@ def test_base_rows_exact_with_every_slot_filled(tmp_path, slots, rank):
   packed = np.asarray(packed)
   assert np.array_equal(packed[[0, 3]], plain[[0, 3]])
   np.testing.assert_allclose(packed[[1, 2]], mixed[[1, 2]], rtol=1e-5, atol=1e-5)
+  # One token per row (a decode step) runs the bank-column form: the batch's columns only
+  # equal the whole bank, base rows still exact.
+  one = x[:, :1]
+  step = lambda extra: np.asarray(apply(layers.params, kv(), one, {
+      **contiguous_meta(4, 16, 0, 1), "lora": bank, "adapter": adapters, **extra})[0])
+  whole, picked = step({}), step({"lora_cols": jnp.asarray(cols)})
+  first, _ = apply(layers.params, kv(), one, contiguous_meta(4, 16, 0, 1))
+  assert np.array_equal(picked[[0, 3]], np.asarray(first)[[0, 3]])
+  np.testing.assert_allclose(picked[[1, 2]], whole[[1, 2]], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(picked[[1, 2]], mixed[[1, 2], :1], rtol=1e-5, atol=1e-4)
   # Row 2 alone through slot 2 = row 2 in the mixed batch (no cross-row leakage).
   alone, _ = apply(layers.params, block_fns.init_kv(layers.config, 1, 16, jnp.float32), x[2:3],
                    {**contiguous_meta(1, 16, 0, 5), "lora": bank,
