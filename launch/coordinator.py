@@ -44,6 +44,10 @@ _HOP_COST_S = flags.DEFINE_float("placement_hop_cost_s", PlannerConfig.hop_cost_
 _BYTES_PER_S = flags.DEFINE_float("placement_bytes_per_s", PlannerConfig.bytes_per_s,
                                   "Weight bytes a worker reads per second (a block's step "
                                   "time), for placement.", lower_bound=1.0)
+_MAX_REPLICAS = flags.DEFINE_integer("placement_max_replicas", PlannerConfig.max_replicas,
+                                     "Copies a hot shared block may have on different workers "
+                                     "(requests balanced over them); 1 = no replicas.",
+                                     lower_bound=1)
 _WORKER_MEMORY = flags.DEFINE_integer("placement_worker_memory_bytes", 0,
                                       "Memory per worker where its devices report none "
                                       "(0 = unbounded).", lower_bound=0)
@@ -68,7 +72,8 @@ def main(argv):
         _NUM_WORKERS.value, _REGISTRY_PORT.value, host, _WORKER_WAIT_S.value,
         MembershipConfig(_HEARTBEAT_S.value, _DEAD_AFTER_S.value), links=links,
         replan=ReplanConfig(PlannerConfig(hop_cost_s=_HOP_COST_S.value,
-                                          bytes_per_s=_BYTES_PER_S.value),
+                                          bytes_per_s=_BYTES_PER_S.value,
+                                          max_replicas=_MAX_REPLICAS.value),
                             worker_memory_bytes=_WORKER_MEMORY.value,
                             interval_s=_REPLAN_S.value))
   except PlacementError as e:  # the models do not fit the workers' memory

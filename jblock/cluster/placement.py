@@ -11,7 +11,9 @@ where a block's compute per step is its bytes / `bytes_per_s` (a decode step rea
 once) and a block's traffic is the summed request rate of the chains through it. Placement is
 subject to each worker's memory (params + KV). A hot block shared by several chains may get a
 replica on a second worker when that saves the hops of the chains whose neighbours live there;
-each chain then uses one copy (its requests' KV lives there, so a request sticks to it).
+the cost model routes each chain through one copy. The runtime hosts every copy
+(jblock.cluster.replan) and binds each request, at admission, to the least loaded copy
+(jblock.runtime.replicas); its KV lives there, so the request sticks to it.
 
 `plan` is pure (greedy by locality, then moves of contiguous runs of blocks) (no RPCs): inputs in, a `Plan` (hosts, routes, a reason per block) out;
 `diff` lists the moves that turn one plan into another (host the new copy, drain, unhost old).
@@ -255,9 +257,21 @@ def _reason(b, inputs, routes, chains_of, traffic, hosts, replicated) -> str:
 
 def evaluate(inputs: PlacementInputs, hosts: Mapping[str, Sequence[str]],
              config: PlannerConfig | None = None) -> float:
-  """The cost of a single-copy placement (block id -> [worker]) under `inputs`' rates."""
-  routes = {c: {b: hosts[b][0] for b in blocks} for c, blocks in inputs.chains.items()}
-  return _cost(inputs, routes, config or PlannerConfig())[0]
+  """The cost of a placement (block id -> workers holding a copy, the primary first) under
+  `inputs`' rates, each chain routed through the copies that cross workers least."""
+  return _cost(inputs, {c: _fewest_hops(blocks, hosts) for c, blocks in inputs.chains.items()},
+               config or PlannerConfig())[0]
+
+
+def _fewest_hops(blocks: Sequence[str], hosts: Mapping[str, Sequence[str]]) -> dict[str, str]:
+  """Block -> the copy's worker a chain uses, crossing workers fewest times (ties: primaries)."""
+  # worker -> (hops so far, path); a replica costs a hair more than the primary (ties: primaries)
+  best = {w: ((i > 0) * 1e-6, [w]) for i, w in enumerate(hosts[blocks[0]])}
+  for b in blocks[1:]:
+    best = {w: min(((c + (p[-1] != w) + (i > 0) * 1e-6, p + [w]) for c, p in best.values()),
+                   key=lambda t: t[0]) for i, w in enumerate(hosts[b])}
+  path = min(best.values(), key=lambda t: t[0])[1]
+  return dict(zip(blocks, path))
 
 
 def diff(old: Plan | Mapping[str, Sequence[str]], new: Plan) -> list[Move]:

@@ -4,11 +4,19 @@ Block bytes come from the zoo (params, plus the KV pool a layers block is given)
 from the workers' heartbeats (or a configured size where the platform does not say); traffic
 from the engine's trace (steps per second of each chain, counted at its last block). A re-plan
 runs when asked (a worker joined, load shifted): if the new plan beats the one in force by
-`min_gain` under the current rates, each block that changes worker moves through
-`Engine.relocate` (host the new copy, pause and replay the requests through it, unhost old).
+`min_gain` under the current rates, the plan's copies are applied block by block:
 
-The engine hosts one copy of each block, so plans applied here have `max_replicas=1`; the
-planner's replicas are not hosted by this runtime.
+- a copy on a worker that gains one is a replica (`Engine.add_replica`, key `<block id>#n`,
+  placed on that worker): new requests are balanced over the copies from then on;
+- a replica on a worker that loses it is drained (`Engine.drop_replica`: no new requests, its
+  own finish there within `drain_s`, the rest replay onto the primary) and unhosted;
+- a primary on a worker that loses it moves (`Engine.relocate`: host the new copy, pause and
+  replay the requests through it, unhost old), after a replica on its target was drained.
+
+Moves stay pause + replay: the primary is the instance in every model's chain, so a drain-style
+move would mean re-cutting every chain. With `PlannerConfig.max_replicas=1` (the default) no
+replica is planned. The planner routes each chain through one copy; the engine balances
+requests over all copies by load, whatever their model.
 """
 
 import dataclasses
@@ -21,6 +29,7 @@ import numpy as np
 from jblock.blocks import LAYERS
 from jblock.cluster import placement
 from jblock.cluster.placement import Plan, PlacementInputs, PlannerConfig
+from jblock.runtime import replicas as replicas_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +39,7 @@ class ReplanConfig:
   min_gain: float = 0.1  # a re-plan moves blocks only when it lowers the cost by this share
   interval_s: float = 0.0  # re-plan this often under the rates of the last interval (0: only
   # when asked); with it on, a worker joining also triggers a re-plan
+  drain_s: float = 30.0  # a removed replica's requests finish there this long, then replay
 
 
 def param_bytes(zoo, block_id: str) -> int:
@@ -130,7 +140,15 @@ class Replanner:
     return self.plan
 
   def _planner_config(self) -> PlannerConfig:
-    return dataclasses.replace(self.config.planner, max_replicas=1)
+    return self.config.planner
+
+  def copies(self) -> dict[str, dict[str, str]]:
+    """Block id -> {instance key: worker} of every copy hosted now (the primary's key first)."""
+    out: dict[str, dict[str, str]] = {}
+    block_of = replicas_lib.block_of
+    for key in sorted(self.placer.plan, key=lambda k: (block_of(k), k != block_of(k), k)):
+      out.setdefault(block_of(key), {})[key] = self.placer.plan[key]
+    return out
 
   def _chains(self) -> dict[str, list[str]]:
     stats = self.engine.stats()
@@ -148,28 +166,20 @@ class Replanner:
       rates = measured_rates(trace, {m: bl[-1] for m, bl in chains.items()})
       inputs = self.inputs(chains, rates)
       config = self._planner_config()
-      current = {b: [w] for b, w in self.placer.plan.items() if b in inputs.block_bytes}
+      current = {b: list(c.values()) for b, c in self.copies().items()
+                 if b in inputs.block_bytes}
       fresh = placement.plan(inputs, config, previous=self.plan)
       entry = {"at": time.time(), "reason": reason, "rates": {c: round(r, 3) for c, r in rates.items()},
                "cost_before": None, "cost_after": round(fresh.cost, 6), "moves": []}
       live = set(inputs.worker_memory)
-      if all(ws[0] in live for ws in current.values()) and set(current) == set(fresh.hosts):
+      if all(set(ws) <= live for ws in current.values()) and set(current) == set(fresh.hosts):
         before = placement.evaluate(inputs, current, config)
         entry["cost_before"] = round(before, 6)
         if fresh.cost >= before * (1 - self.config.min_gain):
           entry["kept"] = "the plan in force is within min_gain of the best found"
           self.history = (self.history + [entry])[-16:]
           return []
-      moves = placement.diff(current, fresh)
-      by_target: dict[str, list[str]] = {}
-      keys = {b["block_id"]: b["key"] for b in self.engine.stats()["blocks"]}
-      for m in moves:
-        if m.add:
-          by_target.setdefault(m.add[0], []).append(keys[m.block_id])
-      for to, moving in sorted(by_target.items()):
-        thread = self.engine.relocate(moving, f"re-planned ({reason})", to=to)
-        if thread is not None:
-          thread.join(wait_s)
+      moves = self.apply(fresh.hosts, f"re-planned ({reason})", wait_s)
       self.plan = fresh
       entry["moves"] = [dataclasses.asdict(m) for m in moves]
       self.history = (self.history + [entry])[-16:]
@@ -177,13 +187,63 @@ class Replanner:
         self.progress(f"jblock: re-planned ({reason}): {len(moves)} block(s) moved")
       return moves
 
+  def apply(self, hosts: Mapping[str, Sequence[str]], reason: str, wait_s: float = 300.0
+            ) -> list[placement.Move]:
+    """Makes the hosted copies those of `hosts` (block id -> workers, the primary's first):
+    replicas hosted, then replicas drained and unhosted, then primaries moved. Blocks not in
+    `hosts` stay as they are. Returns the moves made."""
+    copies = self.copies()
+    unknown = sorted(b[:12] for b in hosts if b not in copies)
+    if unknown:
+      raise ValueError(f"hosts: blocks {', '.join(unknown)} are not hosted by this engine")
+    empty = sorted(b[:12] for b, ws in hosts.items() if not ws or len(set(ws)) != len(ws))
+    if empty:
+      raise ValueError(f"hosts: blocks {', '.join(empty)} need distinct workers, at least one")
+    moves = placement.diff({b: list(copies[b].values()) for b in hosts}, Plan(
+        {b: list(ws) for b, ws in hosts.items()}, {}, {}))
+    relocate: dict[str, list[str]] = {}  # target worker -> primaries moving there
+    drops: list[str] = []
+    for m in moves:
+      have = copies[m.block_id]  # key -> worker
+      add, remove = list(m.add), set(m.remove)
+      primary_leaves = have[m.block_id] in remove
+      target = None
+      if primary_leaves:
+        target = add.pop(0) if add else next(w for w in hosts[m.block_id] if w in have.values())
+      for worker in add:
+        key = replicas_lib.next_key(m.block_id, list(have) + list(self.placer.plan))
+        self.placer.placed(key, worker)  # the remote factory hosts it there
+        try:
+          self.engine.add_replica(m.block_id, key)
+        except Exception:
+          self.placer.plan.pop(key, None)
+          raise
+        have[key] = worker
+      for key, worker in have.items():
+        if key != m.block_id and (worker in remove or worker == target):
+          drops.append(key)  # the primary's target must be free of the block first
+      if target is not None:
+        relocate.setdefault(target, []).append(m.block_id)
+    for key in drops:
+      self.engine.drop_replica(key, timeout=self.config.drain_s)
+    keys = {b["block_id"]: b["key"] for b in self.engine.stats()["blocks"]
+            if replicas_lib.block_of(b["key"]) != b["block_id"] or b["key"] == b["block_id"]}
+    for to, moving in sorted(relocate.items()):
+      thread = self.engine.relocate([keys[b] for b in moving], reason, to=to)
+      if thread is not None:
+        thread.join(wait_s)
+    return moves
+
   def view(self) -> dict:
     """Engine stats' placement field: where each block lives and why, and the latest re-plans."""
     out = self.plan.view() if self.plan else {}
     live = dict(self.placer.plan)
+    copies = self.copies()
     for b, entry in out.get("blocks", {}).items():
       if b in live and live[b] not in entry["workers"]:
         entry["now_on"] = live[b]  # moved since (its worker died, or a later load)
+      if len(copies.get(b, {})) > 1:
+        entry["copies"] = dict(copies[b])  # instance key -> worker
     out["replans"] = list(self.history)
     out["config"] = dataclasses.asdict(self.config)
     return out

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-from jblock.blocks import EMBED, LAYERS, Block, flat_leaves
+from jblock.blocks import EMBED, HEAD, LAYERS, Block, flat_leaves
 from jblock.errors import InstanceLostError, InvalidRequestError, NotFoundError, UnavailableError
 from jblock.models.config import ModelConfig
 from jblock.runtime import mesh as mesh_lib
@@ -34,6 +34,7 @@ from jblock.runtime.instance import LocalBlockInstance
 from jblock.runtime.kv import pages_for
 from jblock.runtime import parts as parts_lib
 from jblock.runtime import replay
+from jblock.runtime import replicas as replicas_lib
 from jblock.runtime.reroute import RerouteConfig
 from jblock.runtime.rerouter import Rerouter
 from jblock.runtime.lora import AdapterBanks
@@ -165,11 +166,14 @@ class Engine:
     self._executors: dict[str, Any] = {"local": self._local}
     self._executor_factory = executor_factory
     self.cluster_stats: Callable[[], Any] | None = None  # the workers' view, when there are any
-    # Rerouting onto equivalent blocks (jblock.runtime.reroute): only between shared instances.
+    # Rerouting onto equivalent blocks (jblock.runtime.reroute) and binding requests to block
+    # replicas (jblock.runtime.replicas): only between shared instances.
+    self._replicas = replicas_lib.Replicas()
     self._rerouter = Rerouter(self.config.reroute, self._scheduler, self._instances,
                               lambda m: (self._models[m][0].block_ids, self._models[m][1]),
                               lambda m: self._segments[m], self._local.dispatch_lock,
-                              lambda: [s for segs in self._segments.values() for s in segs])
+                              lambda: [s for segs in self._segments.values() for s in segs],
+                              self._replicas)
     if sharing:
       self._scheduler.router = self._rerouter
     self._recoveries: collections.deque = collections.deque(maxlen=32)  # latest placement losses
@@ -344,6 +348,9 @@ class Engine:
       for inst in chain:
         inst.models.discard(name)
         if not inst.models and inst.key in self._instances:
+          for key in self._replicas.of(inst.key):  # its copies share its (now empty) model set
+            self._replicas.remove(key)
+            getattr(self._instances.pop(key), "close", lambda: None)()
           del self._instances[inst.key]
           self._adapters.drop_instance(inst.key)
           close = getattr(inst, "close", None)
@@ -466,13 +473,33 @@ class Engine:
     """The instances at `placement` (an executor key: a worker) lost their state. The requests
     through them pause; on another thread each instance is re-placed (`inst.recover`), then the
     requests replay their KV there and go on (jblock.runtime.replay). Requests through an
-    instance that cannot be re-placed fail with UnavailableError naming why. Idempotent."""
+    instance that cannot be re-placed fail with UnavailableError naming why. A replica there,
+    and every replica of a primary there, is dropped instead (its requests replay onto the
+    primary, and its worker may take the primary). Idempotent."""
     with self._lock:
       if self._closed:
         return  # shutting down: the workers going quiet is expected
       lost = [i for i in self._instances.values() if hasattr(i, "recover")
               and getattr(i, "executor_key", None) == placement and i.available]
-      self._replace(lost, placement, reason)
+      copies = sorted({k for i in lost for k in self._replicas.of(i.key)} | {
+          i.key for i in lost if i.key in self._replicas.of(replicas_lib.block_of(i.key))})
+      for key in copies:
+        self._instances[key].available = False
+        self._replicas.draining.add(key)
+      replay.pause_all(self._scheduler, set(copies))  # their in-flight results are stale now
+      lost = [i for i in lost if i.key not in copies]
+
+      def drop_copies():
+        for key in copies:
+          try:
+            self.drop_replica(key, timeout=0.0)
+          except NotFoundError:
+            pass  # removed meanwhile (another loss, a re-plan)
+
+      if lost:
+        self._replace(lost, placement, reason, before=drop_copies)
+      elif copies:
+        start_thread(drop_copies, "jblock-drop-replicas")
 
   def relocate(self, keys, reason: str, to: str | None = None) -> threading.Thread | None:
     """Moves instances (by key) to another placement (`to` first, if given): a new copy is
@@ -484,8 +511,10 @@ class Engine:
       return self._replace(moving, ",".join(sorted({i.executor_key for i in moving})), reason, to)
 
   def _replace(self, instances: list, placement: str, reason: str,
-               to: str | None = None) -> threading.Thread | None:
-    """Under the lock: pauses the requests through `instances` and starts re-placing them."""
+               to: str | None = None, before: Callable[[], None] = lambda: None
+               ) -> threading.Thread | None:
+    """Under the lock: pauses the requests through `instances` and starts re-placing them (after
+    `before`, on the same thread)."""
     if not instances:
       return None
     for inst in instances:
@@ -494,8 +523,77 @@ class Engine:
     event = {"placement": placement, "reason": reason, "blocks": len(instances),
              "requests_paused": len(affected), "at": time.time()}
     self._recoveries.append(event)
-    return start_thread(lambda: self._recover(instances, affected, reason, event, to),
+    return start_thread(lambda: (before(), self._recover(instances, affected, reason, event, to)),
                         "jblock-recover")
+
+  # ---- replicas (jblock.runtime.replicas) -----------------------------------------------------
+
+  def add_replica(self, block_id: str, key: str | None = None) -> str:
+    """Hosts another copy of a served block under `key` (`<block_id>#n`; the next free one if
+    None) through the instance factory (a remote one places it on the worker its placer plans
+    for that key); new requests are then balanced over the copies. Returns the key."""
+    with self._lock:
+      primary = self._instances.get(block_id)
+      if not self.sharing or primary is None:
+        raise NotFoundError(f"block {block_id[:12]} is not a shared block of this engine")
+      key = key or replicas_lib.next_key(block_id, self._instances)
+      if replicas_lib.block_of(key) != block_id or key == block_id or key in self._instances:
+        raise InvalidRequestError("key", f"{key!r} is not a free replica key of {block_id[:12]}")
+      spec, chain = next((s, c) for s, c in self._models.values() if primary in c)
+      block = spec.chain[chain.index(primary)]
+      if getattr(primary, "params", None):  # a local copy shares the primary's weight buffers
+        block = Block(block.kind, block.config, primary.params)
+      tied = block.kind == HEAD and block.config.get("tied_to")
+      table = getattr(chain[0], "embed_table", None) if tied else None
+    inst = self._new_instance(key, block, block_id, primary.batch_size, table)  # no lock: RPCs
+    with self._lock:
+      inst.models = primary.models  # the same set: unloading the models frees every copy
+      self._instances[key] = inst
+      self._replicas.add(block_id, key)
+      self._lock.notify_all()
+    return key
+
+  def drop_replica(self, key: str, timeout: float = 30.0, move_s: float = 60.0) -> dict:
+    """Removes a replica: no new request is bound to it, its requests finish there for up to
+    `timeout` seconds, the rest move onto the primary with a KV replay (for up to `move_s` more
+    while the primary's KV pool has no room), then it is unhosted (params and KV freed)."""
+    with self._lock:
+      if key not in self._replicas.of(replicas_lib.block_of(key)) or key in self._replicas.removing:
+        raise NotFoundError(f"{key!r} is not a replica served by this engine (or is being removed)")
+      self._replicas.removing.add(key)
+      self._replicas.draining.add(key)
+      sched, t0 = self._scheduler, time.monotonic()
+      moved = 0
+
+      def through():
+        return [r for r in sched.active if replay.uses(r, {key})]
+
+      while through() and time.monotonic() < t0 + timeout:
+        self._lock.wait(timeout=0.05)
+      while through() and time.monotonic() < t0 + timeout + move_s:
+        for req in [r for r in through() if self._rerouter.can_unbind(r, {key})]:
+          replay.pause(sched, req)
+          moved += self._rerouter.unbind(req, {key})
+          if req.replay_to:  # paused mid-replay: the replay restarts towards the same target
+            req.cached = req.replay_to
+          replay.resume(sched, req)  # its KV replayed on the primary
+        if through():
+          self._lock.wait(timeout=0.05)
+      for req in through():
+        sched.finish(req, "error", UnavailableError(
+            f"replica {key[:16]} was removed and its primary had no KV room for the request"))
+      while (any(n and key in k for k, n in sched.in_flight.items())  # stale batches come back
+             and time.monotonic() < t0 + timeout + 2 * move_s):
+        self._lock.wait(timeout=0.05)
+      inst = self._instances.pop(key)
+      self._replicas.remove(key)
+      for k in [k for k in sched.segments if key in k]:  # no request runs through them now
+        sched.segments.pop(k)
+        sched.queues.pop(k, None)
+      drained_s = time.monotonic() - t0
+      self._lock.notify_all()
+    getattr(inst, "close", lambda: None)()  # a remote copy: UnhostBlock on its worker
+    return {"key": key, "requests_moved": moved, "drain_s": round(drained_s, 3)}
 
   def retry_lost(self) -> None:
     """Tries again to place the instances that found no worker (say, when a worker joins)."""
@@ -532,7 +630,7 @@ class Engine:
         bad = next((k for k in failed if replay.uses(req, {k})), None)
         if bad is not None:
           self._scheduler.finish(req, "error", UnavailableError(str(failed[bad])))
-        elif not req.done:
+        elif not req.done and req.item is None:  # (a dropped replica's may be queued already)
           replayed += req.cached  # tokens whose KV the replay writes again
           replay.resume(self._scheduler, req)
       if event is not None:
@@ -570,6 +668,7 @@ class Engine:
           "reroute": self._rerouter.stats(),
           "workers": self.cluster_stats() if self.cluster_stats else [],
           "recoveries": [dict(e) for e in self._recoveries],
+          "replicas": replicas_lib.stats(self._instances, self._replicas, self._rerouter.through()),
       }
 
   def trace(self) -> list[dict[str, Any]]:

@@ -7,6 +7,11 @@ request's route and, when the route changes: leases KV in the instances the requ
 each substituted position a segment of its own, so untouched runs keep batching with the
 model's other requests), and coordinates the KV: pages copied from the instance the request
 left (reuse) or a replay of its tokens (recompute, returned as True to the scheduler).
+
+Replicas (jblock.runtime.replicas) go through the same machinery: at admission a request is
+bound to the least loaded copy of each replicated block (its leases and segments moved there
+before anything is cached), whatever its accuracy budget; rerouting then starts from the
+request's bound chain. `unbind` moves requests off a draining copy (their KV is then replayed).
 """
 
 import collections
@@ -17,6 +22,7 @@ from typing import Any, Callable, Iterable, Mapping
 import jax
 
 from jblock.blocks import LAYERS
+from jblock.runtime import replicas as replicas_lib
 from jblock.runtime import reroute
 from jblock.runtime.kv import pages_for
 from jblock.runtime.scheduler import Request, Scheduler
@@ -28,8 +34,10 @@ class Rerouter:
   def __init__(self, config: reroute.RerouteConfig, scheduler: Scheduler,
                instances: Mapping[str, Any], model_chain: Callable[[str], tuple[list[str], list]],
                model_segments: Callable[[str], list[Segment]], dispatch_lock,
-               all_segments: Callable[[], Iterable[Segment]] = lambda: ()):
+               all_segments: Callable[[], Iterable[Segment]] = lambda: (),
+               replicas: replicas_lib.Replicas | None = None):
     self.config = config
+    self.replicas = replicas if replicas is not None else replicas_lib.Replicas()
     self._scheduler = scheduler
     self._instances = instances  # key -> instance (with sharing, key == block id)
     self._model_chain = model_chain  # model -> (block ids, own instances)
@@ -54,15 +62,19 @@ class Rerouter:
 
   def stats(self) -> dict[str, Any]:
     return {"models": sorted(self.measured), **{k: self.counts[k] for k in (
-        "moves", "routed_back", "kv_reused", "kv_recomputed", "steps_rerouted")}}
+        "moves", "routed_back", "kv_reused", "kv_recomputed", "steps_rerouted",
+        "replica_bindings", "replica_unbound")}}
 
   # ---- the hook -----------------------------------------------------------------------------
 
   def __call__(self, req: Request) -> bool:
+    if self.replicas and req.item is None and req.cached == 0 and not req.generated:
+      self._bind(req)  # admission: nothing cached, any copy is free to take
     measured = self.measured.get(req.model)
     if not measured:
       return False
     chain, own = self._model_chain(req.model)
+    own = [req.replicas.get(p, inst) for p, inst in enumerate(own)]
     decision = reroute.decide(chain, req.route, measured, req.accuracy_budget,
                               self._loads(req, chain, measured, own), self.config,
                               [i.kind for i in own], cached_tokens=req.cached,
@@ -102,11 +114,93 @@ class Rerouter:
         req.cached = 0
         sched.enqueue_prefill(req)  # replay what it had cached (or restart its prompt)
 
-  def _loads(self, req: Request, chain, measured, own) -> dict[str, reroute.Load]:
-    through = collections.Counter()
+  def through(self, exclude: Request | None = None) -> collections.Counter:
+    """Instance key -> active requests whose chain runs through it."""
+    out = collections.Counter()
     for r in self._scheduler.active:
-      if r is not req:
-        through.update({i.key for seg in r.segments for i in seg.instances})
+      if r is not exclude:
+        out.update({i.key for seg in r.segments for i in seg.instances})
+    return out
+
+  # ---- replicas -----------------------------------------------------------------------------
+
+  def _bind(self, req: Request) -> None:
+    """Binds a just admitted request to the least loaded copy of each replicated block."""
+    adapters = self._scheduler.adapters
+    if adapters is not None and adapters.is_adapter(req.model):
+      return  # its adapter's bank slots live in the primaries
+    own = [i for s in self._model_segments(req.model) for i in s.instances]
+    through = self.through(exclude=req)
+    chunk = self._scheduler.config.prefill_chunk
+
+    def options_for(keys):
+      insts = {k: self._instances[k] for k in keys if k in self._instances}
+      opts = []
+      for k, inst in insts.items():
+        room = (inst.pool is None or k in req.leases
+                or inst.pool.can_lease(inst.pool.lease_tokens(req.tokens_needed, chunk)))
+        live = getattr(inst, "available", True) and not getattr(inst, "lost_reason", "")
+        opts.append(replicas_lib.Option(k, through[k], inst.batch_size, room and live))
+      return opts, insts
+
+    binding = replicas_lib.bind(own, self.replicas, options_for)
+    if binding and self._rebind(req, binding):
+      self.counts["replica_bindings"] += 1
+
+  def can_unbind(self, req: Request, keys: set[str]) -> bool:
+    """Whether the instances `unbind` would move the request onto have KV room for it now."""
+    chunk = self._scheduler.config.prefill_chunk
+    targets = [inst for p, inst in enumerate(
+        i for s in self._model_segments(req.model) for i in s.instances)
+        if p in req.replicas and req.replicas[p].key in keys and dict(req.route).get(p) is None]
+    need = collections.Counter(i.key for i in targets if i.kind == LAYERS)
+    return all(self._instances[k].pool.can_lease(
+        self._instances[k].pool.lease_tokens(req.tokens_needed, chunk),
+        n - len(req.leases.get(k, []))) for k, n in need.items() if n > len(req.leases.get(k, [])))
+
+  def unbind(self, req: Request, keys: set[str]) -> bool:
+    """Moves a (paused) request off the copies `keys` onto its chain's own instances; False
+    when their KV pools have no room for it now. The caller replays its KV."""
+    binding = {p: i for p, i in req.replicas.items() if i.key not in keys}
+    if not self._rebind(req, binding):
+      return False
+    self.counts["replica_unbound"] += 1
+    return True
+
+  def _rebind(self, req: Request, binding: dict[int, Any]) -> bool:
+    """The request's chain becomes its model's own instances with `binding`'s copies and its
+    current substitutions; leases, segments and page tables follow (all or nothing)."""
+    own_segments = self._model_segments(req.model)
+    own = [i for s in own_segments for i in s.instances]
+    bound = [binding.get(p, inst) for p, inst in enumerate(own)]
+    at = {p: self._instances[b] for p, b in req.route}
+    new_chain = [at.get(p, inst) for p, inst in enumerate(bound)]
+    if not self._acquire(req, new_chain):
+      return False
+    self._release(req, new_chain)
+    req.replicas = dict(binding)
+    req.segments = self._segments_for(req.model, at, self._bound_segments(own_segments, binding))
+    req.tables = _tables(req)
+    return True
+
+  def _bound_segments(self, own: list[Segment], binding: Mapping[int, Any]) -> list[Segment]:
+    """The model's segments with bound copies in place of its instances: a segment keeps its
+    cut (a fused run of replicated blocks stays one call); one segment object per key."""
+    if not binding:
+      return own
+    out, pos = [], 0
+    for seg in own:
+      insts = [binding.get(pos + j, inst) for j, inst in enumerate(seg.instances)]
+      if all(a is b for a, b in zip(insts, seg.instances)):
+        out.append(seg)
+      else:
+        new = Segment(insts, seg.start)
+        out.append(self._scheduler.segments.setdefault(new.key, new))
+      pos += len(seg.instances)
+    return out
+
+  def _loads(self, req: Request, chain, measured, own) -> dict[str, reroute.Load]:
+    through = self.through(exclude=req)
     loads = {}
     for block in set(chain) | reroute.candidates_of(measured):
       inst = self._instances.get(block)
@@ -123,7 +217,7 @@ class Rerouter:
   def _move(self, req: Request, chain, own, decision: reroute.Decision) -> bool:
     """Moves the request onto the decision's route; True when its KV must be replayed."""
     at = {p: self._instances[b] for p, b in decision.route}
-    new_chain = [at.get(p, inst) for p, inst in enumerate(own)]
+    new_chain = [at.get(p, inst) for p, inst in enumerate(own)]  # own: the bound chain
     if not self._acquire(req, new_chain):
       return False  # no KV room after all: stay on the current route
     old_chain = [i for seg in req.segments for i in seg.instances]
@@ -145,7 +239,8 @@ class Rerouter:
         self._copy_kv(req, src, dst)
       self.counts["kv_reused"] += 1
     self._release(req, new_chain)
-    req.segments = self._segments_for(req.model, at)
+    req.segments = self._segments_for(req.model, at, self._bound_segments(
+        self._model_segments(req.model), req.replicas))
     req.tables = _tables(req)
     req.route = decision.route
     self.events.append({"request": req.handle.request_id, "tenant": req.tenant,
@@ -186,13 +281,15 @@ class Rerouter:
       if not leases:
         del req.leases[key]
 
-  def _segments_for(self, model: str, at: Mapping[int, Any]) -> list[Segment]:
+  def _segments_for(self, model: str, at: Mapping[int, Any],
+                    own: list[Segment] | None = None) -> list[Segment]:
     """The request's new chain of instances cut into segments: at each position the longest
     segment the engine already runs that starts there with the same instances (the model's own,
     or another model's — a route onto the base's blocks batches with the base's requests in the
     base's fused call, compiled shapes included); where none does, the rest of the model's own
-    segment up to the next substituted position, or the substituted instance alone."""
-    own = self._model_segments(model)
+    segment up to the next substituted position, or the substituted instance alone. `own`: the
+    request's bound segments (replicas in place), else the model's."""
+    own = own if own is not None else self._model_segments(model)
     if not at:
       return own
     chain = [i for s in own for i in s.instances]

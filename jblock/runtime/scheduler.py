@@ -68,6 +68,8 @@ class Request:
   replay_to: int = 0  # > 0 while replaying: tokens of prompt + generated to write into KV again
   accuracy_budget: float | None = None  # the tenant's budget for rerouting (jblock.runtime.reroute)
   route: frozenset = frozenset()  # (chain position, block id) substitutions it runs with now
+  replicas: dict = dataclasses.field(default_factory=dict)  # chain position -> the replica
+  # instance it was bound to at admission (jblock.runtime.replicas); absent: the chain's own
   rerun_at: int | None = None  # rerun_length, found once (every route shares the layers' config)
 
   @property

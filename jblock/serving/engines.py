@@ -97,6 +97,13 @@ def distributed_engine(zoo_dir: str, models: Sequence[str] | None, num_workers: 
                            instance_factory=factory, executor_factory=executor_factory)
     replanner.engine = engine
     engine.replanner = replanner
+    replicated = {b: ws for b, ws in plan.hosts.items() if len(ws) > 1}
+    if replicated:  # the plan's replicas, hosted once the primaries serve
+      try:
+        replanner.apply(replicated, "initial plan")
+      except Exception:
+        engine.close()
+        raise
     engine.cluster_stats = registry.stats
     registry.on_dead(lambda address, reason: engine.placement_lost(f"worker:{address}", reason))
     registry.on_join(lambda address: engine.retry_lost())

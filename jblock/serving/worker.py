@@ -34,6 +34,7 @@ from jblock.cluster.mailbox import Mailbox
 from jblock.errors import InstanceLostError, InvalidRequestError, JBlockError, UnavailableError
 from jblock.runtime import lora as lora_lib
 from jblock.runtime import mesh as mesh_lib
+from jblock.runtime import replicas as replicas_lib
 from jblock.runtime.engine import _load_on_devices
 from jblock.runtime.executor import gather_rows, run_local_segment
 from jblock.runtime.instance import LocalBlockInstance, instance_stats
@@ -262,13 +263,16 @@ class Placer:
 
   def __init__(self, membership, plan: dict[str, str], links: ClusterLinks | None = None):
     self.membership = membership  # jblock.cluster.membership.Membership
-    self.plan = dict(plan)  # block id -> worker address
+    self.plan = dict(plan)  # block id (a replica: its key, <block id>#n) -> worker address
     self.links = links or ClusterLinks()  # credentials and per-RPC deadlines
     self.rows = rows_lib.RowLedger(self.links)  # hidden rows left on workers, traffic counters
 
   def candidates(self, block_id: str, exclude: Sequence[str] = ()) -> list[str]:
-    """Live workers for `block_id`, best first: its planned one, then the least loaded."""
-    alive = [w for w in self.membership.alive() if w not in exclude]
+    """Live workers for `block_id` (or a replica's key), best first: its planned one, then the
+    least loaded; never one holding another copy of the block (a worker hosts a block once)."""
+    others = {w for k, w in self.plan.items()
+              if k != block_id and replicas_lib.block_of(k) == replicas_lib.block_of(block_id)}
+    alive = [w for w in self.membership.alive() if w not in exclude and w not in others]
     load = {w: 0 for w in alive}
     for w in self.plan.values():
       if w in load:
@@ -295,6 +299,8 @@ class RemoteBlockInstance:
   def __init__(self, key: str, block: Block, block_id: str, batch_size: int, config,
                placer: Placer, zoo_dir: str):
     self.key, self.block_id, self.kind, self.config = key, block_id, block.kind, block.config
+    # The placer's entry: a replica's own key (<block id>#n), else the block id.
+    self._plan_key = key if replicas_lib.block_of(key) == block_id else block_id
     self.batch_size = batch_size
     self.models: set[str] = set()
     self._placer = placer
@@ -322,7 +328,7 @@ class RemoteBlockInstance:
     """Hosts the block on the first candidate worker that takes it; UnavailableError naming
     every refusal when none does."""
     refusals = []
-    for address in self._placer.candidates(self.block_id, exclude):
+    for address in self._placer.candidates(self._plan_key, exclude):
       channel = self._placer.links.channel(address)
       stub = pb_grpc.BlockHostStub(channel)
       try:
@@ -338,7 +344,7 @@ class RemoteBlockInstance:
       self.resident_bytes = response.resident_bytes
       self.lora_bank_bytes = response.lora_bank_bytes
       self.placement = f"worker {address}: {response.placement}"
-      self._placer.placed(self.block_id, address)
+      self._placer.placed(self._plan_key, address)
       return
     raise UnavailableError(f"block {self.block_id[:12]} ({self.kind}) could not be placed on any "
                            f"worker: " + ("; ".join(refusals) or "no live worker"))
@@ -354,12 +360,12 @@ class RemoteBlockInstance:
       old_channel.close()  # fails whatever was still waiting on the dead worker at once
       self._channel = None
     if to is not None:
-      self._placer.placed(self.block_id, to)
+      self._placer.placed(self._plan_key, to)
     try:
       self._host_somewhere(exclude=[old])
     except UnavailableError as e:
       if old_alive:  # a move that found no taker: the old copy serves on
-        self._placer.placed(self.block_id, old)
+        self._placer.placed(self._plan_key, old)
         self.moves.append(f"stayed on {old}: {e}")
         return
       self.moves.append(f"{old}: {reason}")
@@ -471,7 +477,7 @@ class RemoteBlockInstance:
                                f"of block {self.block_id[:12]}: {e.code().name}") from e
 
   def close(self) -> None:
-    self._placer.plan.pop(self.block_id, None)
+    self._placer.plan.pop(self._plan_key, None)
     if self._channel is None:
       return  # lost with its worker: nothing left to free
     try:

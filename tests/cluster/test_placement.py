@@ -2,7 +2,8 @@
 
 import pytest
 
-from jblock.cluster.placement import PlacementError, PlacementInputs, PlannerConfig, diff, plan
+from jblock.cluster.placement import (PlacementError, PlacementInputs, PlannerConfig, diff,
+                                      evaluate, plan)
 
 MB = 1 << 20
 CHAIN = ["embed", "l0", "l1", "l2", "l3", "head"]
@@ -74,6 +75,9 @@ def test_a_hot_shared_bottom_is_replicated_next_to_each_variant():
   assert twice.routes["a"]["l1"] != twice.routes["b"]["l1"]
   assert "replicated" in twice.reasons["l1"]
   assert twice.cost < single.cost
+  # A plan in force is costed with its copies: each chain takes the copy next to its neighbour.
+  assert evaluate(inputs, twice.hosts, PlannerConfig(hop_cost_s=0.01)) == pytest.approx(twice.cost)
+  assert evaluate(inputs, single.hosts, PlannerConfig(hop_cost_s=0.01)) == pytest.approx(single.cost)
 
 
 def test_a_cold_shared_block_is_not_replicated():

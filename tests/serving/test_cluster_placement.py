@@ -61,7 +61,7 @@ def split_cluster(zoo_dir):
     engine, server = distributed_engine(zoo_dir, MODELS, 2, registry, config=CONFIG, wait_s=120,
                                         progress=lambda *_: None, replan=SPLIT,
                                         executor_factory=executors)
-    yield engine, executors, {_address(p) for p in procs}
+    yield engine, executors, {_address(p): p for p in procs}
   finally:
     stop_cluster(server, engine, procs)
 
@@ -71,7 +71,8 @@ def _mailbox_rows(engine) -> dict[str, int]:
 
 
 def test_hidden_states_go_worker_to_worker(split_cluster, expected):
-  engine, _, addresses = split_cluster
+  engine, _, procs = split_cluster
+  addresses = set(procs)
   live = {b["block_id"]: b["worker"] for b in engine.stats()["blocks"]}
   assert set(live.values()) == addresses  # every chain crosses from one worker to the other
   handles = {(m, i): engine.submit(m, PROMPTS[i], max_new_tokens=NEW)
@@ -107,7 +108,8 @@ def test_hidden_states_go_worker_to_worker(split_cluster, expected):
 
 
 def test_planned_split_runs_both_workers_at_once_and_replans_under_load(split_cluster, expected):
-  engine, executors, addresses = split_cluster
+  engine, executors, procs = split_cluster
+  addresses = set(procs)
   stats = engine.stats()
   plan = stats["placement"]["blocks"]
   live = {b["block_id"]: b["worker"] for b in stats["blocks"]}
@@ -142,3 +144,66 @@ def test_planned_split_runs_both_workers_at_once_and_replans_under_load(split_cl
   assert engine.generate("v1", PROMPTS[2], max_new_tokens=NEW) == expected["v1", 2]
   assert engine.generate("base", PROMPTS[3], max_new_tokens=NEW) == expected["base", 3]
   assert engine.replanner.replan("again") == []
+
+
+def _load(engine, address: str) -> dict:
+  return next(w["load"] for w in engine.stats()["workers"] if w["address"] == address)
+
+
+def test_a_replica_on_the_other_worker_shares_the_load_and_drains_when_dropped(
+    split_cluster, expected):
+  engine, _, procs = split_cluster
+  addresses = set(procs)
+  stats = engine.stats()
+  shared = next(b for b in stats["blocks"]
+                if b["kind"] == "layers" and b["models"] == ["base", "v1", "v2"])
+  block, home = shared["block_id"], shared["worker"]
+  other = (addresses - {home}).pop()
+  before = _load(engine, other)["resident_bytes"]
+
+  engine.replanner.apply({block: [home, other]}, "replicate a hot shared block")
+  copies = {c["key"]: c for c in engine.stats()["replicas"][block]}
+  assert {k: c["placement"] for k, c in copies.items()} == {block: home, block + "#1": other}
+  assert engine.stats()["placement"]["blocks"][block]["copies"] == {block: home,
+                                                                    block + "#1": other}
+  grown = wait_until(lambda: _load(engine, other)["resident_bytes"] > before and
+                     _load(engine, other)["resident_bytes"], timeout=10)
+  ran = {k: c["batches_run"] for k, c in copies.items()}
+
+  # Two models' streams at once: bound to both copies, each copy runs batches; tokens unchanged.
+  handles = {(m, i): engine.submit(m, PROMPTS[i], max_new_tokens=NEW)
+             for m in ("v1", "v2") for i in range(4)}
+  assert {k: h.result(timeout=300) for k, h in handles.items()} == {
+      k: expected[k] for k in handles}
+  copies = {c["key"]: c for c in engine.stats()["replicas"][block]}
+  assert all(copies[k]["batches_run"] > ran[k] for k in ran), copies
+
+  # Dropping the replica while requests run through it: they finish there (the drain), then it
+  # is unhosted and its worker's bytes go back to what they were.
+  handles = {(m, i): engine.submit(m, PROMPTS[i], max_new_tokens=NEW)
+             for m in ("v1", "v2") for i in range(2)}
+  wait_until(lambda: all(len(h.tokens) >= 1 for h in handles.values()), timeout=120)
+  through = {c["key"]: c["requests"] for c in engine.stats()["replicas"][block]}
+  assert through[block + "#1"] >= 1, through
+  engine.replanner.apply({block: [home]}, "the block cooled down")
+  # Drained before the replica went: at least its requests are done by now.
+  assert sum(h.done for h in handles.values()) >= through[block + "#1"]
+  assert {k: h.result(timeout=1) for k, h in handles.items()} == {k: expected[k] for k in handles}
+  assert block not in engine.stats()["replicas"]
+  assert block + "#1" not in engine.replanner.placer.plan
+  assert engine.stats()["reroute"]["replica_unbound"] == 0  # nothing had to be replayed
+  wait_until(lambda: _load(engine, other)["resident_bytes"] == before, timeout=10)
+  assert grown - before > 0
+  assert engine.generate("v2", PROMPTS[1], max_new_tokens=NEW) == expected["v2", 1]
+
+  # The replica's worker is killed mid-decode: the replica is dropped and its requests replay
+  # onto the primary; every request ends with the reference tokens.
+  engine.replanner.apply({block: [home, other]}, "replicate again")
+  handles = {(m, i): engine.submit(m, PROMPTS[i], max_new_tokens=NEW)
+             for m in ("v1", "v2") for i in range(3)}
+  wait_until(lambda: all(len(h.tokens) >= 1 for h in handles.values()), timeout=120)
+  assert {c["key"]: c["requests"] for c in engine.stats()["replicas"][block]}[block + "#1"] >= 1
+  procs[other].kill()
+  assert {k: h.result(timeout=120) for k, h in handles.items()} == {k: expected[k] for k in handles}
+  wait_until(lambda: block not in engine.stats()["replicas"], timeout=30)
+  assert engine.stats()["reroute"]["replica_unbound"] >= 1
