@@ -283,7 +283,8 @@ class Engine:
     shapes = [(b, 1, w) for b in cfg.batch_buckets(seg.batch_size) for w in cfg.width_buckets()]
     shapes += [(b, t, pages_for(t, cfg.page_size)) for b in cfg.batch_buckets(seg.batch_size)
                for t in cfg.prefill_buckets]
-    # A segment with LoRA banks runs with a bank-column list of one of a few sizes (each compiled).
+    # A segment with LoRA banks runs its one-token batches with a bank-column list of one of a few
+    # sizes (each compiled); prompt chunks run without one.
     banks = tuple(tuple(sorted(getattr(i, "lora_bank", None) or ())) for i in seg.layers)
     cols = [None]
     if any(banks):
@@ -292,6 +293,9 @@ class Engine:
       self._warmed_banks.add((seg.key, banks))
       cols = self._adapters.buckets
     for (b, t, w), c in itertools.product(shapes, cols):
+      if t > 1 and c != cols[0]:
+        continue  # prompt chunks run without a column list (the scheduler sends none): once
+      c = None if t > 1 else c
       if c is not None and c > self._adapters.bucket_for(b * self._adapters.max_rank):
         continue  # b rows use at most b slots' columns: a bigger list never meets this batch size
       c = None if c is None else np.full(c, -1, np.int32)

@@ -298,7 +298,9 @@ class Scheduler:
         meta.top_p[row] = p.top_p
         meta.set_seed(row, p.seed)
         meta.step[row] = len(req.generated)
-    if self.adapters is not None and seg.layers and any(
+    # Bank columns serve one-token rows only: a prompt chunk multiplies each row by its own
+    # slot's factors (jblock.models.lora.delta), so it compiles without a column list.
+    if self.adapters is not None and t_pad == 1 and seg.layers and any(
         getattr(i, "lora_bank", None) for i in seg.layers):
       meta.lora_cols = self.adapters.columns(meta.adapter[:len(items)])
     return BlockBatch(next(self._batches), seg, items, b_pad, t_pad, meta)
