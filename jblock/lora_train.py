@@ -70,7 +70,8 @@ def train_lora(base_hf_dir: str, stream: np.ndarray, targets: Sequence[str], r: 
     for m, (layer, paths, outs) in splits.items():
       parts = jnp.split(lora[m]["b"] * scale, np.cumsum(outs)[:-1], axis=1)
       for path, bp in zip(paths, parts):
-        banks[layer_pos[layer]][f"layer_0/{path}"] = {"a": lora[m]["a"][:, None], "b": bp[None]}
+        # One-slot bank in the serving layout: a [1, r, in] (A transposed), b [1, r, out].
+        banks[layer_pos[layer]][f"layer_0/{path}"] = {"a": lora[m]["a"].T[None], "b": bp[None]}
     x = tokens
     for i, (block, fn) in enumerate(zip(blocks, fns)):
       p = frozen[i]
