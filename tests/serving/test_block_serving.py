@@ -24,7 +24,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 MODELS = ["base", "v1", "v2"]
 PROMPTS = [[(7 * i + j) % 128 for j in range(3 + 4 * i)] for i in range(6)]
 NEW = 12
-CONFIG = EngineConfig(batch_size=4, kv_slots=8, max_seq_len=64, prefill_chunk=16, length_buckets=(16,))
+# No warm-up: these tests compile only the shapes their requests reach (warm-up runs in
+# tests/runtime/test_engine.py).
+CONFIG = EngineConfig(batch_size=4, kv_slots=8, max_seq_len=64, prefill_chunk=16, length_buckets=(16,),
+                      warmup=False)
 
 
 @pytest.fixture(scope="module")
