@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 
+from jblock.bench.servers import stop_process
 from jblock.cluster.membership import MembershipConfig
 from jblock.runtime.engine import EngineConfig
 
@@ -121,9 +122,7 @@ def run(spec: FaultBenchSpec, zoo_dir: str, models: list[str], registry_port: in
     if engine is not None:
       engine.close()
     for p in workers:
-      if p.poll() is None:
-        p.kill()
-      p.wait(timeout=10)
+      stop_process(p)
 
 
 def _address_of(proc) -> str:

@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from jblock.bench.servers import stop_process
+
 DESIGNS = ("serial", "concurrent", "worker_to_worker")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -55,11 +57,11 @@ def _traffic_totals(traffic: dict) -> dict:
   return {k: sum(t[k] for t in traffic.values()) for k in keys}
 
 
-class _Executors:
+class TimedExecutors:
   """The engine's executor factory, switchable between rounds: one thread for all workers
-  (serial) or one per worker; each RunBlock timed, after the injected latency."""
+  (serial) or one per worker; each RunBlock timed (`spans`), after the injected latency."""
 
-  def __init__(self, latency_s: float):
+  def __init__(self, latency_s: float = 0.0):
     self.latency_s = latency_s
     self.serial = False
     self.spans = []  # (worker, start, end)
@@ -91,7 +93,7 @@ class _Executors:
 
 
 class _Switched:
-  def __init__(self, executors: _Executors, key: str, done):
+  def __init__(self, executors: TimedExecutors, key: str, done):
     self._executors, self._key, self._done = executors, key, done
     self.placement = key
 
@@ -99,7 +101,7 @@ class _Switched:
     self._executors.thread(self._key, self._done).submit(batch)
 
   def close(self) -> None:
-    pass  # the threads are shared: _Executors.close
+    pass  # the threads are shared: TimedExecutors.close
 
 
 def run_cluster(zoo: str, models, prompts, max_new_tokens: int, latency_s: float,
@@ -113,7 +115,7 @@ def run_cluster(zoo: str, models, prompts, max_new_tokens: int, latency_s: float
   streams = len(prompts)
   config = EngineConfig(batch_size=4, kv_slots=streams, max_seq_len=64, prefill_chunk=16,
                         length_buckets=(16,), warmup=False, compilation_cache_dir="")
-  executors = _Executors(latency_s)
+  executors = TimedExecutors(latency_s)
   procs = [_worker(zoo, registry, latency_s * 1e3) for _ in range(2)]
   engine = server = None
   try:
@@ -167,12 +169,7 @@ def run_cluster(zoo: str, models, prompts, max_new_tokens: int, latency_s: float
     if server is not None:
       server.stop(0)
     for p in procs:
-      p.terminate()
-      try:
-        p.wait(timeout=15)
-      except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait(timeout=10)
+      stop_process(p, grace_s=15.0)
 
 
 def run(zoo: str, streams: int, max_new_tokens: int, latencies_ms, repeats: int = 3,

@@ -12,6 +12,23 @@ from typing import Sequence
 _READY = re.compile(r"serving on ([\d.]+):(\d+) ")
 
 
+def stop_process(proc: subprocess.Popen, grace_s: float = 0.0) -> int | None:
+  """Stops a child process: SIGTERM and up to `grace_s` seconds to exit (0: no grace), then
+  SIGKILL; closes its stdout pipe if it has one. Returns its exit status."""
+  if proc.poll() is None and grace_s > 0:
+    proc.send_signal(signal.SIGTERM)
+    try:
+      proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+      pass
+  if proc.poll() is None:
+    proc.kill()
+  proc.wait(30.0)
+  if proc.stdout:
+    proc.stdout.close()
+  return proc.returncode
+
+
 def _child_env() -> dict[str, str]:
   env = dict(os.environ)
   # Tests force several host devices; a bench server uses one, like a real CPU deployment.
@@ -77,15 +94,7 @@ class ServerProcess:
 
   def stop(self, timeout_s: float = 30.0) -> int | None:
     """SIGTERM (the server drains), wait, then SIGKILL if it is still there."""
-    if self.proc.poll() is None:
-      self.proc.send_signal(signal.SIGTERM)
-      try:
-        self.proc.wait(timeout_s)
-      except subprocess.TimeoutExpired:
-        self.proc.kill()
-        self.proc.wait(30.0)
-    if self.proc.stdout:
-      self.proc.stdout.close()
+    stop_process(self.proc, timeout_s)
     if self._log is not subprocess.DEVNULL:
       self._log.close()
     return self.proc.returncode

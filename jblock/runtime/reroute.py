@@ -151,7 +151,8 @@ def decide(chain: list[str], current: Route, measured: Mapping[Route, Measured],
       return False
     return not moving_in or (load.kv_room and load.requests < load.threshold)
 
-  on_now = {p for p, _ in current}
+  on_now_at = dict(current)  # position -> block the request runs through there now
+  on_now = set(on_now_at)
   best, best_score = None, None
   for route in routes:
     if not all(usable(b, (p, b) not in current) for p, b in route):
@@ -174,7 +175,7 @@ def decide(chain: list[str], current: Route, measured: Mapping[Route, Measured],
   if (best != current and cached_tokens and remaining_tokens is not None
       and any(m.kv == RECOMPUTE for m in moves)
       and current in routes
-      and all(usable(dict(current).get(p, own), False) for p, own in enumerate(chain))
+      and all(usable(on_now_at.get(p, own), False) for p, own in enumerate(chain))
       and remaining_tokens < config.replay_min_remaining * cached_tokens):
     best, moves = current, ()  # the current route still runs: not worth a replay this late
   return Decision(best, moves, measured[best].disagreement if best in measured else 0.0)

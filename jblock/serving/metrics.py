@@ -45,8 +45,8 @@ class _EngineStatsCollector(Collector):
       free.add_metric(key, block.get("kv_slots_free", 0))
       resident.add_metric(key, block.get("resident_bytes", 0))
     yield from (occupancy, used, free, resident)
-    yield from _reroute_counters(stats.get("reroute") or {})
-    yield from _adapter_counters(stats.get("adapters") or {})
+    yield from _counters(_REROUTE, stats.get("reroute") or {})
+    yield from _counters(_ADAPTERS, stats.get("adapters") or {})
 
 
 # engine.stats()["reroute"] key -> (metric name without _total, help)
@@ -66,17 +66,11 @@ _ADAPTERS = {
 }
 
 
-def _reroute_counters(reroute: dict):
-  for key, (name, doc) in _REROUTE.items():
+def _counters(table: dict, section: dict):
+  """One counter per `table` entry, read from that key of an engine.stats() section."""
+  for key, (name, doc) in table.items():
     metric = CounterMetricFamily(name, doc)
-    metric.add_metric([], reroute.get(key, 0))
-    yield metric
-
-
-def _adapter_counters(adapters: dict):
-  for key, (name, doc) in _ADAPTERS.items():
-    metric = CounterMetricFamily(name, doc)
-    metric.add_metric([], adapters.get(key, 0))
+    metric.add_metric([], section.get(key, 0))
     yield metric
 
 

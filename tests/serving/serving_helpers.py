@@ -3,6 +3,8 @@
 import socket
 import time
 
+from jblock.bench.servers import stop_process
+
 
 def free_port() -> int:
   with socket.socket() as s:
@@ -35,7 +37,4 @@ def stop_cluster(server, engine, procs) -> None:
   if engine is not None:
     engine.close()
   for p in procs:
-    if p.poll() is None:
-      p.kill()
-    p.wait(timeout=10)
-    p.stdout.close()
+    stop_process(p)

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
+from jblock.bench.pipeline_bench import TimedExecutors
 from jblock.cluster.placement import PlannerConfig
 from jblock.cluster.replan import ReplanConfig
-from jblock.runtime.executor import ThreadExecutor
 from jblock.serving.engines import distributed_engine
 from tests.serving.serving_helpers import free_port, stop_cluster, wait_until
 from tests.serving.test_block_serving import MODELS, NEW, PROMPTS
@@ -20,34 +20,14 @@ from tests.serving.test_cluster_faults import CONFIG, _address, _worker
 SPLIT = ReplanConfig(PlannerConfig(hop_cost_s=1e-6, bytes_per_s=1e9), min_gain=0.01)
 
 
-class _TimedExecutors:
-  """The engine's executors (one thread per worker), timing each RunBlock as its thread runs it."""
-
-  def __init__(self):
-    self.spans = []  # (worker, start, end)
-    self._executors = {}
-
-  def __call__(self, inst, done):
-    if inst.executor_key not in self._executors:
-      self._executors[inst.executor_key] = ThreadExecutor(inst.executor_key, self._run, done)
-    return self._executors[inst.executor_key]
-
-  def _run(self, batch):
-    inst = batch.segment.instances[0]
-    start = time.perf_counter()
-    try:
-      return inst.run_batch(batch)
-    finally:
-      self.spans.append((inst.address, start, time.perf_counter()))
-
-  def overlap(self) -> float:
-    """Seconds during which RunBlocks on two different workers were both running."""
-    best = 0.0
-    for i, (w1, s1, e1) in enumerate(self.spans):
-      for w2, s2, e2 in self.spans[i + 1:]:
-        if w1 != w2:
-          best = max(best, min(e1, e2) - max(s1, s2))
-    return best
+def _overlap(spans) -> float:
+  """Seconds during which RunBlocks on two different workers were both running."""
+  best = 0.0
+  for i, (w1, s1, e1) in enumerate(spans):
+    for w2, s2, e2 in spans[i + 1:]:
+      if w1 != w2:
+        best = max(best, min(e1, e2) - max(s1, s2))
+  return best
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +36,15 @@ def split_cluster(zoo_dir):
   registry = free_port()
   procs = [_worker(zoo_dir, registry), _worker(zoo_dir, registry)]
   engine = server = None
+  executors = TimedExecutors()  # one thread per worker, each RunBlock timed
   try:
-    executors = _TimedExecutors()
     engine, server = distributed_engine(zoo_dir, MODELS, 2, registry, config=CONFIG, wait_s=120,
                                         progress=lambda *_: None, replan=SPLIT,
                                         executor_factory=executors)
     yield engine, executors, {_address(p): p for p in procs}
   finally:
     stop_cluster(server, engine, procs)
+    executors.close()
 
 
 def _mailbox_rows(engine) -> dict[str, int]:
@@ -125,7 +106,7 @@ def test_planned_split_runs_both_workers_at_once_and_replans_under_load(split_cl
              for m in MODELS for i in range(len(PROMPTS))}
   assert {k: h.result(timeout=300) for k, h in handles.items()} == expected
   assert {w for w, _, _ in executors.spans} == addresses
-  assert executors.overlap() > 0.0  # two RPCs on different workers running at the same time
+  assert _overlap(executors.spans) > 0.0  # two RPCs on different workers running at the same time
 
   # Load shifts to one model and hops turn out dear (say, a slower link): the re-plan
   # measures the shift and joins the chains on one worker, moving blocks (new copy, replay,
