@@ -171,11 +171,12 @@ def run_block(request, spec: Hosted, mailbox=None):
     if name in col:
       _columns(name, col[name], low, high)
   if n_tables:
-    pages = ints[:, k:]
-    if pages.min() < 0 or pages.max() >= spec.num_pages:
-      bad = pages[(pages < 0) | (pages >= spec.num_pages)][0]
+    pages = ints[:, k:]  # -1 - page: a read-only page (jblock.runtime.kv)
+    if pages.min() < -spec.num_pages or pages.max() >= spec.num_pages:
+      bad = pages[(pages < -spec.num_pages) | (pages >= spec.num_pages)][0]
       raise InvalidRequestError("inputs['ints'] (page table)", f"page {int(bad)} is outside "
-                                f"this block's pool [0, {spec.num_pages})")
+                                f"this block's pool [0, {spec.num_pages}) (or its read-only "
+                                f"encoding [-{spec.num_pages}, -1])")
   temperature, top_p = floats[:, 0], floats[:, 1]
   if not np.all(np.isfinite(floats)):
     raise InvalidRequestError("inputs['floats']", "temperature and top_p must be finite")

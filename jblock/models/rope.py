@@ -84,6 +84,12 @@ def rope_from_params(params: dict[str, Any] | None, hf: dict[str, Any], head_dim
   return out
 
 
+def depends_on_length(rope: dict[str, Any] | None) -> bool:
+  """Whether a position's rotation depends on the whole sequence's length (then the KV of a
+  prefix is not the same in a longer sequence)."""
+  return bool(rope) and rope.get("rope_type") in ("dynamic", "longrope")
+
+
 def rerun_length(rope: dict[str, Any] | None) -> int:
   """The cached length at which a generation runs its whole sequence again (Phi-3 LongRoPE: the
   step that first exceeds the original length switches every position to the long factors);

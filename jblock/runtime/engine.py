@@ -67,6 +67,7 @@ class EngineConfig:
   lora_slots: int = 4  # LoRA adapters resident at once (bank slots per base layers block)
   lora_max_rank: int = 16  # bank factors are padded to this rank; larger adapters are refused
   reroute: RerouteConfig = RerouteConfig()  # steps onto equivalent blocks under load
+  enable_prefix_caching: bool = True  # reuse computed prefixes' KV, across models that share blocks
 
   def kv_slots_for(self, block_id: str) -> int:
     for prefix, slots in self.kv_slots_by_block:
@@ -92,7 +93,7 @@ class EngineConfig:
         prefill_chunk=self.prefill_chunk, prefill_buckets=tuple(self.prefill_buckets()),
         max_waiting=self.max_waiting, max_waiting_per_model=self.max_waiting_per_model,
         max_in_flight_per_segment=self.max_in_flight_per_segment, page_size=self.page_size,
-        max_pages=self.max_pages)
+        max_pages=self.max_pages, prefix_caching=self.enable_prefix_caching)
 
   def batch_buckets(self, batch_size: int) -> list[int]:
     return self.scheduler_config().batch_buckets(batch_size)
@@ -407,7 +408,8 @@ class Engine:
       handle = RequestHandle(rid, model, len(prompt), params, on_cancel=self._cancel)
       stop = frozenset(params.stop_token_ids) | frozenset(spec.config.eos_token_ids)
       req = self._scheduler.add(handle, model, tenant or "", prompt, params,
-                                self._segments[model], stop)
+                                self._segments[model], stop,
+                                kv_salt=",".join(d or "" for d in spec.delta_ids or ()))
       req.accuracy_budget = accuracy_budget
       self._requests[rid] = req
       handle._engine_request = req
@@ -578,9 +580,7 @@ class Engine:
         for req in [r for r in through() if self._rerouter.can_unbind(r, {key})]:
           replay.pause(sched, req)
           moved += self._rerouter.unbind(req, {key})
-          if req.replay_to:  # paused mid-replay: the replay restarts towards the same target
-            req.cached = req.replay_to
-          replay.resume(sched, req)  # its KV replayed on the primary
+          replay.resume(sched, req)  # its KV replayed on the primary (towards the same target)
         if through():
           self._lock.wait(timeout=0.05)
       for req in through():
@@ -621,6 +621,8 @@ class Engine:
     with self._lock:
       for inst in lost:
         inst.available = inst.key not in failed
+        if inst.pool is not None:
+          inst.pool.drop_cache()  # re-hosted empty: its registered prefixes are gone
       doomed = [r for r in list(self._scheduler.active) if replay.uses(r, set(failed))]
       for req in doomed:
         if req not in affected:
@@ -669,6 +671,7 @@ class Engine:
           "models": {name: [inst.key for inst in chain] for name, (_, chain) in self._models.items()},
           "segments": {name: [list(s.key) for s in segs] for name, segs in self._segments.items()},
           "adapters": self._adapters.stats(),
+          "prefix_cache": _prefix_stats(sched, self._instances.values()),
           "reroute": self._rerouter.stats(),
           "workers": self.cluster_stats() if self.cluster_stats else [],
           "recoveries": [dict(e) for e in self._recoveries],
@@ -713,6 +716,15 @@ class Engine:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def _prefix_stats(scheduler, instances) -> dict[str, Any]:
+  """Request-level prefix-cache figures and the pages every KV pool holds for it."""
+  pools = [i.pool for i in instances if i.pool is not None]
+  pages = collections.Counter()
+  for pool in pools:
+    pages.update(pool.cache_stats())
+  return {**scheduler.prefix_stats(), **pages, "enabled": scheduler.config.prefix_caching}
 
 
 def _load_on_devices(zoo, block_id: str, mesh) -> Block:

@@ -107,12 +107,14 @@ class FakeInstance:
     return ((sums * 31 + meta.step + salt) % self.config["vocab_size"]).astype(np.int32)
 
   def _layers(self, x, meta, table_index: int):
-    tables = meta.page_tables[table_index]
+    encoded = meta.page_tables[table_index]
+    tables = np.where(encoded < 0, -1 - encoded, encoded)  # read-only pages (jblock.runtime.kv)
     for row in range(x.shape[0]):
       start, n = int(meta.starts[row]), int(meta.n_valid[row])
-      for j in range(n):  # write this chunk's tokens into the row's pages
+      for j in range(n):  # write this chunk's tokens into the row's pages (not read-only ones)
         pos = start + j
-        self.kv[tables[row, pos // _PAGE_SIZE], pos % _PAGE_SIZE] = x[row, j, 0]
+        if encoded[row, pos // _PAGE_SIZE] >= 0:
+          self.kv[tables[row, pos // _PAGE_SIZE], pos % _PAGE_SIZE] = x[row, j, 0]
       if n:  # read the whole context back through the page table
         context = self.kv[tables[row, :-(-(start + n) // _PAGE_SIZE)]].reshape(-1)[:start + n]
         x[row, :n, 1] = np.cumsum(context)[start:start + n]

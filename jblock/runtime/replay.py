@@ -11,7 +11,8 @@ resumed with a replay:
 The replayed tokens are the prompt and the tokens already generated (all but the last, which is
 the input of the pending decode step), sent as non-final prefill chunks: nothing is sampled or
 emitted while replaying, so the stream goes on exactly where it stopped. Its page leases are
-kept, and KV writes are positional, so the replay overwrites the same pages in every instance.
+kept, and KV writes are positional, so the replay overwrites the same pages in every instance
+(except registered prefix pages, which are read-only: the replay starts after them).
 The pending step then runs with the same position and sampling step as it would have: greedy
 (and seeded) output equals an undisturbed run's.
 """
@@ -45,16 +46,12 @@ def pause(scheduler: Scheduler, req: Request) -> None:
 
 
 def resume(scheduler: Scheduler, req: Request) -> None:
-  """Queues a paused request again: a replay of its cached tokens, then its pending step.
+  """Queues a paused request again: a replay of its cached tokens (from the longest prefix its
+  KV pages still hold registered), then its pending step (Scheduler.resume).
 
   A request still in its prompt restarts the prompt (nothing was sampled yet).
   """
-  if req.done:
-    return
-  if req.generated:
-    req.replay_to = req.cached  # = len(prompt) + len(generated) - 1
-  req.cached = 0
-  scheduler.enqueue_prefill(req)
+  scheduler.resume(req)
 
 
 def pause_all(scheduler: Scheduler, keys: set[str]) -> list[Request]:

@@ -110,9 +110,7 @@ class Rerouter:
           continue
         if not recompute:
           self.counts["kv_recomputed"] += 1  # cut elsewhere: the step restarts from its tokens
-        req.replay_to = req.cached if req.generated else 0
-        req.cached = 0
-        sched.enqueue_prefill(req)  # replay what it had cached (or restart its prompt)
+        sched.resume(req)  # replay what it had cached (or restart its prompt)
 
   def through(self, exclude: Request | None = None) -> collections.Counter:
     """Instance key -> active requests whose chain runs through it."""
@@ -232,6 +230,10 @@ class Rerouter:
         copies.append((src, dst))
       else:
         recompute = True
+    first = min((m.position for m in decision.moves), default=len(own))
+    if not self._scheduler.detach_prefix(req, first, recompute or req.cached == 0):
+      self._release(req, old_chain)  # no KV room to un-share its prefix: stay on the route
+      return False
     if recompute:
       self.counts["kv_recomputed"] += 1
     elif copies:

@@ -10,6 +10,14 @@ Admission is fair across tenants and never blocked by one request: every (tenant
 its own FIFO, and each round admits, among the queue heads whose KV fits now, the one whose
 tenant has the fewest active requests (then the oldest). A head that does not fit waits without
 holding up anyone else's queue.
+
+Prefix caching (jblock.runtime.kv): at admission every lease adopts the cached pages of its
+longest registered prefix, and the request starts computing at the shortest of them (a page
+boundary; its last prompt token is always computed, for its logits). Where an instance holds
+more of the prefix than others (a shared bottom block that another variant filled), the
+request recomputes those positions for the instances above but never rewrites the shared
+pages. As a request's KV reaches a full page in every pool of its chain, the page is
+registered for later requests.
 """
 
 import collections
@@ -24,6 +32,7 @@ from jblock.blocks import LAYERS
 from jblock.errors import JBlockError, OverloadedError
 from jblock.models import rope as rope_lib
 from jblock.runtime.engine_api import RequestHandle, SamplingParams
+from jblock.runtime import prefix as prefix_lib
 from jblock.runtime.kv import Lease, pages_for
 from jblock.runtime.segments import Segment
 from jblock.runtime.step import BlockBatch, StepItem, StepMeta
@@ -38,6 +47,7 @@ class SchedulerConfig:
   max_in_flight_per_segment: int = 1  # batches of one segment dispatched and not yet done
   page_size: int = 16  # tokens per KV page
   max_pages: int = 16  # pages of the longest request (max_seq_len / page_size)
+  prefix_caching: bool = True  # reuse the KV of prefixes already computed (jblock.runtime.kv)
 
   def batch_buckets(self, batch_size: int) -> list[int]:
     return [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < batch_size] + [batch_size]
@@ -71,6 +81,10 @@ class Request:
   replicas: dict = dataclasses.field(default_factory=dict)  # chain position -> the replica
   # instance it was bound to at admission (jblock.runtime.replicas); absent: the chain's own
   rerun_at: int | None = None  # rerun_length, found once (every route shares the layers' config)
+  kv_salt: str = ""  # what changes its KV besides the chain's blocks (an adapter's delta ids)
+  token_hashes: list = dataclasses.field(default_factory=list)  # per full page (jblock.runtime.kv)
+  committed_pages: int = 0  # full pages of its KV last offered to the prefix cache
+  prefix_hit: int = 0  # prompt tokens whose KV it found cached at admission
 
   @property
   def tokens_needed(self) -> int:
@@ -95,6 +109,7 @@ class Scheduler:
     self.in_flight: collections.Counter = collections.Counter()  # segment key -> batches
     self.active: set[Request] = set()
     self.finished = collections.Counter()
+    self.prefix = collections.Counter()  # prefix-cache counters: requests, tokens, hits
     self._arrivals = itertools.count()
     self._batches = itertools.count()
     self.adapters = None  # LoRA bank slots (jblock.runtime.lora.AdapterBanks), set by the engine
@@ -110,15 +125,18 @@ class Scheduler:
     return sum(len(q) for q in self.waiting.values())
 
   def add(self, handle: RequestHandle, model: str, tenant: str, prompt: list[int],
-          params: SamplingParams, segments: list[Segment], stop_ids: frozenset[int]) -> Request:
-    """Queues a request; OverloadedError when the waiting bounds are reached."""
+          params: SamplingParams, segments: list[Segment], stop_ids: frozenset[int],
+          kv_salt: str = "") -> Request:
+    """Queues a request; OverloadedError when the waiting bounds are reached. `kv_salt`: what
+    besides its chain's blocks changes its KV (an adapter's deltas): keys its cached prefixes."""
     cfg = self.config
     if self.num_waiting >= cfg.max_waiting:
       raise OverloadedError(f"admission queue is full ({cfg.max_waiting} waiting)")
     per_model = cfg.max_waiting_per_model or cfg.max_waiting
     if sum(len(q) for (t, m), q in self.waiting.items() if m == model) >= per_model:
       raise OverloadedError(f"admission queue of model {model!r} is full ({per_model} waiting)")
-    req = Request(handle, model, tenant, prompt, params, segments, stop_ids, next(self._arrivals))
+    req = Request(handle, model, tenant, prompt, params, segments, stop_ids, next(self._arrivals),
+                  kv_salt=kv_salt)
     self.waiting.setdefault((tenant, model), collections.deque()).append(req)
     return req
 
@@ -221,6 +239,7 @@ class Scheduler:
     self.active.add(req)
     if self.router is not None:
       self.router(req)  # nothing cached yet: nothing to replay
+    self._adopt_prefix(req)
     self.enqueue_prefill(req)
 
   def enqueue_prefill(self, req: Request) -> None:
@@ -233,6 +252,58 @@ class Scheduler:
     t_pad = next(b for b in sorted(cfg.prefill_buckets) + [cfg.prefill_chunk] if b >= n)
     final = start + n == len(req.prompt) and not req.replay_to
     self._enqueue(StepItem(req, 0, start, n, t_pad, final, tokens[start:start + n]))
+
+  # ---- prefix caching (jblock.runtime.prefix) -----------------------------------------------
+
+  def _adopt_prefix(self, req: Request) -> None:
+    self.prefix["requests"] += 1
+    self.prefix["prompt_tokens"] += len(req.prompt)
+    if not self.config.prefix_caching:
+      return
+    req.cached = req.prefix_hit = prefix_lib.adopt(req, self.config.page_size)
+    self.prefix["hit_tokens"] += req.prefix_hit
+    self.prefix["requests_hit"] += req.prefix_hit > 0
+
+  def _commit_prefix(self, req: Request) -> None:
+    if self.config.prefix_caching:
+      prefix_lib.commit(req, self.config.page_size)
+
+  def detach_prefix(self, req: Request, from_position: int, recompute: bool) -> bool:
+    """Before the request's route changes at chain position `from_position`: its leases there
+    and above stop feeding the prefix cache (and, with `recompute`, stop reading it). False when
+    a KV pool has no room for that (the route must not change then)."""
+    leases, pos = [], 0
+    for seg, tables in zip(req.segments, req.tables):
+      layers = iter(tables)
+      for inst in seg.instances:
+        lease = next(layers) if inst.kind == LAYERS else None
+        if lease is not None and pos >= from_position:
+          leases.append(lease)
+        pos += 1
+    return prefix_lib.detach(req, leases, recompute)
+
+  def resume(self, req: Request) -> None:
+    """Queues a paused request again: a replay of its cached tokens from the longest prefix its
+    leases still hold registered, then its pending step. A request still in its prompt restarts
+    the prompt (nothing was sampled yet) from that prefix."""
+    if req.done:
+      return
+    target = max(req.cached, req.replay_to) if req.generated else len(req.prompt)
+    start = prefix_lib.reusable(req, self.config.page_size) if self.config.prefix_caching else 0
+    start = min(start, (target - 1) // self.config.page_size * self.config.page_size)
+    if req.generated and start >= target:
+      req.cached, req.replay_to = target, 0
+      self._enqueue(StepItem(req, 0, req.cached, 1, 1, True, [req.generated[-1]]))
+      return
+    req.replay_to = target if req.generated else 0
+    req.cached = start
+    self.enqueue_prefill(req)
+
+  def prefix_stats(self) -> dict:
+    p = self.prefix
+    return {"requests": p["requests"], "requests_hit": p["requests_hit"],
+            "prompt_tokens": p["prompt_tokens"], "hit_tokens": p["hit_tokens"],
+            "hit_rate": round(p["hit_tokens"] / p["prompt_tokens"], 4) if p["prompt_tokens"] else 0.0}
 
   def requeue(self, item: StepItem) -> None:
     """Queues an item again at the first segment of its request's (new) chain."""
@@ -332,6 +403,7 @@ class Scheduler:
     req = item.req
     if not item.final and item.pos >= req.last_kv_segment:
       req.cached = item.start + item.n  # this chunk is in every KV pool: send the next one
+      self._commit_prefix(req)
       if req.replay_to and req.cached >= req.replay_to:
         req.replay_to = 0  # KV rebuilt: the pending decode step goes on
         self._enqueue(StepItem(req, 0, req.cached, 1, 1, True, [req.generated[-1]]))
@@ -342,6 +414,7 @@ class Scheduler:
       self._enqueue(dataclasses.replace(item, pos=item.pos + 1, x=(y, row)))
       return
     req.cached = item.start + item.n
+    self._commit_prefix(req)
     token = int(y[row])
     req.generated.append(token)
     if token in req.stop_ids:  # a stop token ends the request and is not emitted
@@ -351,13 +424,9 @@ class Scheduler:
     if len(req.generated) >= req.params.max_new_tokens:
       self.finish(req, "length")
     elif req.cached and req.cached == rerun_length(req):
-      req.replay_to = req.cached  # Phi-3 LongRoPE: the whole sequence again, then this step
-      req.cached = 0
-      self.enqueue_prefill(req)
+      self.resume(req)  # Phi-3 LongRoPE: the whole sequence again (never cached), then this step
     elif self.router is not None and self.router(req):
-      req.replay_to = req.cached  # moved onto instances without its KV: replay, then this step
-      req.cached = 0
-      self.enqueue_prefill(req)
+      self.resume(req)  # moved onto instances without its KV: replay, then this step
     else:
       self._enqueue(StepItem(req, 0, req.cached, 1, 1, True, [token]))
 

@@ -14,6 +14,7 @@ class FakeInstance:
 
   def __init__(self, key, kind, batch_size=4, pages=0, leases=0, page_size=4):
     self.key, self.block_id, self.kind, self.batch_size = key, key, kind, batch_size
+    self.config = {}
     self.models = set()
     self.pool = PagePool(pages, page_size, leases) if kind == "layers" else None
     self.batches_run = self.items_run = 0

@@ -1,0 +1,88 @@
+"""Prefix caching over a request's leases: which cached pages it adopts, which it registers.
+
+The scheduler's helpers (only the scheduler calls them; they change the request's leases).
+A lease's pages are keyed by the chain *upstream* of its instance: every block id from the
+embedding up to and including the instance (with the request's substitutions and replicas
+resolved to block ids) and the request's `kv_salt` (an adapter's deltas change every KV after
+them). Models that share an instance and every block below it therefore share its cached
+prefixes; a shared block above a private one does not (its input differs).
+"""
+
+import hashlib
+
+from jblock.blocks import LAYERS
+from jblock.models import rope as rope_lib
+from jblock.runtime.kv import token_hashes
+
+
+def cacheable(inst) -> bool:
+  """Whether an instance's KV for a position depends only on the tokens up to it. Not so where
+  the RoPE frequencies follow the whole sequence's length (dynamic NTK, LongRoPE)."""
+  return inst.pool is not None and inst.pool.cacheable and not rope_lib.depends_on_length(
+      (inst.config or {}).get("rope"))
+
+
+def upstream_keys(req) -> list[list[bytes | None]]:
+  """Per segment, per layers instance: its upstream key (None: not cacheable)."""
+  h = hashlib.blake2b(req.kv_salt.encode(), digest_size=16)
+  out = []
+  for seg in req.segments:
+    row = []
+    for inst in seg.instances:
+      h.update(inst.block_id.encode() + b"/")
+      if inst.kind == LAYERS:
+        row.append(h.copy().digest() if cacheable(inst) else None)
+    out.append(row)
+  return out
+
+
+def adopt(req, page_size: int) -> int:
+  """Points every lease of a just admitted request at its cached prefix pages; returns the
+  prompt tokens the request need not compute (a multiple of the page size)."""
+  hashes = token_hashes(req.prompt, page_size, req.token_hashes)
+  hits = []
+  for keys, leases in zip(upstream_keys(req), req.tables):
+    for key, lease in zip(keys, leases):
+      hits.append(lease.pool.adopt(lease, key, hashes, len(hashes)) if key is not None else 0)
+  if not hits:
+    return 0
+  return min(min(hits), (len(req.prompt) - 1) // page_size) * page_size
+
+
+def commit(req, page_size: int) -> None:
+  """Registers the full pages of the request's KV written in every pool so far."""
+  full = req.cached // page_size
+  if full == req.committed_pages:
+    return  # no page boundary crossed since the last commit (most decode steps)
+  req.committed_pages = full
+  hashes = token_hashes((req.prompt + req.generated)[:full * page_size], page_size,
+                        req.token_hashes)
+  for leases in req.tables:
+    for lease in leases:
+      lease.pool.commit(lease, hashes, full)
+
+
+def reusable(req, page_size: int) -> int:
+  """Tokens at the start of the request's sequence whose KV every lease holds registered
+  (valid whatever happened to the request since): where a replay may start."""
+  pages = [lease.pool.leading_read_only(lease) for leases in req.tables for lease in leases]
+  return min(pages) * page_size if pages else 0
+
+
+def detach(req, leases, recompute: bool) -> bool:
+  """The request's KV in `leases` (instances at or above a position its route changes) will
+  no longer be what their upstream key says: nothing more is registered from them, and with
+  `recompute` their read-only pages become private (the replay writes them). False when a pool
+  has no room for that swap (nothing changed then)."""
+  if recompute:
+    need = {}
+    for lease in leases:
+      need[id(lease.pool)] = need.get(id(lease.pool), 0) + len(lease.read_only)
+    if any(lease.pool.free_pages < need[id(lease.pool)] for lease in leases):
+      return False
+    for lease in leases:
+      lease.pool.stop_caching(lease)
+  else:
+    for lease in leases:
+      lease.upstream = None  # its pages keep the KV the request reuses, registered as they were
+  return True
