@@ -15,8 +15,8 @@ from typing import Iterator, Sequence
 
 import grpc
 
-from jblock.serving.proto import jblock_pb2 as pb
-from jblock.serving.proto import jblock_pb2_grpc as pb_grpc
+from jblock.proto import jblock_pb2 as pb
+from jblock.proto import jblock_pb2_grpc as pb_grpc
 
 _FINISH_REASONS = {
     pb.FINISH_REASON_STOP: "stop",

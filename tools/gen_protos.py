@@ -1,4 +1,4 @@
-"""Regenerates jblock's gRPC Python modules from jblock/serving/proto/jblock.proto.
+"""Regenerates jblock's gRPC Python modules from jblock/proto/jblock.proto.
 
   python -m tools.gen_protos           # rewrite the generated files
   python -m tools.gen_protos --check   # exit 1 and name the files that are stale
@@ -16,11 +16,11 @@ _CHECK = flags.DEFINE_bool("check", False,
                           "Only report generated files that differ from the .proto.")
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
-PROTO_DIR = "jblock/serving/proto"
+PROTO_DIR = "jblock/proto"
 PROTO = f"{PROTO_DIR}/jblock.proto"
 GENERATED = ("jblock_pb2.py", "jblock_pb2.pyi", "jblock_pb2_grpc.py")
 # protoc writes an absolute import; the package must import its own module relatively.
-ABSOLUTE_IMPORT = "from jblock.serving.proto import jblock_pb2 as"
+ABSOLUTE_IMPORT = "from jblock.proto import jblock_pb2 as"
 RELATIVE_IMPORT = "from . import jblock_pb2 as"
 
 

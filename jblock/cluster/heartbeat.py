@@ -12,8 +12,8 @@ from typing import Callable
 import grpc
 import jax
 
-from jblock.serving.proto import jblock_pb2 as pb
-from jblock.serving.proto import jblock_pb2_grpc as pb_grpc
+from jblock.proto import jblock_pb2 as pb
+from jblock.proto import jblock_pb2_grpc as pb_grpc
 
 
 def devices_now() -> list[pb.Device]:

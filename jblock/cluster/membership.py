@@ -17,8 +17,8 @@ import grpc
 
 from jblock.cluster import validate
 from jblock.errors import UnavailableError
-from jblock.serving.proto import jblock_pb2 as pb
-from jblock.serving.proto import jblock_pb2_grpc as pb_grpc
+from jblock.proto import jblock_pb2 as pb
+from jblock.proto import jblock_pb2_grpc as pb_grpc
 
 ALIVE, DEAD = "alive", "dead"
 

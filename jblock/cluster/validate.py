@@ -14,7 +14,7 @@ import numpy as np
 from jblock.blocks import EMBED, HEAD, LAYERS
 from jblock.errors import InvalidRequestError
 from jblock.runtime.step import _FLOAT_FIELDS, _INT_FIELDS
-from jblock.serving.tensor_codec import from_tensor
+from jblock.proto.tensor_codec import from_tensor
 
 RUN_INPUTS = ("x", "ints", "floats")
 
@@ -249,7 +249,7 @@ def _block_ref(field: str, block_id: str) -> None:
 def run_outputs(request, spec: Hosted, hosts: dict, rows: int) -> None:
   """A RunBlockRequest's output routing: where each output row goes (KEEP and PUSH need a
   next block of this block's width; KEEP's must be hosted here)."""
-  from jblock.serving.proto import jblock_pb2 as pb
+  from jblock.proto import jblock_pb2 as pb
   if not request.output_handle:
     if request.destinations or request.row_destinations:
       raise InvalidRequestError("output_handle", "destinations need a non-zero output_handle")

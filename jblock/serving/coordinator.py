@@ -27,8 +27,8 @@ from jblock.runtime.engine_api import Engine, ModelInfo
 from jblock.serving import frontend as frontend_lib
 from jblock.serving.frontend import DrainState  # noqa: F401  (re-exported)
 from jblock.serving.metrics import ServingMetrics
-from jblock.serving.proto import jblock_pb2 as pb
-from jblock.serving.proto import jblock_pb2_grpc as pb_grpc
+from jblock.proto import jblock_pb2 as pb
+from jblock.proto import jblock_pb2_grpc as pb_grpc
 
 _FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP,

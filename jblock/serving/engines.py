@@ -10,7 +10,7 @@ from jblock.cluster import security
 from jblock.cluster.links import ClusterLinks
 from jblock.cluster.membership import Membership, MembershipConfig
 from jblock.runtime.engine import Engine, EngineConfig, _spec_from_zoo
-from jblock.serving.proto import jblock_pb2_grpc as pb_grpc
+from jblock.proto import jblock_pb2_grpc as pb_grpc
 from jblock.cluster.replan import ReplanConfig, Replanner
 from jblock.serving.worker import Placer, remote_factory
 

@@ -42,9 +42,9 @@ from jblock.runtime.kv import PagePool
 from jblock.runtime.segments import Segment
 from jblock.runtime.step import BlockBatch
 from jblock.serving.coordinator import status_code
-from jblock.serving.proto import jblock_pb2 as pb
-from jblock.serving.proto import jblock_pb2_grpc as pb_grpc
-from jblock.serving.tensor_codec import from_tensor_map, to_tensor, to_tensor_map
+from jblock.proto import jblock_pb2 as pb
+from jblock.proto import jblock_pb2_grpc as pb_grpc
+from jblock.proto.tensor_codec import from_tensor_map, to_tensor, to_tensor_map
 
 
 

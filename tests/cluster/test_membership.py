@@ -11,8 +11,8 @@ import pytest
 
 from jblock.cluster import heartbeat
 from jblock.cluster.membership import Membership, MembershipConfig
-from jblock.serving.proto import jblock_pb2 as pb
-from jblock.serving.proto import jblock_pb2_grpc as pb_grpc
+from jblock.proto import jblock_pb2 as pb
+from jblock.proto import jblock_pb2_grpc as pb_grpc
 
 
 @pytest.fixture

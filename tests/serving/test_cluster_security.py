@@ -29,9 +29,9 @@ from jblock.serving.engines import distributed_engine
 from jblock.serving.frontend import Frontend
 from jblock.serving.http import HttpServer
 from jblock.serving.metrics import ServingMetrics
-from jblock.serving.proto import jblock_pb2 as pb
-from jblock.serving.proto import jblock_pb2_grpc as pb_grpc
-from jblock.serving.tensor_codec import from_tensor, to_tensor, to_tensor_map
+from jblock.proto import jblock_pb2 as pb
+from jblock.proto import jblock_pb2_grpc as pb_grpc
+from jblock.proto.tensor_codec import from_tensor, to_tensor, to_tensor_map
 from jblock.serving.worker import start_worker_server
 from tests.serving.serving_helpers import free_port
 from tests.serving.test_block_serving import PROMPTS, REPO, _wait_line

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from . import jblock_pb2 as jblock_dot_serving_dot_proto_dot_jblock__pb2
+from . import jblock_pb2 as jblock_dot_proto_dot_jblock__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in jblock/serving/proto/jblock_pb2_grpc.py depends on'
+        + ' but the generated code in jblock/proto/jblock_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,18 +37,18 @@ class InferenceStub:
         """
         self.Generate = channel.unary_stream(
                 '/jblock.v1.Inference/Generate',
-                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.GenerateResponse.FromString,
+                request_serializer=jblock_dot_proto_dot_jblock__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=jblock_dot_proto_dot_jblock__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/jblock.v1.Inference/ListModels',
-                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.ListModelsRequest.SerializeToString,
-                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.ListModelsResponse.FromString,
+                request_serializer=jblock_dot_proto_dot_jblock__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=jblock_dot_proto_dot_jblock__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
         self.Health = channel.unary_unary(
                 '/jblock.v1.Inference/Health',
-                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.HealthRequest.SerializeToString,
-                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.HealthResponse.FromString,
+                request_serializer=jblock_dot_proto_dot_jblock__pb2.HealthRequest.SerializeToString,
+                response_deserializer=jblock_dot_proto_dot_jblock__pb2.HealthResponse.FromString,
                 _registered_method=True)
 
 
@@ -81,18 +81,18 @@ def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.GenerateRequest.FromString,
-                    response_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=jblock_dot_proto_dot_jblock__pb2.GenerateRequest.FromString,
+                    response_serializer=jblock_dot_proto_dot_jblock__pb2.GenerateResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
-                    request_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.ListModelsRequest.FromString,
-                    response_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.ListModelsResponse.SerializeToString,
+                    request_deserializer=jblock_dot_proto_dot_jblock__pb2.ListModelsRequest.FromString,
+                    response_serializer=jblock_dot_proto_dot_jblock__pb2.ListModelsResponse.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
-                    request_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.HealthRequest.FromString,
-                    response_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.HealthResponse.SerializeToString,
+                    request_deserializer=jblock_dot_proto_dot_jblock__pb2.HealthRequest.FromString,
+                    response_serializer=jblock_dot_proto_dot_jblock__pb2.HealthResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -121,8 +121,8 @@ class Inference:
             request,
             target,
             '/jblock.v1.Inference/Generate',
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.GenerateRequest.SerializeToString,
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.GenerateResponse.FromString,
+            jblock_dot_proto_dot_jblock__pb2.GenerateRequest.SerializeToString,
+            jblock_dot_proto_dot_jblock__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -148,8 +148,8 @@ class Inference:
             request,
             target,
             '/jblock.v1.Inference/ListModels',
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.ListModelsRequest.SerializeToString,
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.ListModelsResponse.FromString,
+            jblock_dot_proto_dot_jblock__pb2.ListModelsRequest.SerializeToString,
+            jblock_dot_proto_dot_jblock__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -175,8 +175,8 @@ class Inference:
             request,
             target,
             '/jblock.v1.Inference/Health',
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.HealthRequest.SerializeToString,
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.HealthResponse.FromString,
+            jblock_dot_proto_dot_jblock__pb2.HealthRequest.SerializeToString,
+            jblock_dot_proto_dot_jblock__pb2.HealthResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -200,18 +200,18 @@ class AdminStub:
         """
         self.LoadModel = channel.unary_unary(
                 '/jblock.v1.Admin/LoadModel',
-                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.LoadModelRequest.SerializeToString,
-                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.LoadModelResponse.FromString,
+                request_serializer=jblock_dot_proto_dot_jblock__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=jblock_dot_proto_dot_jblock__pb2.LoadModelResponse.FromString,
                 _registered_method=True)
         self.UnloadModel = channel.unary_unary(
                 '/jblock.v1.Admin/UnloadModel',
-                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.UnloadModelRequest.SerializeToString,
-                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.UnloadModelResponse.FromString,
+                request_serializer=jblock_dot_proto_dot_jblock__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=jblock_dot_proto_dot_jblock__pb2.UnloadModelResponse.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/jblock.v1.Admin/Stats',
-                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.StatsRequest.SerializeToString,
-                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.StatsResponse.FromString,
+                request_serializer=jblock_dot_proto_dot_jblock__pb2.StatsRequest.SerializeToString,
+                response_deserializer=jblock_dot_proto_dot_jblock__pb2.StatsResponse.FromString,
                 _registered_method=True)
 
 
@@ -244,18 +244,18 @@ def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'LoadModel': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadModel,
-                    request_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.LoadModelRequest.FromString,
-                    response_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.LoadModelResponse.SerializeToString,
+                    request_deserializer=jblock_dot_proto_dot_jblock__pb2.LoadModelRequest.FromString,
+                    response_serializer=jblock_dot_proto_dot_jblock__pb2.LoadModelResponse.SerializeToString,
             ),
             'UnloadModel': grpc.unary_unary_rpc_method_handler(
                     servicer.UnloadModel,
-                    request_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.UnloadModelRequest.FromString,
-                    response_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.UnloadModelResponse.SerializeToString,
+                    request_deserializer=jblock_dot_proto_dot_jblock__pb2.UnloadModelRequest.FromString,
+                    response_serializer=jblock_dot_proto_dot_jblock__pb2.UnloadModelResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
-                    request_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.StatsRequest.FromString,
-                    response_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.StatsResponse.SerializeToString,
+                    request_deserializer=jblock_dot_proto_dot_jblock__pb2.StatsRequest.FromString,
+                    response_serializer=jblock_dot_proto_dot_jblock__pb2.StatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -284,8 +284,8 @@ class Admin:
             request,
             target,
             '/jblock.v1.Admin/LoadModel',
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.LoadModelRequest.SerializeToString,
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.LoadModelResponse.FromString,
+            jblock_dot_proto_dot_jblock__pb2.LoadModelRequest.SerializeToString,
+            jblock_dot_proto_dot_jblock__pb2.LoadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -311,8 +311,8 @@ class Admin:
             request,
             target,
             '/jblock.v1.Admin/UnloadModel',
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.UnloadModelRequest.SerializeToString,
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.UnloadModelResponse.FromString,
+            jblock_dot_proto_dot_jblock__pb2.UnloadModelRequest.SerializeToString,
+            jblock_dot_proto_dot_jblock__pb2.UnloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -338,8 +338,8 @@ class Admin:
             request,
             target,
             '/jblock.v1.Admin/Stats',
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.StatsRequest.SerializeToString,
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.StatsResponse.FromString,
+            jblock_dot_proto_dot_jblock__pb2.StatsRequest.SerializeToString,
+            jblock_dot_proto_dot_jblock__pb2.StatsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -365,13 +365,13 @@ class RegistryStub:
         """
         self.Register = channel.unary_unary(
                 '/jblock.v1.Registry/Register',
-                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.RegisterRequest.SerializeToString,
-                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.RegisterResponse.FromString,
+                request_serializer=jblock_dot_proto_dot_jblock__pb2.RegisterRequest.SerializeToString,
+                response_deserializer=jblock_dot_proto_dot_jblock__pb2.RegisterResponse.FromString,
                 _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/jblock.v1.Registry/Heartbeat',
-                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.HeartbeatResponse.FromString,
+                request_serializer=jblock_dot_proto_dot_jblock__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=jblock_dot_proto_dot_jblock__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
 
 
@@ -399,13 +399,13 @@ def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Register': grpc.unary_unary_rpc_method_handler(
                     servicer.Register,
-                    request_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.RegisterRequest.FromString,
-                    response_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.RegisterResponse.SerializeToString,
+                    request_deserializer=jblock_dot_proto_dot_jblock__pb2.RegisterRequest.FromString,
+                    response_serializer=jblock_dot_proto_dot_jblock__pb2.RegisterResponse.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
-                    request_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.HeartbeatRequest.FromString,
-                    response_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.HeartbeatResponse.SerializeToString,
+                    request_deserializer=jblock_dot_proto_dot_jblock__pb2.HeartbeatRequest.FromString,
+                    response_serializer=jblock_dot_proto_dot_jblock__pb2.HeartbeatResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -436,8 +436,8 @@ class Registry:
             request,
             target,
             '/jblock.v1.Registry/Register',
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.RegisterRequest.SerializeToString,
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.RegisterResponse.FromString,
+            jblock_dot_proto_dot_jblock__pb2.RegisterRequest.SerializeToString,
+            jblock_dot_proto_dot_jblock__pb2.RegisterResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -463,8 +463,8 @@ class Registry:
             request,
             target,
             '/jblock.v1.Registry/Heartbeat',
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.HeartbeatRequest.SerializeToString,
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.HeartbeatResponse.FromString,
+            jblock_dot_proto_dot_jblock__pb2.HeartbeatRequest.SerializeToString,
+            jblock_dot_proto_dot_jblock__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -488,43 +488,43 @@ class BlockHostStub:
         """
         self.HostBlock = channel.unary_unary(
                 '/jblock.v1.BlockHost/HostBlock',
-                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.HostBlockRequest.SerializeToString,
-                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.HostBlockResponse.FromString,
+                request_serializer=jblock_dot_proto_dot_jblock__pb2.HostBlockRequest.SerializeToString,
+                response_deserializer=jblock_dot_proto_dot_jblock__pb2.HostBlockResponse.FromString,
                 _registered_method=True)
         self.UnhostBlock = channel.unary_unary(
                 '/jblock.v1.BlockHost/UnhostBlock',
-                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.UnhostBlockRequest.SerializeToString,
-                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.UnhostBlockResponse.FromString,
+                request_serializer=jblock_dot_proto_dot_jblock__pb2.UnhostBlockRequest.SerializeToString,
+                response_deserializer=jblock_dot_proto_dot_jblock__pb2.UnhostBlockResponse.FromString,
                 _registered_method=True)
         self.RunBlock = channel.unary_unary(
                 '/jblock.v1.BlockHost/RunBlock',
-                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.RunBlockRequest.SerializeToString,
-                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.RunBlockResponse.FromString,
+                request_serializer=jblock_dot_proto_dot_jblock__pb2.RunBlockRequest.SerializeToString,
+                response_deserializer=jblock_dot_proto_dot_jblock__pb2.RunBlockResponse.FromString,
                 _registered_method=True)
         self.FreeSlots = channel.unary_unary(
                 '/jblock.v1.BlockHost/FreeSlots',
-                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.FreeSlotsRequest.SerializeToString,
-                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.FreeSlotsResponse.FromString,
+                request_serializer=jblock_dot_proto_dot_jblock__pb2.FreeSlotsRequest.SerializeToString,
+                response_deserializer=jblock_dot_proto_dot_jblock__pb2.FreeSlotsResponse.FromString,
                 _registered_method=True)
         self.PutRows = channel.unary_unary(
                 '/jblock.v1.BlockHost/PutRows',
-                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.PutRowsRequest.SerializeToString,
-                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.PutRowsResponse.FromString,
+                request_serializer=jblock_dot_proto_dot_jblock__pb2.PutRowsRequest.SerializeToString,
+                response_deserializer=jblock_dot_proto_dot_jblock__pb2.PutRowsResponse.FromString,
                 _registered_method=True)
         self.TakeRows = channel.unary_unary(
                 '/jblock.v1.BlockHost/TakeRows',
-                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.TakeRowsRequest.SerializeToString,
-                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.TakeRowsResponse.FromString,
+                request_serializer=jblock_dot_proto_dot_jblock__pb2.TakeRowsRequest.SerializeToString,
+                response_deserializer=jblock_dot_proto_dot_jblock__pb2.TakeRowsResponse.FromString,
                 _registered_method=True)
         self.ReleaseRows = channel.unary_unary(
                 '/jblock.v1.BlockHost/ReleaseRows',
-                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.ReleaseRowsRequest.SerializeToString,
-                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.ReleaseRowsResponse.FromString,
+                request_serializer=jblock_dot_proto_dot_jblock__pb2.ReleaseRowsRequest.SerializeToString,
+                response_deserializer=jblock_dot_proto_dot_jblock__pb2.ReleaseRowsResponse.FromString,
                 _registered_method=True)
         self.InstallAdapter = channel.unary_unary(
                 '/jblock.v1.BlockHost/InstallAdapter',
-                request_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.InstallAdapterRequest.SerializeToString,
-                response_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.InstallAdapterResponse.FromString,
+                request_serializer=jblock_dot_proto_dot_jblock__pb2.InstallAdapterRequest.SerializeToString,
+                response_deserializer=jblock_dot_proto_dot_jblock__pb2.InstallAdapterResponse.FromString,
                 _registered_method=True)
 
 
@@ -591,43 +591,43 @@ def add_BlockHostServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'HostBlock': grpc.unary_unary_rpc_method_handler(
                     servicer.HostBlock,
-                    request_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.HostBlockRequest.FromString,
-                    response_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.HostBlockResponse.SerializeToString,
+                    request_deserializer=jblock_dot_proto_dot_jblock__pb2.HostBlockRequest.FromString,
+                    response_serializer=jblock_dot_proto_dot_jblock__pb2.HostBlockResponse.SerializeToString,
             ),
             'UnhostBlock': grpc.unary_unary_rpc_method_handler(
                     servicer.UnhostBlock,
-                    request_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.UnhostBlockRequest.FromString,
-                    response_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.UnhostBlockResponse.SerializeToString,
+                    request_deserializer=jblock_dot_proto_dot_jblock__pb2.UnhostBlockRequest.FromString,
+                    response_serializer=jblock_dot_proto_dot_jblock__pb2.UnhostBlockResponse.SerializeToString,
             ),
             'RunBlock': grpc.unary_unary_rpc_method_handler(
                     servicer.RunBlock,
-                    request_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.RunBlockRequest.FromString,
-                    response_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.RunBlockResponse.SerializeToString,
+                    request_deserializer=jblock_dot_proto_dot_jblock__pb2.RunBlockRequest.FromString,
+                    response_serializer=jblock_dot_proto_dot_jblock__pb2.RunBlockResponse.SerializeToString,
             ),
             'FreeSlots': grpc.unary_unary_rpc_method_handler(
                     servicer.FreeSlots,
-                    request_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.FreeSlotsRequest.FromString,
-                    response_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.FreeSlotsResponse.SerializeToString,
+                    request_deserializer=jblock_dot_proto_dot_jblock__pb2.FreeSlotsRequest.FromString,
+                    response_serializer=jblock_dot_proto_dot_jblock__pb2.FreeSlotsResponse.SerializeToString,
             ),
             'PutRows': grpc.unary_unary_rpc_method_handler(
                     servicer.PutRows,
-                    request_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.PutRowsRequest.FromString,
-                    response_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.PutRowsResponse.SerializeToString,
+                    request_deserializer=jblock_dot_proto_dot_jblock__pb2.PutRowsRequest.FromString,
+                    response_serializer=jblock_dot_proto_dot_jblock__pb2.PutRowsResponse.SerializeToString,
             ),
             'TakeRows': grpc.unary_unary_rpc_method_handler(
                     servicer.TakeRows,
-                    request_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.TakeRowsRequest.FromString,
-                    response_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.TakeRowsResponse.SerializeToString,
+                    request_deserializer=jblock_dot_proto_dot_jblock__pb2.TakeRowsRequest.FromString,
+                    response_serializer=jblock_dot_proto_dot_jblock__pb2.TakeRowsResponse.SerializeToString,
             ),
             'ReleaseRows': grpc.unary_unary_rpc_method_handler(
                     servicer.ReleaseRows,
-                    request_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.ReleaseRowsRequest.FromString,
-                    response_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.ReleaseRowsResponse.SerializeToString,
+                    request_deserializer=jblock_dot_proto_dot_jblock__pb2.ReleaseRowsRequest.FromString,
+                    response_serializer=jblock_dot_proto_dot_jblock__pb2.ReleaseRowsResponse.SerializeToString,
             ),
             'InstallAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.InstallAdapter,
-                    request_deserializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.InstallAdapterRequest.FromString,
-                    response_serializer=jblock_dot_serving_dot_proto_dot_jblock__pb2.InstallAdapterResponse.SerializeToString,
+                    request_deserializer=jblock_dot_proto_dot_jblock__pb2.InstallAdapterRequest.FromString,
+                    response_serializer=jblock_dot_proto_dot_jblock__pb2.InstallAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -656,8 +656,8 @@ class BlockHost:
             request,
             target,
             '/jblock.v1.BlockHost/HostBlock',
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.HostBlockRequest.SerializeToString,
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.HostBlockResponse.FromString,
+            jblock_dot_proto_dot_jblock__pb2.HostBlockRequest.SerializeToString,
+            jblock_dot_proto_dot_jblock__pb2.HostBlockResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -683,8 +683,8 @@ class BlockHost:
             request,
             target,
             '/jblock.v1.BlockHost/UnhostBlock',
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.UnhostBlockRequest.SerializeToString,
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.UnhostBlockResponse.FromString,
+            jblock_dot_proto_dot_jblock__pb2.UnhostBlockRequest.SerializeToString,
+            jblock_dot_proto_dot_jblock__pb2.UnhostBlockResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -710,8 +710,8 @@ class BlockHost:
             request,
             target,
             '/jblock.v1.BlockHost/RunBlock',
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.RunBlockRequest.SerializeToString,
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.RunBlockResponse.FromString,
+            jblock_dot_proto_dot_jblock__pb2.RunBlockRequest.SerializeToString,
+            jblock_dot_proto_dot_jblock__pb2.RunBlockResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -737,8 +737,8 @@ class BlockHost:
             request,
             target,
             '/jblock.v1.BlockHost/FreeSlots',
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.FreeSlotsRequest.SerializeToString,
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.FreeSlotsResponse.FromString,
+            jblock_dot_proto_dot_jblock__pb2.FreeSlotsRequest.SerializeToString,
+            jblock_dot_proto_dot_jblock__pb2.FreeSlotsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -764,8 +764,8 @@ class BlockHost:
             request,
             target,
             '/jblock.v1.BlockHost/PutRows',
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.PutRowsRequest.SerializeToString,
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.PutRowsResponse.FromString,
+            jblock_dot_proto_dot_jblock__pb2.PutRowsRequest.SerializeToString,
+            jblock_dot_proto_dot_jblock__pb2.PutRowsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -791,8 +791,8 @@ class BlockHost:
             request,
             target,
             '/jblock.v1.BlockHost/TakeRows',
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.TakeRowsRequest.SerializeToString,
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.TakeRowsResponse.FromString,
+            jblock_dot_proto_dot_jblock__pb2.TakeRowsRequest.SerializeToString,
+            jblock_dot_proto_dot_jblock__pb2.TakeRowsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -818,8 +818,8 @@ class BlockHost:
             request,
             target,
             '/jblock.v1.BlockHost/ReleaseRows',
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.ReleaseRowsRequest.SerializeToString,
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.ReleaseRowsResponse.FromString,
+            jblock_dot_proto_dot_jblock__pb2.ReleaseRowsRequest.SerializeToString,
+            jblock_dot_proto_dot_jblock__pb2.ReleaseRowsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -845,8 +845,8 @@ class BlockHost:
             request,
             target,
             '/jblock.v1.BlockHost/InstallAdapter',
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.InstallAdapterRequest.SerializeToString,
-            jblock_dot_serving_dot_proto_dot_jblock__pb2.InstallAdapterResponse.FromString,
+            jblock_dot_proto_dot_jblock__pb2.InstallAdapterRequest.SerializeToString,
+            jblock_dot_proto_dot_jblock__pb2.InstallAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

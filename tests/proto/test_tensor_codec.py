@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from jblock.errors import InvalidRequestError
-from jblock.serving import tensor_codec
-from jblock.serving.proto import jblock_pb2
+from jblock.proto import tensor_codec
+from jblock.proto import jblock_pb2
 
 
 @pytest.mark.parametrize("array", [

@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 
 from jblock.errors import InvalidRequestError
-from jblock.serving.proto import jblock_pb2
+from jblock.proto import jblock_pb2
 
 
 def _dtype_from_name(name: str) -> np.dtype:

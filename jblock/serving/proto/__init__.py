@@ -1,1 +1,0 @@
-"""Generated gRPC modules for jblock.v1 (python -m tools.gen_protos regenerates them)."""
