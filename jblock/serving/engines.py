@@ -12,7 +12,7 @@ from jblock.cluster.membership import Membership, MembershipConfig
 from jblock.runtime.engine import Engine, EngineConfig, _spec_from_zoo
 from jblock.proto import jblock_pb2_grpc as pb_grpc
 from jblock.cluster.replan import ReplanConfig, Replanner
-from jblock.serving.worker import Placer, remote_factory
+from jblock.cluster.remote import Placer, remote_factory
 
 
 def zoo_models(zoo_dir: str, models: Sequence[str] | None) -> list[str]:
