@@ -90,6 +90,7 @@ def instance_stats(inst) -> dict[str, Any]:
       "kv_slots_free": pool.max_leases - pool.leases if pool else 0,
       "kv_pages_used": pool.num_pages - pool.free_pages if pool else 0,
       "kv_pages_free": pool.free_pages if pool else 0,
+      **(pool.cache_stats() if pool else {}),
       "dispatch_s": round(getattr(inst, "dispatch_s", 0.0), 4),
       "lora_bank_bytes": getattr(inst, "lora_bank_bytes", 0),
       "placement": inst.placement,

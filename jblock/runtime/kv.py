@@ -135,12 +135,20 @@ class PagePool:
     return (self.leases + count <= self.max_leases
             and self.free_pages >= count * pages_for(tokens, self.page_size))
 
-  def lease(self, owner: str, tokens: int) -> Lease:
+  def lease(self, owner: str, tokens: int, upstream: bytes | None = None,
+            hashes: Sequence[bytes] = ()) -> Lease:
+    """Pages for `tokens` tokens. With `upstream` (and the request's token `hashes`), the lease
+    first adopts the cached pages of its longest registered prefix (read-only for it; taken
+    before any fresh page, so taking those never evicts them) and keys its commits by it."""
     need = pages_for(tokens, self.page_size)
     if self.leases >= self.max_leases or need > self.free_pages:
       raise OverloadedError(f"no KV room for {tokens} tokens ({need} pages; "
                             f"{self.free_pages} free, {self.leases}/{self.max_leases} leases)")
-    lease = Lease(self, owner, [self._take() for _ in range(need)])
+    lease = Lease(self, owner, [])
+    if upstream is not None and self.cacheable:
+      lease.upstream = upstream
+      self._adopt(lease, hashes[:need])
+    lease.pages += [self._take() for _ in range(need - len(lease.pages))]
     self._leases[id(lease)] = lease
     return lease
 
@@ -156,27 +164,18 @@ class PagePool:
 
   # ---- prefix caching -------------------------------------------------------------------------
 
-  def adopt(self, lease: Lease, upstream: bytes, hashes: Sequence[bytes], limit: int) -> int:
-    """Points the lease at the cached pages of its longest registered prefix (at most `limit`
-    pages; the fresh pages they replace go back to the pool) and keys its later commits by
-    `upstream`. Returns the number of leading pages adopted."""
-    if not self.cacheable:
-      return 0
-    lease.upstream = upstream
-    n = min(limit, len(hashes), len(lease.pages))
-    self.counters.queried_pages += n
-    hit = 0
-    while hit < n and (upstream, hashes[hit]) in self._page_of:
-      hit += 1
-    for j in range(hit):
-      cached = self._page_of[(upstream, hashes[j])]
-      self._ref(cached)
-      self._unref(lease.pages[j])
-      lease.pages[j] = cached
-      lease.read_only.add(j)
-    lease.registered = max(lease.registered, hit)
-    self.counters.hit_pages += hit
-    return hit
+  def _adopt(self, lease: Lease, hashes: Sequence[bytes]) -> None:
+    """Appends the cached pages of the longest registered prefix of `hashes` to a new lease."""
+    self.counters.queried_pages += len(hashes)
+    for h in hashes:
+      page = self._page_of.get((lease.upstream, h))
+      if page is None:
+        break
+      self._ref(page)
+      lease.read_only.add(len(lease.pages))
+      lease.pages.append(page)
+    lease.registered = len(lease.pages)
+    self.counters.hit_pages += len(lease.pages)
 
   def commit(self, lease: Lease, hashes: Sequence[bytes], full_pages: int) -> None:
     """Registers the lease's pages [registered, full_pages): their KV is written now. A page whose

@@ -36,17 +36,19 @@ def upstream_keys(req) -> list[list[bytes | None]]:
   return out
 
 
-def adopt(req, page_size: int) -> int:
-  """Points every lease of a just admitted request at its cached prefix pages; returns the
-  prompt tokens the request need not compute (a multiple of the page size)."""
-  hashes = token_hashes(req.prompt, page_size, req.token_hashes)
-  hits = []
-  for keys, leases in zip(upstream_keys(req), req.tables):
-    for key, lease in zip(keys, leases):
-      hits.append(lease.pool.adopt(lease, key, hashes, len(hashes)) if key is not None else 0)
-  if not hits:
-    return 0
-  return min(min(hits), (len(req.prompt) - 1) // page_size) * page_size
+def lease_all(req, page_size: int, chunk: int, caching: bool) -> None:
+  """Leases KV for a just admitted request in every layers instance of its chain; with
+  `caching`, each lease adopts its instance's cached pages of the prompt's longest prefix."""
+  hashes = token_hashes(req.prompt, page_size, req.token_hashes) if caching else []
+  keys = upstream_keys(req) if caching else [[None] * len(s.layers) for s in req.segments]
+  rid = req.handle.request_id
+  for seg, seg_keys in zip(req.segments, keys):
+    tables = []
+    for inst, key in zip(seg.layers, seg_keys):
+      lease = inst.pool.lease(rid, inst.pool.lease_tokens(req.tokens_needed, chunk), key, hashes)
+      req.leases.setdefault(inst.key, []).append(lease)
+      tables.append(lease)
+    req.tables.append(tables)
 
 
 def commit(req, page_size: int) -> None:
@@ -64,7 +66,7 @@ def commit(req, page_size: int) -> None:
 
 def reusable(req, page_size: int) -> int:
   """Tokens at the start of the request's sequence whose KV every lease holds registered
-  (valid whatever happened to the request since): where a replay may start."""
+  (valid whatever happened to the request since): where its prompt or a replay may start."""
   pages = [lease.pool.leading_read_only(lease) for leases in req.tables for lease in leases]
   return min(pages) * page_size if pages else 0
 

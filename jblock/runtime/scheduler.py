@@ -225,15 +225,8 @@ class Scheduler:
                 if q and not self.adapters.can_acquire(q[0].model)), default=None)
 
   def _start(self, req: Request) -> None:
-    rid = req.handle.request_id
-    for seg in req.segments:
-      tables = []
-      for inst in seg.layers:
-        tokens = inst.pool.lease_tokens(req.tokens_needed, self.config.prefill_chunk)
-        lease = inst.pool.lease(rid, tokens)
-        req.leases.setdefault(inst.key, []).append(lease)
-        tables.append(lease)
-      req.tables.append(tables)
+    cfg = self.config
+    prefix_lib.lease_all(req, cfg.page_size, cfg.prefill_chunk, cfg.prefix_caching)
     if self.adapters is not None:
       req.adapter_slot = self.adapters.acquire(req.model)
     self.active.add(req)
@@ -256,11 +249,14 @@ class Scheduler:
   # ---- prefix caching (jblock.runtime.prefix) -----------------------------------------------
 
   def _adopt_prefix(self, req: Request) -> None:
+    """The request starts after the prefix every lease of its (now bound) chain found cached;
+    its last prompt token is always computed, for its logits."""
     self.prefix["requests"] += 1
     self.prefix["prompt_tokens"] += len(req.prompt)
     if not self.config.prefix_caching:
       return
-    req.cached = req.prefix_hit = prefix_lib.adopt(req, self.config.page_size)
+    ps = self.config.page_size
+    req.cached = req.prefix_hit = min(prefix_lib.reusable(req, ps), (len(req.prompt) - 1) // ps * ps)
     self.prefix["hit_tokens"] += req.prefix_hit
     self.prefix["requests_hit"] += req.prefix_hit > 0
 
@@ -291,6 +287,7 @@ class Scheduler:
     target = max(req.cached, req.replay_to) if req.generated else len(req.prompt)
     start = prefix_lib.reusable(req, self.config.page_size) if self.config.prefix_caching else 0
     start = min(start, (target - 1) // self.config.page_size * self.config.page_size)
+    self.prefix["replay_reused_tokens"] += start
     if req.generated and start >= target:
       req.cached, req.replay_to = target, 0
       self._enqueue(StepItem(req, 0, req.cached, 1, 1, True, [req.generated[-1]]))
@@ -303,7 +300,8 @@ class Scheduler:
     p = self.prefix
     return {"requests": p["requests"], "requests_hit": p["requests_hit"],
             "prompt_tokens": p["prompt_tokens"], "hit_tokens": p["hit_tokens"],
-            "hit_rate": round(p["hit_tokens"] / p["prompt_tokens"], 4) if p["prompt_tokens"] else 0.0}
+            "hit_rate": round(p["hit_tokens"] / p["prompt_tokens"], 4) if p["prompt_tokens"] else 0.0,
+            "replay_reused_tokens": p["replay_reused_tokens"]}
 
   def requeue(self, item: StepItem) -> None:
     """Queues an item again at the first segment of its request's (new) chain."""

@@ -24,6 +24,7 @@ def _wipe_kv_mid_decode(engine, jobs, rebuild):
     for inst in engine._instances.values():
       if inst.kind == "layers":
         inst.kv = jax.tree.map(jnp.zeros_like, inst.kv)
+        inst.pool.drop_cache()  # a pool that lost its KV forgets its cached prefixes
     for req in paused:
       rebuild(engine._scheduler, req)
     engine._lock.notify_all()
