@@ -28,6 +28,9 @@ _FUSE = flags.DEFINE_boolean("fuse_segments", True, "Run consecutive blocks that
 _FUSE_SHARED = flags.DEFINE_boolean("fuse_through_shared", False, "Fuse each model's chain into "
                                     "one call even through blocks other models share (weights "
                                     "held once, batches per model; fewer calls per step).")
+_PREFIX_CACHING = flags.DEFINE_boolean(
+    "enable_prefix_caching", True, "Reuse the KV of prefixes already computed (system prompts, "
+    "earlier turns), across models wherever they share a block and everything below it.")
 _MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 256, "Prompt + generated tokens per request.",
                                     lower_bound=2)
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 64, "Longest prompt piece per step.",
@@ -51,6 +54,7 @@ def engine_config() -> EngineConfig:
                       max_seq_len=_MAX_SEQ_LEN.value,
                       prefill_chunk=_PREFILL_CHUNK.value, max_waiting=_MAX_WAITING.value,
                       max_waiting_per_model=_MAX_WAITING_PER_MODEL.value, warmup=_WARMUP.value,
+                      enable_prefix_caching=_PREFIX_CACHING.value,
                       compilation_cache_dir=os.path.abspath(_CACHE_DIR.value) if _CACHE_DIR.value else None)
 
 
@@ -69,7 +73,7 @@ def mesh_shape():
 def prepare_zoo() -> str:
   """The zoo directory, built first when --demo asks for it and it is missing."""
   if _DEMO.value:
-    from jblock import demo
+    from jblock.train import demo
     demo.build_demo_zoo(_ZOO.value)
   from jblock.zoo.store import Zoo
   if not os.path.isdir(_ZOO.value) or not Zoo(_ZOO.value).models():

@@ -47,6 +47,7 @@ class _EngineStatsCollector(Collector):
     yield from (occupancy, used, free, resident)
     yield from _counters(_REROUTE, stats.get("reroute") or {})
     yield from _counters(_ADAPTERS, stats.get("adapters") or {})
+    yield from _counters(_PREFIX, stats.get("prefix_cache") or {})
 
 
 # engine.stats()["reroute"] key -> (metric name without _total, help)
@@ -56,6 +57,16 @@ _REROUTE = {
     "kv_reused": ("jblock_reroute_kv_reused", "Moves whose KV pages were copied (interchangeable blocks)."),
     "kv_recomputed": ("jblock_reroute_kv_recomputed", "Moves whose KV was recomputed by a replay."),
     "steps_rerouted": ("jblock_reroute_steps", "Request steps run on a rerouted chain."),
+}
+# engine.stats()["prefix_cache"] key -> (metric name without _total, help)
+_PREFIX = {
+    "prompt_tokens": ("jblock_prefix_cache_queries",
+                      "Prompt tokens looked up in the prefix cache (every admitted request's)."),
+    "hit_tokens": ("jblock_prefix_cache_hits", "Prompt tokens whose KV was found cached (not computed)."),
+    "replay_reused_tokens": ("jblock_prefix_cache_replay_reused",
+                             "Tokens KV replays skipped because their pages were still cached."),
+    "prefix_evicted_pages": ("jblock_prefix_cache_evicted_pages",
+                             "Cached KV pages evicted to make room (every block)."),
 }
 # engine.stats()["adapters"] key -> (metric name, help); counters end in _total, swap time in seconds
 _ADAPTERS = {

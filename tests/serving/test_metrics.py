@@ -76,12 +76,14 @@ def test_metrics_endpoint_exposes_histograms_statuses_and_block_gauges(serve, en
   assert _sample(text, f"jblock_block_batch_occupancy{embed}") == pytest.approx(1 / 8)
 
 
-def test_reroute_and_adapter_bank_counters_come_from_engine_stats():
-  class _Stats:  # the two stats sections the counters read (as Engine.stats() gives them)
+def test_reroute_adapter_bank_and_prefix_cache_counters_come_from_engine_stats():
+  class _Stats:  # the stats sections the counters read (as Engine.stats() gives them)
     def stats(self):
       return {"reroute": {"models": ["ft"], "moves": 7, "routed_back": 3, "kv_reused": 2,
                           "kv_recomputed": 4, "steps_rerouted": 41},
-              "adapters": {"hits": 11, "misses": 5, "evictions": 2, "swap_s": 0.25}}
+              "adapters": {"hits": 11, "misses": 5, "evictions": 2, "swap_s": 0.25},
+              "prefix_cache": {"prompt_tokens": 900, "hit_tokens": 640, "replay_reused_tokens": 32,
+                               "prefix_evicted_pages": 3, "hit_rate": 0.71}}
 
   text = ServingMetrics(_Stats()).render().decode()
   assert _sample(text, "jblock_reroute_moves_total") == 7
@@ -93,3 +95,7 @@ def test_reroute_and_adapter_bank_counters_come_from_engine_stats():
   assert _sample(text, "jblock_lora_bank_misses_total") == 5
   assert _sample(text, "jblock_lora_bank_evictions_total") == 2
   assert _sample(text, "jblock_lora_swap_seconds_total") == 0.25
+  assert _sample(text, "jblock_prefix_cache_queries_total") == 900
+  assert _sample(text, "jblock_prefix_cache_hits_total") == 640
+  assert _sample(text, "jblock_prefix_cache_replay_reused_total") == 32
+  assert _sample(text, "jblock_prefix_cache_evicted_pages_total") == 3
