@@ -32,4 +32,9 @@ def __getattr__(name):
   if name == "Model":
     from jblock.model import Model
     return Model
+  if name == "variants":
+    # Moved to jblock.train.variants; `from jblock import variants` keeps working until the
+    # last importer (tests/runtime/test_engine_core.py) imports it from jblock.train.
+    from jblock.train import variants
+    return variants
   raise AttributeError(name)

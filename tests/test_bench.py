@@ -85,7 +85,7 @@ def test_bench_smoke_run(tmp_path):
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3", "phi3", "mixtral"])
 def test_family_presets_convert_with_the_params_they_count(family, tmp_path):
-  from jblock import variants
+  from jblock.train import variants
   from jblock.bench import zoo_setup
   from jblock.zoo.store import Zoo
   spec = zoo_setup.PRESETS[f"tiny-{family}"]

@@ -3,7 +3,7 @@
 import numpy as np
 
 from jblock.bench import serve_bench
-from jblock.zoo import pareto
+from jblock.train import pareto
 
 
 def test_workload_prompts_come_from_the_held_out_tail_and_repeat_per_seed():

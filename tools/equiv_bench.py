@@ -9,7 +9,7 @@ Builds (once, into --work_dir) a byte-level Llama base pre-trained on the demo c
 its held-out tail and N full fine-tunes of it (every tensor trained on its own corpus section,
 as `tools.make_variants --full` trains them), converts them into a zoo, assembles every variant
 from the base's blocks at every budget, and writes the table, JSON and plot. The logic lives in
-jblock.zoo.pareto; --mode=overload runs jblock.bench.reroute_bench instead; --mode=serve runs
+jblock.train.pareto; --mode=overload runs jblock.bench.reroute_bench instead; --mode=serve runs
 jblock.bench.serve_bench (the same material, assembled at --serve_min_top1, served through the
 engine once as the N originals and once as the N assembled models, side by side).
 """
@@ -21,7 +21,8 @@ import time
 from absl import app, flags
 
 from jblock import results
-from jblock.zoo import cli, pareto
+from jblock.train import pareto
+from jblock.zoo import cli
 from jblock.zoo.store import Zoo
 
 _MODE = flags.DEFINE_enum("mode", "pareto", ["pareto", "overload", "serve"],

@@ -28,7 +28,7 @@ _OUT = flags.DEFINE_string("out", "tools/results", "Where the JSON goes.")
 
 def main(argv):
   del argv
-  from jblock import demo
+  from jblock.train import demo
   from jblock.zoo.store import Zoo
   if not os.path.isdir(_ZOO.value) or not Zoo(_ZOO.value).models():
     demo.build_demo_zoo(_ZOO.value)

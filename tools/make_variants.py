@@ -6,7 +6,7 @@
   python -m tools.make_variants --base_hf_dir=DIR --out_dir=DIR --n=4 --lora \
       --lora_targets=q_proj,v_proj --lora_ranks=8,16   # PEFT adapters DIR/lora_1.. (trained)
 
-The logic lives in jblock.variants; this script only reads flags.
+The logic lives in jblock.train.variants; this script only reads flags.
 """
 
 import os
@@ -14,7 +14,7 @@ import sys
 
 from absl import app, flags
 
-from jblock import variants
+from jblock.train import variants
 
 _BASE = flags.DEFINE_string("base_hf_dir", None, "HF checkpoint directory of the base model.")
 _OUT = flags.DEFINE_string("out_dir", None, "Where variant_1..variant_N (and base/) are written.")
@@ -37,7 +37,7 @@ _LR = flags.DEFINE_float("lr", 3e-3, "Adam learning rate.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Training windows per step.")
 _SEQ = flags.DEFINE_integer("seq_len", 32, "Tokens per training window.")
 _LORA = flags.DEFINE_bool("lora", False, "Make PEFT LoRA adapters (out_dir/lora_{1..n}) instead "
-                          "of fine-tuned checkpoints (jblock.lora_train).")
+                          "of fine-tuned checkpoints (jblock.train.lora_train).")
 _LORA_TARGETS = flags.DEFINE_list("lora_targets", ["q_proj", "v_proj"],
                                   "HF module names the adapters target (e.g. c_attn for GPT-2).")
 _LORA_RANKS = flags.DEFINE_list("lora_ranks", ["8"], "Adapter ranks, cycled over the adapters.")
@@ -103,7 +103,7 @@ def main(argv: list[str]) -> None:
       base_dir = variants.init_base(spec, os.path.join(_OUT.value, "base"), seed=_SEED.value)
       print(f"made base {base_dir}")
     if _LORA.value:
-      from jblock.lora_train import make_lora_variants
+      from jblock.train.lora_train import make_lora_variants
       try:
         ranks = [int(r) for r in _LORA_RANKS.value]
         dirs = make_lora_variants(base_dir, _OUT.value, _N.value, _LORA_TARGETS.value, ranks,

@@ -33,7 +33,7 @@ _MAX_KL = flags.DEFINE_float("max_kl", None, "assemble: budget, mean KL(original
 _MIN_TOP1 = flags.DEFINE_float("min_top1", None, "assemble: budget, top-1 agreement with the original.")
 _CALIBRATION = flags.DEFINE_string(
     "calibration", None, "equiv/assemble: text file (tokenized for the model) or token ids "
-    "(.npy, .json); default: jblock/demo_corpus.txt.")
+    "(.npy, .json); default: jblock/train/demo_corpus.txt.")
 _CANDIDATES = flags.DEFINE_list(
     "candidates", None, "equiv/assemble: models whose blocks are candidates (default: the model's "
     "base_model when it is in the zoo, else every other model).")

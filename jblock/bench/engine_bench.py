@@ -17,7 +17,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jblock import variants
+from jblock.train import variants
 from jblock.blocks import EMBED, LAYERS
 from jblock.bench.roofline import memory_bandwidth
 from jblock.convert import convert

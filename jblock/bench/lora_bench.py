@@ -6,7 +6,7 @@ every N runs the same compiled code); N = 0 is the base model alone. Each round 
 turn and the fastest round of each N counts, so the ratios compare N's under the same load. Reports tokens/s, the ratio to jblock's own N = 1, bank
 hits / misses / evictions, swap time, and resident bytes (base + bank + adapters in host memory).
 Adapter factors are random (throughput does not depend on their values); tests and examples that
-need trained adapters use jblock.lora_train.
+need trained adapters use jblock.train.lora_train.
 """
 
 import dataclasses
@@ -18,9 +18,9 @@ import numpy as np
 
 from jblock.bench.workload import popularity
 from jblock.convert.peft import module_table
-from jblock.lora_train import write_peft
+from jblock.train.lora_train import write_peft
 from jblock.runtime.engine import Engine, EngineConfig
-from jblock.variants import BaseSpec, init_base
+from jblock.train.variants import BaseSpec, init_base
 from jblock.zoo.store import Zoo
 
 

@@ -176,7 +176,7 @@ def run(zoo: str, streams: int, max_new_tokens: int, latencies_ms, repeats: int 
         progress=print) -> dict:
   """Every design at every latency, side by side in one process; the results dict (per design
   the median round's figures)."""
-  from jblock import demo
+  from jblock.train import demo
   from jblock.zoo.store import Zoo
   if not os.path.isdir(zoo) or not Zoo(zoo).models():
     demo.build_demo_zoo(zoo)

@@ -22,7 +22,7 @@ import time
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from jblock import variants
+from jblock.train import variants
 from jblock.runtime.engine import Engine, EngineConfig
 from jblock.runtime.reroute import RerouteConfig
 from jblock.zoo import equivalence as eqv

@@ -1,6 +1,6 @@
 """Serving N full fine-tunes per-model vs assembled, side by side through the engine.
 
-Material: the Pareto sweep's (jblock.zoo.pareto): N full fine-tunes of one byte-level base,
+Material: the Pareto sweep's (jblock.train.pareto): N full fine-tunes of one byte-level base,
 each assembled from the base's blocks at one budget (default top-1 >= 0.97 on the fitting
 split, checked on the held-out split). Three engines (Engine.from_zoo, sharing on) are open at
 once in one process: one serving the N originals, one the N assembled models with the default
@@ -25,7 +25,7 @@ import numpy as np
 
 from jblock.runtime.engine import Engine, EngineConfig
 from jblock.zoo import assemble as asm
-from jblock.zoo import pareto
+from jblock.train import pareto
 from jblock.zoo.equivalence import DEFAULT_CALIBRATION, Equivalence
 from jblock.zoo.store import Zoo
 

@@ -11,7 +11,7 @@ import os
 import shutil
 from typing import Callable
 
-from jblock import variants
+from jblock.train import variants
 
 # Base sizes (llama family). The default sweep uses "medium" (34M params: 134 MB of float32
 # weights, well above the CPU's caches, so decode reads them from memory) to finish in under 20

@@ -16,9 +16,9 @@ from typing import Callable
 
 import numpy as np
 
-from jblock import variants
+from jblock.train import variants
 from jblock.convert.hf import convert, export
-from jblock.finetune import TrainConfig, train
+from jblock.train.finetune import TrainConfig, train
 
 CORPUS_PATH = os.path.join(os.path.dirname(__file__), "demo_corpus.txt")
 EOS = "<|endoftext|>"
@@ -105,7 +105,7 @@ def make_base(base_dir: str, spec: DemoSpec, progress: Callable[[str], None]):
   result = train(model.blocks, _tokens(tokenizer, sections), cfg, full=True, progress=progress)
   progress(f"base: loss {result.loss_start:.3f} -> {result.loss_end:.3f}")
   export(model.config, model.hf_config, result.blocks, base_dir)
-  lineage = {"kind": "pretrained", "data": "jblock/demo_corpus.txt (all sections)",
+  lineage = {"kind": "pretrained", "data": "jblock/train/demo_corpus.txt (all sections)",
              "steps": spec.pretrain_steps, "seed": spec.seed, "lr": spec.pretrain_lr,
              "loss_start": round(result.loss_start, 6), "loss_end": round(result.loss_end, 6)}
   with open(os.path.join(base_dir, variants.LINEAGE_FILE), "w") as f:

@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 from jblock.blocks import EMBED, HEAD, LAYERS, Block
 from jblock.convert.hf import convert
 from jblock.convert.peft import PREFIX, module_table
-from jblock.finetune import TrainConfig, _adam, sample_windows
+from jblock.train.finetune import TrainConfig, _adam, sample_windows
 from jblock.models import blocks as block_fns
 from jblock.models.attention import contiguous_meta
 
@@ -134,7 +134,7 @@ def make_lora_variants(base_hf_dir: str, out_dir: str, n: int, targets: Sequence
                        progress: Callable[[str], None] | None = print) -> list[str]:
   """n PEFT adapters (out_dir/lora_{1..n}), adapter i of rank ranks[i % len(ranks)], each trained
   on its own synthetic token pattern."""
-  from jblock.variants import LINEAGE_FILE, synthetic_stream
+  from jblock.train.variants import LINEAGE_FILE, synthetic_stream
   say = progress or (lambda _: None)
   with open(os.path.join(base_hf_dir, "config.json")) as f:
     gpt2 = json.load(f).get("model_type") == "gpt2"

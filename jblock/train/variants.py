@@ -18,7 +18,7 @@ import numpy as np
 from jblock import models
 from jblock.blocks import EMBED, HEAD, LAYERS, Block, flat_leaves
 from jblock.convert.hf import abstract_params, convert, export
-from jblock.finetune import TrainConfig, train
+from jblock.train.finetune import TrainConfig, train
 
 FAMILIES = ("llama", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "gpt2")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

@@ -20,9 +20,9 @@ banks, the engine's per-row LoRA op); at a position with a delta the candidate m
 base block itself (the same block id, the delta dropped): the record names the dropped `delta`
 and its `nbytes` are the delta's bytes, what serving the position without it saves.
 
-Calibration: the demo corpus (jblock/demo_corpus.txt) by default; any text file (tokenized
-with the model's tokenizer.json, or as UTF-8 bytes when the model has none and its vocabulary
-holds 256 byte ids), or token ids in a .npy or .json file. The token stream is cut into a
+Calibration: the demo corpus (jblock/train/demo_corpus.txt) by default; any text file
+(tokenized with the model's tokenizer.json, or as UTF-8 bytes when the model has none and its
+vocabulary holds 256 byte ids), or token ids in a .npy or .json file. The token stream is cut into a
 calibration ("fit") part and a held-out tail ("holdout"), each into windows of seq_len tokens.
 """
 
@@ -47,7 +47,7 @@ from jblock.models.attention import contiguous_meta
 from jblock.zoo import records
 
 DEFAULT_CALIBRATION = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                   "demo_corpus.txt")
+                                   "train", "demo_corpus.txt")
 FIT, HOLDOUT = "fit", "holdout"
 
 

@@ -18,7 +18,7 @@ TOKENIZER_FILES = (
     "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja",
     "generation_config.json",
 )
-# Written by jblock.variants next to a fine-tune; used as lineage when none is passed.
+# Written by jblock.train.variants next to a fine-tune; used as lineage when none is passed.
 LINEAGE_FILE = "lineage.json"
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

@@ -209,7 +209,7 @@ class Zoo:
       return []
     return sorted(e[:-len(".json")] for e in os.listdir(self.models_dir) if e.endswith(".json"))
 
-  list_models = models  # the name jblock.demo uses
+  list_models = models  # the name jblock.train.demo uses
 
   def manifest(self, name: str) -> dict[str, Any]:
     path = self._manifest_path(name)

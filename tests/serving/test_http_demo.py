@@ -4,7 +4,7 @@ over HTTP equals the gRPC path's, for completions and chat, streamed or not."""
 import openai
 import pytest
 
-from jblock import demo
+from jblock.train import demo
 from jblock.client import Client
 from jblock.runtime.engine import Engine, EngineConfig
 from jblock.serving import coordinator

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from jblock import demo
+from jblock.train import demo
 
 TEXTS = ["The sea is wide and old, and it keeps its own time.",
          "Unseen words too: quixotic zephyrs, Café naïve — 東京 😀\n\ttabs  and  spaces "]

@@ -1,12 +1,12 @@
-"""LoRA adapters trained with real Adam steps (jblock.lora_train) are valid PEFT adapters: the
-loss drops, and the converted adapter's logits match transformers on the merged weights."""
+"""LoRA adapters trained with real Adam steps (jblock.train.lora_train) are valid PEFT adapters:
+the loss drops, and the converted adapter's logits match transformers on the merged weights."""
 
 import numpy as np
 import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from jblock.lora_train import make_lora_variants
+from jblock.train.lora_train import make_lora_variants
 from jblock.zoo.store import Zoo
 from tests import hf_models
 from tests.convert.test_peft import TOKENS, adapter_logits

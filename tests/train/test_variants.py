@@ -10,9 +10,9 @@ import pytest
 from safetensors.numpy import load_file
 
 import jblock
-from jblock import variants
+from jblock.train import variants
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LLAMA = variants.BaseSpec(family="llama", hidden=32, layers=3, heads=4, kv_heads=2, vocab=61,
                           max_positions=64)
 GPT2 = variants.BaseSpec(family="gpt2", hidden=24, layers=2, heads=3, vocab=53, max_positions=64)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from jblock import variants
+from jblock.train import variants
 from jblock.blocks import EMBED, HEAD, LAYERS
 from jblock.errors import InvalidRequestError
 from jblock.zoo import Zoo, records
@@ -366,6 +366,10 @@ def test_rerouted_request_recomputes_kv_and_routes_back(reroute_zoo):
     got = engine.generate("ft", PROMPT, max_new_tokens=10, accuracy_budget=1.0)
     events = engine.reroute_events()
     stats = engine.stats()["reroute"]
+    # The prompt's first page, cached on ft's own route before the moves, survives them: a
+    # later request finds it in every pool of that route (and its tokens are ft's own).
+    again = engine.generate("ft", PROMPT, max_new_tokens=3)
+    assert engine.stats()["prefix_cache"]["hit_tokens"] == 16
   assert [(e["generated"], e["route"], e["kv"]) for e in events] == [
       (3, [(1, base1)], "recompute"), (7, [], "recompute")]
   assert stats["moves"] == 2 and stats["routed_back"] == 1 and stats["kv_recomputed"] == 2
@@ -377,6 +381,7 @@ def test_rerouted_request_recomputes_kv_and_routes_back(reroute_zoo):
   middle = alt.generate([PROMPT + first], max_new_tokens=4)[0].tolist()
   last = ft.generate([PROMPT + first + middle], max_new_tokens=3)[0].tolist()
   assert got == first + middle + last
+  assert again == first
 
 
 def test_rerouted_request_reuses_kv_of_an_interchangeable_block(reroute_zoo):
