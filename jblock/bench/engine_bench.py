@@ -17,14 +17,14 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from jblock.train import variants
-from jblock.blocks import EMBED, LAYERS
 from jblock.bench.roofline import memory_bandwidth
+from jblock.blocks import EMBED, LAYERS
 from jblock.convert import convert
 from jblock.runtime.engine import Engine, EngineConfig, ModelSpec
 from jblock.runtime.kv import pages_for
 from jblock.runtime.segments import local_segment_fn
 from jblock.runtime.step import StepMeta
+from jblock.train import variants
 
 SHAPES = {
     # The shape of the comparison that opened the engine core work (MHA).

@@ -18,8 +18,8 @@ import numpy as np
 
 from jblock.bench.workload import popularity
 from jblock.convert.peft import module_table
-from jblock.train.lora_train import write_peft
 from jblock.runtime.engine import Engine, EngineConfig
+from jblock.train.lora_train import write_peft
 from jblock.train.variants import BaseSpec, init_base
 from jblock.zoo.store import Zoo
 

@@ -22,9 +22,9 @@ import time
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from jblock.train import variants
 from jblock.runtime.engine import Engine, EngineConfig
 from jblock.runtime.reroute import RerouteConfig
+from jblock.train import variants
 from jblock.zoo import equivalence as eqv
 from jblock.zoo.store import Zoo
 

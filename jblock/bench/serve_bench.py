@@ -24,8 +24,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from jblock.runtime.engine import Engine, EngineConfig
-from jblock.zoo import assemble as asm
 from jblock.train import pareto
+from jblock.zoo import assemble as asm
 from jblock.zoo.equivalence import DEFAULT_CALIBRATION, Equivalence
 from jblock.zoo.store import Zoo
 

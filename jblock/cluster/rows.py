@@ -23,10 +23,10 @@ import grpc
 import numpy as np
 
 from jblock.errors import UnavailableError
-from jblock.runtime.step import BlockBatch
 from jblock.proto import jblock_pb2 as pb
 from jblock.proto import jblock_pb2_grpc as pb_grpc
 from jblock.proto.tensor_codec import from_tensor
+from jblock.runtime.step import BlockBatch
 
 RETURN, KEEP, PUSH = pb.RowDestination.RETURN, pb.RowDestination.KEEP, pb.RowDestination.PUSH
 DROPPED = -1  # row_destinations entry of a row no block reads

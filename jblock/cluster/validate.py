@@ -13,8 +13,8 @@ import numpy as np
 
 from jblock.blocks import EMBED, HEAD, LAYERS
 from jblock.errors import InvalidRequestError
-from jblock.runtime.step import _FLOAT_FIELDS, _INT_FIELDS
 from jblock.proto.tensor_codec import from_tensor
+from jblock.runtime.step import _FLOAT_FIELDS, _INT_FIELDS
 
 RUN_INPUTS = ("x", "ints", "floats")
 

@@ -23,12 +23,12 @@ from grpc_reflection.v1alpha import reflection
 
 from jblock.cluster import security
 from jblock.errors import InvalidRequestError, JBlockError
+from jblock.proto import jblock_pb2 as pb
+from jblock.proto import jblock_pb2_grpc as pb_grpc
 from jblock.runtime.engine_api import Engine, ModelInfo
 from jblock.serving import frontend as frontend_lib
 from jblock.serving.frontend import DrainState  # noqa: F401  (re-exported)
 from jblock.serving.metrics import ServingMetrics
-from jblock.proto import jblock_pb2 as pb
-from jblock.proto import jblock_pb2_grpc as pb_grpc
 
 _FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP,

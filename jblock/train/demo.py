@@ -16,8 +16,8 @@ from typing import Callable
 
 import numpy as np
 
-from jblock.train import variants
 from jblock.convert.hf import convert, export
+from jblock.train import variants
 from jblock.train.finetune import TrainConfig, train
 
 CORPUS_PATH = os.path.join(os.path.dirname(__file__), "demo_corpus.txt")

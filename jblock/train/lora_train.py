@@ -19,9 +19,9 @@ from safetensors.numpy import save_file
 from jblock.blocks import EMBED, HEAD, LAYERS, Block
 from jblock.convert.hf import convert
 from jblock.convert.peft import PREFIX, module_table
-from jblock.train.finetune import TrainConfig, _adam, sample_windows
 from jblock.models import blocks as block_fns
 from jblock.models.attention import contiguous_meta
+from jblock.train.finetune import TrainConfig, _adam, sample_windows
 
 
 @dataclasses.dataclass

@@ -16,8 +16,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from jblock.train import variants
 from jblock.convert.hf import convert, export
+from jblock.train import variants
 from jblock.train.finetune import TrainConfig, train
 from jblock.zoo import assemble as asm
 from jblock.zoo.equivalence import DEFAULT_CALIBRATION, HOLDOUT, Equivalence

@@ -11,8 +11,8 @@ import pytest
 from jblock.cluster import rows as rows_lib
 from jblock.cluster.mailbox import Mailbox
 from jblock.errors import InvalidRequestError
-from jblock.runtime.executor import stage_input
 from jblock.proto import jblock_pb2 as pb
+from jblock.runtime.executor import stage_input
 
 ROW = np.arange(2 * 4, dtype=np.float32).reshape(1, 2, 4)  # one row: 2 tokens, width 4
 

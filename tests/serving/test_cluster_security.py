@@ -22,6 +22,9 @@ import jblock
 from jblock.cluster import heartbeat, security
 from jblock.cluster.links import ClusterLinks, StepDeadlines
 from jblock.errors import InvalidRequestError
+from jblock.proto import jblock_pb2 as pb
+from jblock.proto import jblock_pb2_grpc as pb_grpc
+from jblock.proto.tensor_codec import from_tensor, to_tensor, to_tensor_map
 from jblock.runtime.engine import EngineConfig
 from jblock.runtime.step import _INT_FIELDS as INT_FIELDS
 from jblock.serving.coordinator import build_server
@@ -29,9 +32,6 @@ from jblock.serving.engines import distributed_engine
 from jblock.serving.frontend import Frontend
 from jblock.serving.http import HttpServer
 from jblock.serving.metrics import ServingMetrics
-from jblock.proto import jblock_pb2 as pb
-from jblock.proto import jblock_pb2_grpc as pb_grpc
-from jblock.proto.tensor_codec import from_tensor, to_tensor, to_tensor_map
 from jblock.serving.worker import start_worker_server
 from tests.serving.serving_helpers import free_port
 from tests.serving.test_block_serving import PROMPTS, REPO, _wait_line

@@ -4,12 +4,12 @@ over HTTP equals the gRPC path's, for completions and chat, streamed or not."""
 import openai
 import pytest
 
-from jblock.train import demo
 from jblock.client import Client
 from jblock.runtime.engine import Engine, EngineConfig
 from jblock.serving import coordinator
 from jblock.serving.frontend import Frontend
 from jblock.serving.http import HttpServer
+from jblock.train import demo
 
 TINY = demo.DemoSpec(hidden=32, layers=4, heads=4, kv_heads=2, vocab_size=300, pretrain_steps=8,
                      finetune_steps=3, batch_size=4, seq_len=16)

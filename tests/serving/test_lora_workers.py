@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from jblock.cluster import heartbeat, security
-from jblock.runtime.engine import Engine, EngineConfig
-from jblock.serving.engines import distributed_engine
 from jblock.proto import jblock_pb2 as pb
 from jblock.proto import jblock_pb2_grpc as pb_grpc
 from jblock.proto.tensor_codec import to_tensor_map
+from jblock.runtime.engine import Engine, EngineConfig
+from jblock.serving.engines import distributed_engine
 from jblock.serving.worker import start_worker_server
 from jblock.zoo.store import Zoo
 from tests import hf_models

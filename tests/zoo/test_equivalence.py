@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from jblock.train import variants
 from jblock.blocks import EMBED, HEAD, LAYERS
 from jblock.errors import InvalidRequestError
+from jblock.train import variants
 from jblock.zoo import Zoo, records
 from jblock.zoo import assemble as asm
 from jblock.zoo import cli
