@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import jblock
+from jblock.models import rope as rope_lib
 from tests import hf_models
 
 LOGIT_TOL = 1e-4
@@ -87,3 +88,39 @@ def test_bfloat16_conversion_within_documented_tolerance(pair):
     # are held to transformers run in bfloat16.
     ref = _torch_logits(copy.deepcopy(torch_model).to(torch.bfloat16), PROMPTS[0])
   assert np.abs(ours - ref).max() <= BF16_REL_TOL * scale, name
+
+
+# A prompt of 3 full 4-token pages + 1, then a longer one sharing it, then the first again.
+PREFIX_PROMPTS = [[5, 17, 3, 88, 41, 2, 9, 60, 33, 71, 12, 14, 8],
+                  [5, 17, 3, 88, 41, 2, 9, 60, 33, 71, 12, 14, 8, 4, 90, 23, 6], None]
+PREFIX_PROMPTS[2] = PREFIX_PROMPTS[0]
+
+
+def test_prefix_caching_never_changes_greedy_tokens(pair):
+  """The engine with prefix caching on gives every family the tokens it gives with it off
+  (windowed and length-dependent-RoPE blocks do not cache; the others reuse the prefix)."""
+  import dataclasses
+
+  from jblock.convert import convert
+  from jblock.runtime.engine import Engine, EngineConfig, ModelSpec
+
+  name, hf_dir, _ = pair
+  converted = convert(hf_dir)
+  spec = ModelSpec(name, converted.config, converted.blocks)
+  if converted.config.max_position_embeddings < 32:
+    pytest.skip(f"{name} serves at most {converted.config.max_position_embeddings} tokens")
+  config = EngineConfig(batch_size=2, kv_slots=2, page_size=4, max_seq_len=32, prefill_chunk=8,
+                        length_buckets=(8,), warmup=False)
+  out = {}
+  for caching in (True, False):
+    with Engine([spec], config=dataclasses.replace(config, enable_prefix_caching=caching),
+                mesh_shape=(1, 1)) as engine:
+      out[caching] = [engine.generate(name, p, max_new_tokens=8) for p in PREFIX_PROMPTS]
+      hits = engine.stats()["prefix_cache"]["hit_tokens"]
+    if caching:
+      windowed = any(b.config.get("sliding_windows") and all(w > 0 for w in b.config["sliding_windows"])
+                     for b in converted.blocks if b.kind == "layers")
+      by_length = any(rope_lib.depends_on_length(b.config.get("rope"))
+                      for b in converted.blocks if b.kind == "layers")
+      assert hits == (0 if windowed or by_length else 24), name
+  assert out[True] == out[False], name

@@ -104,6 +104,20 @@ def test_more_adapters_than_slots_swap_and_stay_equal(engine, setup):
         f"{after['swap_s'] / max(after['misses'], 1) * 1e3:.2f} ms per swap")
 
 
+def test_adapter_rows_never_share_kv_with_base_rows(engine):
+  # 20 tokens: one full 16-token page that a request registers for the ones after it.
+  long = [int(t) for t in np.random.default_rng(99).integers(0, 128, 20)]
+  hits = lambda: engine.stats()["prefix_cache"]["hit_tokens"]
+  base = engine.generate("base", long, max_new_tokens=NEW_TOKENS)
+  before = hits()
+  adapter = engine.generate("a2", long, max_new_tokens=NEW_TOKENS)  # its delta changes the KV
+  assert hits() == before and adapter != base
+  assert engine.generate("a2", long, max_new_tokens=NEW_TOKENS) == adapter  # its own page: reused
+  assert hits() == before + 16
+  assert engine.generate("base", long, max_new_tokens=NEW_TOKENS) == base
+  assert hits() == before + 32
+
+
 def test_swap_under_the_engine_lock_copies_nothing_to_the_device(engine, setup, monkeypatch):
   import threading
   from jblock.runtime import lora as lora_runtime
