@@ -724,7 +724,8 @@ def _prefix_stats(scheduler, instances) -> dict[str, Any]:
   pages = collections.Counter()
   for pool in pools:
     pages.update(pool.cache_stats())
-  return {**scheduler.prefix_stats(), **pages, "enabled": scheduler.config.prefix_caching}
+  return {**scheduler.prefix_stats(), **pages, "enabled": scheduler.config.prefix_caching,
+          "computed_tokens": dict(scheduler.computed)}
 
 
 def _load_on_devices(zoo, block_id: str, mesh) -> Block:

@@ -33,7 +33,7 @@ from jblock.errors import JBlockError, OverloadedError
 from jblock.models import rope as rope_lib
 from jblock.runtime.engine_api import RequestHandle, SamplingParams
 from jblock.runtime import prefix as prefix_lib
-from jblock.runtime.kv import Lease, pages_for
+from jblock.runtime.kv import Lease, pages_for, token_hashes
 from jblock.runtime.segments import Segment
 from jblock.runtime.step import BlockBatch, StepItem, StepMeta
 
@@ -110,6 +110,7 @@ class Scheduler:
     self.active: set[Request] = set()
     self.finished = collections.Counter()
     self.prefix = collections.Counter()  # prefix-cache counters: requests, tokens, hits
+    self.computed = collections.Counter()  # instance key -> tokens it computed (prefill + decode)
     self._arrivals = itertools.count()
     self._batches = itertools.count()
     self.adapters = None  # LoRA bank slots (jblock.runtime.lora.AdapterBanks), set by the engine
@@ -208,6 +209,8 @@ class Scheduler:
           continue  # younger adapter requests let the pinned bank slots drain (no starvation)
         if not self._fits(head):
           continue  # this queue waits; the others go on
+        if self._prefix_in_progress(head):
+          continue  # its prefix is being computed: admitted once it is cached, not twice
         score = (active_by_tenant[head.tenant], head.arrived)
         if best is None or score < best[0]:
           best = (score, queue)
@@ -247,6 +250,27 @@ class Scheduler:
     self._enqueue(StepItem(req, 0, start, n, t_pad, final, tokens[start:start + n]))
 
   # ---- prefix caching (jblock.runtime.prefix) -----------------------------------------------
+
+  def _prefix_in_progress(self, req: Request) -> bool:
+    """Whether a running request of the same model (same KV keys) is still computing pages of
+    this one's prompt prefix that are not cached yet: a burst of requests behind one system
+    prompt computes it once, the rest wait for it instead of computing it beside it."""
+    if not self.config.prefix_caching:
+      return False
+    ps = self.config.page_size
+    mine = token_hashes(req.prompt, ps, req.token_hashes)
+    for other in self.active:
+      if (other.generated or other.model != req.model or other.kv_salt != req.kv_salt
+          or not other.token_hashes or not mine or other.token_hashes[0] != mine[0]):
+        continue
+      common = 0
+      for a, b in zip(mine, other.token_hashes):
+        if a != b:
+          break
+        common += 1
+      if other.cached // ps < min(common, (len(req.prompt) - 1) // ps):
+        return True
+    return False
 
   def _adopt_prefix(self, req: Request) -> None:
     """The request starts after the prefix every lease of its (now bound) chain found cached;
@@ -379,9 +403,11 @@ class Scheduler:
   def complete(self, batch: BlockBatch, output: Any, error: BaseException | None) -> None:
     """Routes every item of a finished batch (output: hidden states, or tokens at the head)."""
     self.in_flight[batch.segment.key] -= 1
+    tokens = sum(it.n for it in batch.items)
     for inst in batch.segment.instances:
       inst.batches_run += 1
       inst.items_run += len(batch.items)
+      self.computed[inst.key] += tokens
     for row, item in enumerate(batch.items):
       req = item.req
       if item.epoch != req.epoch:

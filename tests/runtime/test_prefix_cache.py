@@ -106,6 +106,21 @@ def test_cross_variant_prefix_shares_only_the_shared_blocks_kv(specs, reference)
     assert _hit(engine) == 40
 
 
+def test_a_burst_behind_one_prompt_computes_it_once(specs, reference):  # noqa: F811
+  with Engine(specs, config=CONFIG, mesh_shape=(1, 1)) as engine:
+    jobs = [(m, p) for m in ("base", "tuned") for p in PROMPTS]  # submitted at once
+    handles = [engine.submit(m, p, max_new_tokens=NEW) for m, p in jobs]
+    assert [h.result(120) for h in handles] == [reference(m, p) for m, p in jobs]
+    # Per model the first request computes the system prompt, the 3 others wait for its pages.
+    assert _hit(engine) == 2 * 3 * 20
+    computed = engine.stats()["prefix_cache"]["computed_tokens"]
+    top = {m: _blocks(engine, [m]) for m in ("base", "tuned")}
+    for m in ("base", "tuned"):
+      (key, _), = [(b["key"], b) for b in top[m].values()]
+      prompts = sum(len(p) for p in PROMPTS) - 3 * 20
+      assert computed[key] == prompts + 4 * (NEW - 1)  # prompt tokens computed, then decode
+
+
 def test_eviction_under_pressure_with_requests_in_flight(specs, reference):  # noqa: F811
   # 24 pages a pool: two requests (8 pages each) at once, so later ones evict cached pages.
   cfg = dataclasses.replace(CONFIG, kv_pages=24)

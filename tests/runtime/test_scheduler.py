@@ -1,5 +1,7 @@
 """The scheduler alone: admission, fairness, KV leases, cancellation and routing, no devices."""
 
+import itertools
+
 import pytest
 
 from jblock.errors import OverloadedError
@@ -37,10 +39,16 @@ CONFIG = SchedulerConfig(prefill_chunk=8, prefill_buckets=(4, 8), max_waiting=8,
                          max_pages=8)
 
 
-def submit(sched, segments, model, prompt_len=5, new=3, tenant=""):
+_PROMPTS = itertools.count(1)
+
+
+def submit(sched, segments, model, prompt_len=5, new=3, tenant="", prompt=None):
+  """Queues a request; its prompt is new (no prefix another request computes) unless given."""
   handle = RequestHandle(f"{model}-{sched.num_waiting}-{len(sched.active)}", model, prompt_len)
-  return sched.add(handle, model, tenant, list(range(1, prompt_len + 1)),
-                   SamplingParams(max_new_tokens=new), segments[model], frozenset())
+  first = 1000 * next(_PROMPTS)
+  prompt = prompt or list(range(first, first + prompt_len))
+  return sched.add(handle, model, tenant, prompt, SamplingParams(max_new_tokens=new),
+                   segments[model], frozenset())
 
 
 def test_segments_fuse_only_what_every_model_traverses_together():
@@ -177,3 +185,20 @@ def test_seeds_fold_into_two_words():
     sched.complete(batch, out, None)
     batch = sched.schedule()[0]
   assert batch.meta.seed_lo[0] == 5 and batch.meta.seed_hi[0] == 2**8
+
+
+def test_a_request_waits_for_its_prefix_being_computed_then_adopts_it():
+  segs = plan_segments(chains())
+  sched = Scheduler(CONFIG)
+  prompt = list(range(1, 11))  # 2 full pages of 4, then 2 tokens
+  first = submit(sched, segs, "a", prompt_len=10, prompt=prompt)
+  second = submit(sched, segs, "a", prompt_len=10, prompt=prompt)
+  other_model = submit(sched, segs, "b", prompt_len=10, prompt=prompt)
+  [batch] = sched.schedule()  # one prompt chunk of 8 tokens: a's and b's embed+shared segment
+  assert first in sched.active and other_model in sched.active and second not in sched.active
+  sched.complete(batch, "hidden", None)  # through the shared segment; then a's and b's tops
+  for batch in sched.schedule():
+    sched.complete(batch, "hidden", None)
+  sched.schedule()
+  assert second in sched.active  # a's first 8 tokens are cached in a's chain: it adopts them
+  assert sched.prefix_stats()["hit_tokens"] == 8
