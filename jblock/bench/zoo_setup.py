@@ -27,6 +27,8 @@ PRESETS = {
     "100m": variants.BaseSpec(family="llama", hidden=768, layers=12, heads=12, vocab=16000,
                               max_positions=1024),
 }
+# The small base with room for long prompts (a 1,024-token system prompt: tools.prefix_bench).
+PRESETS["small-long"] = dataclasses.replace(PRESETS["small"], max_positions=2048)
 # The newer families at the tiny size (hidden 64, 4 layers): Qwen3 (q/k norms), Gemma 2 and 3
 # (soft-caps, sliding windows, tied head), Phi-3 (fused projections), Mixtral (4 experts, top 2).
 for _family in ("qwen3", "gemma2", "gemma3", "phi3", "mixtral"):

@@ -725,7 +725,15 @@ def _prefix_stats(scheduler, instances) -> dict[str, Any]:
   for pool in pools:
     pages.update(pool.cache_stats())
   return {**scheduler.prefix_stats(), **pages, "enabled": scheduler.config.prefix_caching,
-          "computed_tokens": dict(scheduler.computed)}
+          "computed_tokens": _computed(scheduler.computed)}
+
+
+def _computed(counter) -> dict[str, dict[str, int]]:
+  """Instance key -> {"prompt": tokens, "decode": tokens} it computed."""
+  out: dict[str, dict[str, int]] = {}
+  for (key, phase), n in counter.items():
+    out.setdefault(key, {"prompt": 0, "decode": 0})[phase] = n
+  return out
 
 
 def _load_on_devices(zoo, block_id: str, mesh) -> Block:

@@ -110,7 +110,7 @@ class Scheduler:
     self.active: set[Request] = set()
     self.finished = collections.Counter()
     self.prefix = collections.Counter()  # prefix-cache counters: requests, tokens, hits
-    self.computed = collections.Counter()  # instance key -> tokens it computed (prefill + decode)
+    self.computed = collections.Counter()  # (instance key, prompt | decode) -> tokens computed
     self._arrivals = itertools.count()
     self._batches = itertools.count()
     self.adapters = None  # LoRA bank slots (jblock.runtime.lora.AdapterBanks), set by the engine
@@ -404,10 +404,11 @@ class Scheduler:
     """Routes every item of a finished batch (output: hidden states, or tokens at the head)."""
     self.in_flight[batch.segment.key] -= 1
     tokens = sum(it.n for it in batch.items)
+    phase = "decode" if batch.t_pad == 1 else "prompt"
     for inst in batch.segment.instances:
       inst.batches_run += 1
       inst.items_run += len(batch.items)
-      self.computed[inst.key] += tokens
+      self.computed[inst.key, phase] += tokens
     for row, item in enumerate(batch.items):
       req = item.req
       if item.epoch != req.epoch:

@@ -118,7 +118,7 @@ def test_a_burst_behind_one_prompt_computes_it_once(specs, reference):  # noqa: 
     for m in ("base", "tuned"):
       (key, _), = [(b["key"], b) for b in top[m].values()]
       prompts = sum(len(p) for p in PROMPTS) - 3 * 20
-      assert computed[key] == prompts + 4 * (NEW - 1)  # prompt tokens computed, then decode
+      assert computed[key] == {"prompt": prompts, "decode": 4 * (NEW - 1)}
 
 
 def test_eviction_under_pressure_with_requests_in_flight(specs, reference):  # noqa: F811
