@@ -89,8 +89,8 @@ class HFEngine:
   def submit(self, model: str, prompt_tokens: Sequence[int], *, max_new_tokens: int = 32,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              stop_token_ids: Sequence[int] = (), request_id: str | None = None,
-             tenant: str | None = None) -> RequestHandle:
-    del tenant  # one queue per model: static batching knows no tenants
+             tenant: str | None = None, accuracy_budget: float | None = None) -> RequestHandle:
+    del tenant, accuracy_budget  # one queue per model: static batching knows no tenants
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                             top_p=top_p, seed=seed, stop_token_ids=tuple(stop_token_ids))
     prompt = [int(t) for t in prompt_tokens]

@@ -236,11 +236,13 @@ class Engine(Protocol):
   def submit(self, model: str, prompt_tokens: Sequence[int], *, max_new_tokens: int = 32,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              stop_token_ids: Sequence[int] = (), request_id: str | None = None,
-             tenant: str | None = None) -> RequestHandle:
+             tenant: str | None = None, accuracy_budget: float | None = None) -> RequestHandle:
     """Admits a request. Raises NotFoundError (unknown model), InvalidRequestError
     (validate_request), OverloadedError (the bounded queue is full), UnavailableError (the
     model is being unloaded). `tenant` names whose request it is: admission is fair across
-    tenants."""
+    tenants. `accuracy_budget`: the top-1 disagreement the tenant accepts when its steps are
+    rerouted onto equivalent blocks (None: the engine's default; an engine that never reroutes
+    ignores it)."""
     ...
 
   def list_models(self) -> list[ModelInfo]:

@@ -18,7 +18,6 @@ not use get the same NOT_FOUND.
 import asyncio
 import concurrent.futures
 import dataclasses
-import inspect
 import json
 import logging
 import os
@@ -186,24 +185,6 @@ class _ModelText:
       raise InvalidRequestError("messages", f"the chat template rejected them: {e}") from None
 
 
-def _takes_tenant(engine, name: str = "tenant") -> bool:
-  """Whether engine.submit accepts `tenant=` (fair scheduling across tenants; or another
-  keyword `name`), looking through **kwargs wrappers to the method they forward to."""
-  for cls in type(engine).__mro__:
-    method = cls.__dict__.get("submit")
-    if method is None:
-      continue
-    try:
-      params = inspect.signature(method).parameters
-    except (TypeError, ValueError):
-      return False
-    if name in params:
-      return True
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-      return False
-  return False
-
-
 def _validate_messages(messages) -> list[dict]:
   if not isinstance(messages, list) or not messages:
     raise InvalidRequestError("messages", "must be a non-empty list")
@@ -260,8 +241,6 @@ class Frontend:
     self.metrics = metrics
     self.max_request_bytes = max_request_bytes
     self._tokenizers = text.TokenizerCache()
-    self._engine_takes_tenant = _takes_tenant(engine)
-    self._engine_takes_budget = _takes_tenant(engine, "accuracy_budget")
     self._texts: dict[tuple, _ModelText] = {}
     self._texts_lock = threading.Lock()
     # Tokenising runs here, never on a request's own thread or the event loop: at most
@@ -412,12 +391,10 @@ class Frontend:
 
   def _submit(self, principal: Principal, request: GenerationRequest, mt: _ModelText,
               prompt: list[int]) -> "Generation":
-    kwargs = {"stop_token_ids": tuple(request.stop_token_ids) + mt.eos_ids}
-    if self._engine_takes_tenant and principal.tenant is not None:
-      kwargs["tenant"] = principal.tenant.name  # the engine schedules fairly across tenants
-    if (self._engine_takes_budget and principal.tenant is not None
-        and principal.tenant.accuracy_budget is not None):
-      kwargs["accuracy_budget"] = principal.tenant.accuracy_budget  # bounds rerouting
+    tenant = principal.tenant
+    kwargs = {"stop_token_ids": tuple(request.stop_token_ids) + mt.eos_ids,
+              "tenant": tenant.name if tenant is not None else None,  # fair scheduling
+              "accuracy_budget": tenant.accuracy_budget if tenant is not None else None}
     for field, name in (("max_tokens", "max_new_tokens"), ("temperature", "temperature"),
                         ("top_p", "top_p"), ("top_k", "top_k"), ("seed", "seed"),
                         ("request_id", "request_id")):
