@@ -18,6 +18,7 @@ from absl import app, flags
 from jblock.convert.hf import DTYPES
 from jblock.errors import InvalidRequestError, JBlockError
 from jblock.zoo import cli, manifest
+from jblock.zoo.sizes import human_bytes
 from jblock.zoo.store import Zoo
 
 PROG = "convert"
@@ -85,7 +86,7 @@ def _convert_peft() -> None:
   print("\n".join(cli.convert_lines(zoo, report)))
   deltas = [d for d in zoo.manifest(_NAME.value)["deltas"] if d]
   print(f"  adapter over {_BASE.value}: {len(deltas)} delta blocks "
-        f"({cli.human_bytes(sum(zoo.block_record(d)['nbytes'] for d in deltas))})")
+        f"({human_bytes(sum(zoo.block_record(d)['nbytes'] for d in deltas))})")
 
 
 def console() -> None:

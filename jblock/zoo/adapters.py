@@ -19,12 +19,14 @@ from jblock.errors import ConversionError, NotFoundError
 from jblock.models.config import ModelConfig
 from jblock.zoo import atomic
 from jblock.zoo import manifest as manifests
+from jblock.zoo.manifest import ModelExistsError
+from jblock.zoo.reports import ConvertReport
 
 
 def convert_peft(zoo, peft_dir: str, base: str, name: str, overwrite: bool = False,
                  progress: Callable[[str], None] | None = None):
-  """Converts a PEFT LoRA adapter directory into the zoo as model `name` over model `base`."""
-  from jblock.zoo.store import ConvertReport, ModelExistsError
+  """Converts a PEFT LoRA adapter directory into `zoo` (a jblock.zoo.store.Zoo) as model
+  `name` over model `base`."""
   say = progress or (lambda _: None)
   manifests.check_name(name)
   base_manifest = zoo.manifest(base)
@@ -50,11 +52,11 @@ def convert_peft(zoo, peft_dir: str, base: str, name: str, overwrite: bool = Fal
   new: list[tuple[str, Block]] = [(i, b) for i, b in zip(chain, chain_blocks) if b is not None]
   new += [(i, d) for i, d in zip(deltas, converted.deltas) if d is not None]
   written, reused, bytes_written = [], [], 0
-  with zoo._lock.shared():
+  with zoo.writing():
     for block_id, block in new:
       if block_id in written or block_id in reused:
         continue
-      if not zoo.has_block(block_id) and zoo._write_block(block, block_id):
+      if not zoo.has_block(block_id) and zoo.write_block(block, block_id):
         say(f"{block.kind} block {block_id[:12]}: writing {block.nbytes} bytes")
         written.append(block_id)
         bytes_written += block.nbytes
@@ -92,7 +94,7 @@ def convert_peft(zoo, peft_dir: str, base: str, name: str, overwrite: bool = Fal
       manifest_written = False
     else:
       with atomic.temp_dir(zoo.tmp_dir) as empty:
-        manifest_written = zoo._publish_model(name, data, tokenizer_src or empty, overwrite)
+        manifest_written = zoo.publish_model(name, data, tokenizer_src or empty, overwrite)
   say(f"manifest models/{name}.json " + ("written" if manifest_written else "already there"))
   return ConvertReport(name=name, chain=chain, written=written, reused=reused,
                        bytes_written=bytes_written,

@@ -7,7 +7,10 @@ from typing import Callable, NoReturn
 
 from absl import flags, logging
 
-from jblock.zoo.store import ConvertReport, GcReport, Zoo, ZooStats
+from jblock.zoo import equiv_cli
+from jblock.zoo.reports import ConvertReport, GcReport, ZooStats
+from jblock.zoo.sizes import human_bytes
+from jblock.zoo.store import Zoo
 
 
 def fail(prog: str, message: str, code: int = 2) -> NoReturn:
@@ -40,14 +43,6 @@ def progress_printer(stream=None) -> Callable[[str], None]:
     out.write(f"[{time.monotonic() - start:6.1f}s] {message}\n")
     out.flush()
   return say
-
-
-def human_bytes(n: float) -> str:
-  for unit in ("B", "KiB", "MiB", "GiB"):
-    if abs(n) < 1024 or unit == "GiB":
-      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-    n /= 1024
-  raise AssertionError("unreachable")
 
 
 def convert_lines(zoo: Zoo, report: ConvertReport) -> list[str]:
@@ -108,7 +103,6 @@ def show_lines(zoo: Zoo, name: str) -> list[str]:
   extra = {k: v for k, v in lineage.items() if k not in ("base_model", "source_dir", "conversion")}
   if extra:
     lines.append("  lineage: " + ", ".join(f"{k}={v}" for k, v in sorted(extra.items())))
-  from jblock.zoo import equiv_cli
   return lines + equiv_cli.show_lines(zoo, name)
 
 

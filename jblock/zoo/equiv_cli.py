@@ -4,6 +4,7 @@ from typing import Any
 
 from jblock.errors import InvalidRequestError, NotFoundError
 from jblock.zoo import records
+from jblock.zoo.sizes import human_bytes
 
 
 def resolve_block(zoo, prefix: str) -> str:
@@ -54,7 +55,6 @@ def equiv_lines(report: dict[str, Any]) -> list[str]:
 
 def assemble_lines(report: dict[str, Any]) -> list[str]:
   from jblock.zoo.assemble import fmt_metrics
-  from jblock.zoo.cli import human_bytes
   budget = report["budget"]
   asked = ", ".join(f"{k} {v}" for k, v in budget.items() if v is not None)
   share = report["bytes_saved"] / report["model_bytes"] if report["model_bytes"] else 0.0

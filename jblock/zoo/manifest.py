@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 from jblock.blocks import Block
-from jblock.errors import InvalidRequestError
+from jblock.errors import InvalidRequestError, JBlockError
 from jblock.models.config import ModelConfig
 
 MANIFEST_FORMAT = "jblock-manifest-v1"
@@ -22,6 +22,18 @@ TOKENIZER_FILES = (
 LINEAGE_FILE = "lineage.json"
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class ModelExistsError(JBlockError):
+  """A model name is taken by a different chain (convert with overwrite=True to replace it)."""
+
+  grpc_code = "ALREADY_EXISTS"
+
+
+class CorruptedManifestError(JBlockError):
+  """A manifest file is unreadable or lacks what loading the model needs."""
+
+  grpc_code = "DATA_LOSS"
 
 
 def check_name(name: str) -> str:

@@ -18,7 +18,6 @@ it never deletes a block a running conversion has written or chosen to reuse but
 referenced from a manifest. Readers (load_*) take no lock: gc only removes unreferenced blocks.
 """
 
-import dataclasses
 import json
 import os
 import re
@@ -32,59 +31,10 @@ from jblock.model import Model
 from jblock.models.config import ModelConfig
 from jblock.zoo import atomic, blockio, experts, records
 from jblock.zoo import manifest as manifests
+from jblock.zoo.manifest import CorruptedManifestError, ModelExistsError
+from jblock.zoo.reports import ConvertReport, GcReport, ZooStats
 
 _BLOCK_ID = re.compile(r"[0-9a-f]{64}")
-
-
-class ModelExistsError(JBlockError):
-  """A model name is taken by a different chain (convert with overwrite=True to replace it)."""
-
-  grpc_code = "ALREADY_EXISTS"
-
-
-class CorruptedManifestError(JBlockError):
-  """A manifest file is unreadable or lacks what loading the model needs."""
-
-  grpc_code = "DATA_LOSS"
-
-
-@dataclasses.dataclass
-class ConvertReport:
-  name: str
-  chain: list[str]  # block ids, embed first, head last
-  written: list[str]  # ids newly stored by this conversion
-  reused: list[str]  # ids already in the zoo (or stored concurrently by another writer)
-  bytes_written: int  # param bytes of `written`
-  model_bytes: int  # param bytes of the whole chain
-  manifest_written: bool  # False when the same model was already there
-
-
-@dataclasses.dataclass
-class ZooStats:
-  models: int
-  stored_blocks: int
-  referenced_blocks: int  # distinct ids in some chain
-  orphan_blocks: int  # stored, referenced by no manifest (gc removes them)
-  missing_blocks: int  # referenced, not stored (verify reports them)
-  logical_bytes: int  # sum over models of their chain's param bytes: storage without sharing
-  stored_bytes: int  # sum over distinct stored blocks of their param bytes
-  disk_bytes: int  # what blocks/ and parts/ take on disk (orbax compresses)
-  stored_parts: int = 0  # expert-level parts stored (each expert once; jblock.zoo.experts)
-  part_blocks: int = 0  # stored blocks kept as parts
-  part_block_bytes: int = 0  # param bytes of those blocks, each counted whole
-  part_bytes: int = 0  # param bytes of the distinct parts they list (what is stored for them)
-
-  @property
-  def dedup_ratio(self) -> float:
-    return self.logical_bytes / self.stored_bytes if self.stored_bytes else 1.0
-
-
-@dataclasses.dataclass
-class GcReport:
-  removed: list[str]  # block ids
-  freed_bytes: int  # on-disk bytes of the removed blocks
-  stale_tmp: int  # leftovers of crashed writes removed from tmp/
-  records_removed: int = 0  # equivalence records naming a removed block or a gone model
 
 
 class Zoo:
@@ -176,8 +126,13 @@ class Zoo:
                                   f"'{key}' disagrees with the stored params")
     return block
 
-  def _write_block(self, block: Block, block_id: str) -> bool:
-    """Stores one block; False if another writer stored the same id first."""
+  def writing(self):
+    """The zoo lock held shared while a conversion writes blocks and publishes its manifest
+    (gc holds it exclusively, so it never removes a block written but not yet referenced)."""
+    return self._lock.shared()
+
+  def write_block(self, block: Block, block_id: str) -> bool:
+    """Stores one block (under `writing()`); False if another writer stored the same id first."""
     os.makedirs(self.blocks_dir, exist_ok=True)
     layout, parts = experts.split(block.params)
     for pid, part in parts.items():
@@ -277,7 +232,7 @@ class Zoo:
 
     written, reused = [], []
     new_bytes: dict[str, int] = {}
-    with self._lock.shared():
+    with self.writing():
       for i, (block, block_id) in enumerate(zip(converted.blocks, chain)):
         if block_id in written or block_id in reused:
           continue
@@ -285,7 +240,7 @@ class Zoo:
           new_bytes[block_id] = self._new_bytes(block)
           say(f"block {i + 1}/{len(chain)} {block.kind} {block_id[:12]}: writing "
               f"{new_bytes[block_id]} bytes")
-          if self._write_block(block, block_id):
+          if self.write_block(block, block_id):
             written.append(block_id)
             continue
         say(f"block {i + 1}/{len(chain)} {block.kind} {block_id[:12]}: already stored")
@@ -296,7 +251,7 @@ class Zoo:
             name, converted.config, converted.hf_config, converted.blocks, chain, hf_dir, dtype,
             layers_per_block, lineage if lineage is not None else manifests.source_lineage(hf_dir),
             tokenizer=None)
-        manifest_written = self._publish_model(name, data, hf_dir, overwrite)
+        manifest_written = self.publish_model(name, data, hf_dir, overwrite)
         say(f"manifest models/{name}.json " + ("written" if manifest_written else "already there"))
 
     return ConvertReport(name=name, chain=chain, written=written, reused=reused,
@@ -321,12 +276,12 @@ class Zoo:
     if previous is not None and previous != data["chain"] and not overwrite:
       raise ModelExistsError(f"model {name!r} already exists with a different chain; "
                              "pass overwrite=True (--overwrite) to replace it")
-    with self._lock.shared():
+    with self.writing():
       missing = [i for i in data["chain"] if not self.has_block(i)]
       if missing:
         raise NotFoundError(f"model {name!r}: chain block {missing[0]} is not in the zoo")
       with atomic.temp_dir(self.tmp_dir) as empty:
-        return self._publish_model(name, dict(data, name=name, tokenizer=None),
+        return self.publish_model(name, dict(data, name=name, tokenizer=None),
                                    tokenizer_dir or empty, overwrite)
 
   def _chain_of(self, name: str) -> list[str] | None:
@@ -335,8 +290,10 @@ class Zoo:
     except NotFoundError:
       return None
 
-  def _publish_model(self, name: str, data: dict[str, Any], hf_dir: str, overwrite: bool) -> bool:
-    """Tokenizer dir first, then the manifest, so a visible manifest has its tokenizer."""
+  def publish_model(self, name: str, data: dict[str, Any], hf_dir: str, overwrite: bool) -> bool:
+    """Publishes manifest `data` (under `writing()`, its blocks stored) with `hf_dir`'s tokenizer
+    files: the tokenizer dir first, then the manifest, so a visible manifest has its tokenizer.
+    False when the same chain is already there under `name`."""
     os.makedirs(self.models_dir, exist_ok=True)
     files = manifests.tokenizer_files(hf_dir)
     with atomic.temp_dir(self.tmp_dir) as tmp:

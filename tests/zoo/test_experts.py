@@ -11,7 +11,7 @@ from safetensors.numpy import load_file, save_file
 
 import jblock
 from jblock.zoo import Zoo, cli
-from jblock.zoo.cli import human_bytes
+from jblock.zoo.sizes import human_bytes
 from tests import hf_models
 
 CHANGED = (1, 3)  # experts retrained in the top layer

@@ -211,7 +211,7 @@ def test_losing_a_write_race_keeps_the_winner(zoo_copy, base_dir):
   block = hf.convert(base_dir).blocks[1]
   record_before = zoo.block_record(block.id)
   # As if another process stored this id between our has_block check and our rename.
-  assert zoo._write_block(block, block.id) is False
+  assert zoo.write_block(block, block.id) is False
   assert zoo.block_record(block.id) == record_before
   assert os.listdir(zoo.tmp_dir) == []
   assert zoo.load_block(block.id).id == block.id
@@ -302,7 +302,7 @@ def test_block_without_params_round_trips(tmp_path):
   # orbax cannot save an empty tree; such a block is its block.json alone.
   block = Block(HEAD, {"family": "test", "tied_to": None}, {})
   zoo = Zoo(str(tmp_path / "zoo"))
-  assert zoo._write_block(block, block.id)
+  assert zoo.write_block(block, block.id)
   loaded = zoo.load_block(block.id)
   assert (loaded.kind, loaded.config, loaded.params) == (block.kind, block.config, {})
   assert loaded.id == block.id
