@@ -25,9 +25,13 @@ Blocks see the bank through their `meta`: `meta["lora"]` (path -> {"a", "b"}) an
 were without LoRA.
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
+import numpy as np
+
+if TYPE_CHECKING:
+  from jblock.blocks import Block
 
 ATTN_TARGETS = ("attn/q", "attn/k", "attn/v", "attn/o")
 MLP_TARGETS = ("mlp/gate", "mlp/up", "mlp/down", "mlp/fc", "mlp/proj")
@@ -90,3 +94,17 @@ def apply(x, y, lora: Lora):
   a, b, slots, cols = lora
   d = delta(x, a, b, slots, cols).astype(y.dtype)
   return jnp.where((slots >= 0)[:, None, None], y + d, y)
+
+
+def single_bank(delta: "Block", slot_dtype=jnp.float32) -> dict[str, dict[str, Any]]:
+  """A one-slot bank holding only `delta` (a "lora" delta block) at its own rank, for the
+  reference paths (jblock.zoo.equivalence) and tests: slot 0 of `meta["lora"]`."""
+  bank = {}
+  for path, rank in delta.config["ranks"].items():
+    node = delta.params
+    for p in path.split("/"):
+      node = node[p]
+    scale = np.float32(delta.config["scaling"][path])
+    bank[path] = {"a": jnp.asarray(np.asarray(node["a"], np.float32).T[None], slot_dtype),
+                  "b": jnp.asarray((np.asarray(node["b"], np.float32) * scale)[None], slot_dtype)}
+  return bank

@@ -44,6 +44,7 @@ from jblock.errors import InvalidRequestError, JBlockError
 from jblock.model import Model, jitted_apply, runtime_params
 from jblock.models import blocks as block_fns
 from jblock.models.attention import contiguous_meta
+from jblock.models.lora import single_bank
 from jblock.zoo import records
 
 DEFAULT_CALIBRATION = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -202,7 +203,6 @@ class ChainRunner:
   def apply(self, chain: Sequence[Block], i: int, x, meta, delta: Block | None = None):
     block = chain[i]
     if delta is not None:
-      from jblock.runtime.lora import single_bank
       if i not in self._banks:
         self._banks[i] = single_bank(delta)
       meta = {**meta, "lora": self._banks[i], "adapter": jnp.zeros(x.shape[0], jnp.int32)}

@@ -16,7 +16,7 @@ from jblock.errors import ConversionError, UnsupportedModelError
 from jblock.model import runtime_params
 from jblock.models import blocks as block_fns
 from jblock.models.attention import contiguous_meta
-from jblock.runtime.lora import single_bank
+from jblock.models.lora import single_bank
 from jblock.zoo.store import Zoo
 from tests import hf_models
 from tests.lora_adapters import make_adapter
