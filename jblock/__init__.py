@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 from jblock.blocks import Block
 
 if TYPE_CHECKING:
-  from jblock.model import Model
+  from jblock.models.reference import Model
 
 __all__ = ["Block", "Engine", "Model", "from_hf", "from_zoo"]
 
@@ -13,7 +13,7 @@ __all__ = ["Block", "Engine", "Model", "from_hf", "from_zoo"]
 def from_hf(hf_dir: str, dtype: str = "float32", layers_per_block: int = 1) -> "Model":
   """Converts a Hugging Face causal-LM directory (safetensors) into a Model."""
   from jblock import convert
-  from jblock.model import Model
+  from jblock.models.reference import Model
   converted = convert.convert(hf_dir, dtype=dtype, layers_per_block=layers_per_block)
   return Model(converted.config, converted.blocks)
 
@@ -30,7 +30,7 @@ def __getattr__(name):
     from jblock.runtime.engine import Engine
     return Engine
   if name == "Model":
-    from jblock.model import Model
+    from jblock.models.reference import Model
     return Model
   if name == "variants":
     # Moved to jblock.train.variants; `from jblock import variants` keeps working until the

@@ -20,7 +20,7 @@ import time
 
 from absl import app, flags
 
-from jblock import results
+from jblock.bench import results
 from jblock.train import pareto
 from jblock.zoo import cli
 from jblock.zoo.store import Zoo

@@ -8,7 +8,7 @@ import json
 from absl import app
 from absl import flags
 
-from jblock.results import write_json
+from jblock.bench.results import write_json
 from jblock.zoo.cli import quiet_libraries
 
 _ZOO = flags.DEFINE_string("zoo", "checkpoints/zoo", "Block zoo directory.")

@@ -57,7 +57,7 @@ def _equivalence_options() -> dict:
 
 
 def _equivalence(zoo: Zoo, command: str) -> list[str]:
-  from jblock import results
+  from jblock.bench import results
   from jblock.zoo import assemble, equiv_cli, equivalence
   if not _MODEL.value:
     cli.fail(PROG, f"'{command}' needs --model")

@@ -9,7 +9,7 @@ base or another variant), measured on calibration text or tokens:
       substituted model's perplexity on the split);
 alone, or combined with substitutions already accepted (the record's `context`). Every
 forward runs the chain through the block functions the engine runs (jblock.models.blocks via
-jblock.model.jitted_apply, paged KV laid out as the reference path lays it out).
+jblock.models.reference.jitted_apply, paged KV laid out as the reference path lays it out).
 
 Measurements are stored in the zoo as equivalence records (jblock.zoo.records), keyed by the
 model's chain, the position, the candidate, the context and the calibration split's hash: a
@@ -41,10 +41,10 @@ import numpy as np
 
 from jblock.blocks import EMBED, HEAD, LAYERS, Block
 from jblock.errors import InvalidRequestError, JBlockError
-from jblock.model import Model, jitted_apply, runtime_params
 from jblock.models import blocks as block_fns
 from jblock.models.attention import contiguous_meta
 from jblock.models.lora import single_bank
+from jblock.models.reference import Model, jitted_apply, runtime_params
 from jblock.zoo import records
 
 DEFAULT_CALIBRATION = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

@@ -27,8 +27,8 @@ from typing import Any, Callable
 from jblock.blocks import EMBED, HEAD, Block
 from jblock.convert import hf
 from jblock.errors import CorruptedBlockError, JBlockError, NotFoundError
-from jblock.model import Model
 from jblock.models.config import ModelConfig
+from jblock.models.reference import Model
 from jblock.zoo import atomic, blockio, experts, records
 from jblock.zoo import manifest as manifests
 from jblock.zoo.manifest import CorruptedManifestError, ModelExistsError

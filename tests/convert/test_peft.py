@@ -13,10 +13,10 @@ import transformers
 
 from jblock.blocks import LAYERS
 from jblock.errors import ConversionError, UnsupportedModelError
-from jblock.model import runtime_params
 from jblock.models import blocks as block_fns
 from jblock.models.attention import contiguous_meta
 from jblock.models.lora import single_bank
+from jblock.models.reference import runtime_params
 from jblock.zoo.store import Zoo
 from tests import hf_models
 from tests.lora_adapters import make_adapter
