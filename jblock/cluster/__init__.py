@@ -1,1 +1,2 @@
-"""The cluster: membership and health of workers, and recovery from their failures."""
+"""The cluster: membership and health of workers, placement, the coordinator's side of workers
+(jblock.cluster.remote), and recovery from their failures."""

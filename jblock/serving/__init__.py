@@ -1,1 +1,2 @@
-"""The serving layer: gRPC API, coordinator, metrics, tensor codec."""
+"""The serving layer: gRPC and HTTP frontends, coordinator servicers, the worker servicer, tenants,
+metrics, text."""
