@@ -25,6 +25,7 @@ import numpy as np
 
 from jblock.blocks import EMBED, HEAD, LAYERS, Block, flat_leaves
 from jblock.errors import InstanceLostError, InvalidRequestError, NotFoundError, UnavailableError
+from jblock.models import rope as rope_lib
 from jblock.models.config import ModelConfig
 from jblock.runtime import mesh as mesh_lib
 from jblock.runtime.engine_api import ModelInfo, RequestHandle, SamplingParams, validate_request
@@ -149,7 +150,7 @@ class Engine:
       jax.config.update("jax_compilation_cache_dir", self.config.compilation_cache_dir)
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     self._lock = threading.Condition()
-    self._scheduler = Scheduler(self.config.scheduler_config(), on_finish=self._on_finish)
+    self._scheduler = Scheduler(self.config.scheduler_config())
     self._adapters = AdapterBanks(self.config.lora_slots, self.config.lora_max_rank)
     self._warmed_banks: set = set()  # (segment key, bank paths) whose column buckets are compiled
     self._scheduler.adapters = self._adapters
@@ -409,12 +410,13 @@ class Engine:
       stop = frozenset(params.stop_token_ids) | frozenset(spec.config.eos_token_ids)
       req = self._scheduler.add(handle, model, tenant or "", prompt, params,
                                 self._segments[model], stop,
-                                kv_salt=",".join(d or "" for d in spec.delta_ids or ()))
+                                kv_salt=",".join(d or "" for d in spec.delta_ids or ()),
+                                recompute_at=_recompute_length(spec))
       req.accuracy_budget = accuracy_budget
       self._requests[rid] = req
       handle._engine_request = req
       self._scheduler.admit()  # leases its KV now if it fits: no wait for the loop
-      self._lock.notify_all()
+      self._deliver(self._scheduler.take_outputs())
     return handle
 
   def _cancel(self, handle: RequestHandle) -> None:
@@ -423,10 +425,17 @@ class Engine:
       req = getattr(handle, "_engine_request", None)
       if req is not None:
         self._scheduler.cancel(req)
-      self._lock.notify_all()
+      self._deliver(self._scheduler.take_outputs())
 
-  def _on_finish(self, req: Request) -> None:
-    self._requests.pop(req.handle.request_id, None)
+  def _deliver(self, outputs) -> None:
+    """Hands the scheduler's outputs (jblock.runtime.scheduler.RequestOutput) to the request
+    handles, in order; under the lock, so a request's tokens never arrive out of order."""
+    for out in outputs:
+      if out.finish is None:
+        out.handle._emit(out.token)
+      else:
+        out.handle._finish(out.finish, out.error)
+        self._requests.pop(out.handle.request_id, None)
     self._lock.notify_all()
 
   def generate(self, model: str, prompt_tokens, **kwargs) -> list[int]:
@@ -459,11 +468,12 @@ class Engine:
           self._record(batch, time.perf_counter())
           if isinstance(error, InstanceLostError):
             self.placement_lost(error.placement, str(error))  # its requests pause, not fail
-          self._scheduler.complete(batch, output, error)
+          self._deliver(self._scheduler.complete(batch, output, error))
         if self._closed and not self._scheduler.has_work() and not self._dispatched:
           return
         self._rerouter.reroute_stalled()  # steps waiting behind an absent block move on
         batches = self._scheduler.schedule()
+        self._deliver(self._scheduler.take_outputs())  # admission ends cancelled waiters
         if not batches:
           self._lock.wait(timeout=0.05)
           continue
@@ -586,6 +596,7 @@ class Engine:
       for req in through():
         sched.finish(req, "error", UnavailableError(
             f"replica {key[:16]} was removed and its primary had no KV room for the request"))
+      self._deliver(sched.take_outputs())
       while (any(n and key in k for k, n in sched.in_flight.items())  # stale batches come back
              and time.monotonic() < t0 + timeout + 2 * move_s):
         self._lock.wait(timeout=0.05)
@@ -639,6 +650,7 @@ class Engine:
         elif not req.done and req.item is None:  # (a dropped replica's may be queued already)
           replayed += req.cached  # tokens whose KV the replay writes again
           replay.resume(self._scheduler, req)
+      self._deliver(self._scheduler.take_outputs())
       if event is not None:
         event.update(rehost_s=round(time.perf_counter() - t0, 3), blocks_unplaced=len(failed),
                      requests_failed=sum(1 for r in set(affected) | set(doomed)
@@ -706,7 +718,7 @@ class Engine:
       while self._scheduler.has_work() and time.monotonic() < deadline:
         self._lock.wait(timeout=0.05)
       self._scheduler.drop_all(UnavailableError("engine closed before the request finished"))
-      self._lock.notify_all()
+      self._deliver(self._scheduler.take_outputs())
     self._thread.join(30.0)
     for ex in self._executors.values():
       ex.close()
@@ -716,6 +728,14 @@ class Engine:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def _recompute_length(spec: ModelSpec) -> int:
+  """The cached length at which the model's KV is computed again (0 = never), from its layers
+  blocks' config: Phi-3 LongRoPE switches every position's frequencies past its original length
+  (jblock.models.rope.rerun_length)."""
+  return next((rope_lib.rerun_length(b.config.get("rope")) for b in spec.chain
+               if b.kind == LAYERS), 0)
 
 
 def _prefix_stats(scheduler, instances) -> dict[str, Any]:

@@ -30,7 +30,6 @@ import numpy as np
 
 from jblock.blocks import LAYERS
 from jblock.errors import JBlockError, OverloadedError
-from jblock.models import rope as rope_lib
 from jblock.runtime.engine_api import RequestHandle, SamplingParams
 from jblock.runtime import prefix as prefix_lib
 from jblock.runtime.kv import Lease, pages_for, token_hashes
@@ -48,12 +47,23 @@ class SchedulerConfig:
   page_size: int = 16  # tokens per KV page
   max_pages: int = 16  # pages of the longest request (max_seq_len / page_size)
   prefix_caching: bool = True  # reuse the KV of prefixes already computed (jblock.runtime.kv)
+  max_prefix_wait_s: float = 5.0  # longest a request waits for a prefix another one computes
 
   def batch_buckets(self, batch_size: int) -> list[int]:
     return [b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < batch_size] + [batch_size]
 
   def width_buckets(self) -> list[int]:
     return [w for w in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if w < self.max_pages] + [self.max_pages]
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+  """What the scheduler produced for one request, as data: a token to stream, or its end
+  (`finish` set: stop | length | cancelled | error). The engine hands it to the handle."""
+  handle: RequestHandle
+  token: int | None = None
+  finish: str | None = None
+  error: BaseException | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -80,7 +90,9 @@ class Request:
   route: frozenset = frozenset()  # (chain position, block id) substitutions it runs with now
   replicas: dict = dataclasses.field(default_factory=dict)  # chain position -> the replica
   # instance it was bound to at admission (jblock.runtime.replicas); absent: the chain's own
-  rerun_at: int | None = None  # rerun_length, found once (every route shares the layers' config)
+  # The cached length at which the model computes every position again (its model config says
+  # so: Phi-3 LongRoPE switches all frequencies when a sequence first passes it); 0 = never.
+  recompute_at: int = 0
   kv_salt: str = ""  # what changes its KV besides the chain's blocks (an adapter's delta ids)
   token_hashes: list = dataclasses.field(default_factory=list)  # per full page (jblock.runtime.kv)
   committed_pages: int = 0  # full pages of its KV last offered to the prefix cache
@@ -100,9 +112,9 @@ class Request:
 
 class Scheduler:
 
-  def __init__(self, config: SchedulerConfig, on_finish: Callable[[Request], None] = lambda r: None):
+  def __init__(self, config: SchedulerConfig):
     self.config = config
-    self._on_finish = on_finish
+    self._outbox: list[RequestOutput] = []  # outputs since the last take_outputs()
     self.waiting: dict[tuple[str, str], collections.deque[Request]] = {}
     self.queues: dict[tuple[str, ...], collections.deque[StepItem]] = {}
     self.segments: dict[tuple[str, ...], Segment] = {}
@@ -127,9 +139,10 @@ class Scheduler:
 
   def add(self, handle: RequestHandle, model: str, tenant: str, prompt: list[int],
           params: SamplingParams, segments: list[Segment], stop_ids: frozenset[int],
-          kv_salt: str = "") -> Request:
+          kv_salt: str = "", recompute_at: int = 0) -> Request:
     """Queues a request; OverloadedError when the waiting bounds are reached. `kv_salt`: what
-    besides its chain's blocks changes its KV (an adapter's deltas): keys its cached prefixes."""
+    besides its chain's blocks changes its KV (an adapter's deltas): keys its cached prefixes.
+    `recompute_at`: the cached length at which the model's KV is computed again (0 = never)."""
     cfg = self.config
     if self.num_waiting >= cfg.max_waiting:
       raise OverloadedError(f"admission queue is full ({cfg.max_waiting} waiting)")
@@ -137,7 +150,7 @@ class Scheduler:
     if sum(len(q) for (t, m), q in self.waiting.items() if m == model) >= per_model:
       raise OverloadedError(f"admission queue of model {model!r} is full ({per_model} waiting)")
     req = Request(handle, model, tenant, prompt, params, segments, stop_ids, next(self._arrivals),
-                  kv_salt=kv_salt)
+                  kv_salt=kv_salt, recompute_at=recompute_at)
     self.waiting.setdefault((tenant, model), collections.deque()).append(req)
     return req
 
@@ -172,9 +185,15 @@ class Scheduler:
       req.adapter_slot = -1
     req.item = None
     self.active.discard(req)
-    req.handle._finish(reason, error)
-    self.finished[req.handle.finish_reason] += 1
-    self._on_finish(req)
+    if req.handle.cancelled:
+      reason, error = "cancelled", None  # the client ended it first: that is its end
+    self._outbox.append(RequestOutput(req.handle, finish=reason, error=error))
+    self.finished[reason] += 1
+
+  def take_outputs(self) -> list[RequestOutput]:
+    """Tokens and finishes produced since the last call, in order (the engine delivers them)."""
+    out, self._outbox = self._outbox, []
+    return out
 
   # ---- admission --------------------------------------------------------------------------
 
@@ -254,14 +273,20 @@ class Scheduler:
   def _prefix_in_progress(self, req: Request) -> bool:
     """Whether a running request of the same model (same KV keys) is still computing pages of
     this one's prompt prefix that are not cached yet: a burst of requests behind one system
-    prompt computes it once, the rest wait for it instead of computing it beside it."""
-    if not self.config.prefix_caching:
+    prompt computes it once, the rest wait for it instead of computing it beside it. Only
+    behind a request on the model's own chain with every instance resident (its pages are the
+    ones this request would find), and for at most max_prefix_wait_s."""
+    cfg = self.config
+    if (not cfg.prefix_caching
+        or time.monotonic() - req.handle.submitted_at > cfg.max_prefix_wait_s):
       return False
-    ps = self.config.page_size
+    ps = cfg.page_size
     mine = token_hashes(req.prompt, ps, req.token_hashes)
     for other in self.active:
       if (other.generated or other.model != req.model or other.kv_salt != req.kv_salt
-          or not other.token_hashes or not mine or other.token_hashes[0] != mine[0]):
+          or not other.token_hashes or not mine or other.token_hashes[0] != mine[0]
+          or other.route or other.replicas or other.segments is not req.segments
+          or not all(getattr(i, "available", True) for s in other.segments for i in s.instances)):
         continue
       common = 0
       for a, b in zip(mine, other.token_hashes):
@@ -400,8 +425,10 @@ class Scheduler:
 
   # ---- results ----------------------------------------------------------------------------
 
-  def complete(self, batch: BlockBatch, output: Any, error: BaseException | None) -> None:
-    """Routes every item of a finished batch (output: hidden states, or tokens at the head)."""
+  def complete(self, batch: BlockBatch, output: Any,
+               error: BaseException | None) -> list[RequestOutput]:
+    """Routes every item of a finished batch (output: hidden states, or tokens at the head);
+    returns the outputs produced so far (take_outputs)."""
     self.in_flight[batch.segment.key] -= 1
     tokens = sum(it.n for it in batch.items)
     phase = "decode" if batch.t_pad == 1 else "prompt"
@@ -423,6 +450,7 @@ class Scheduler:
         self.finish(req, "cancelled")
       else:
         self._route(item, batch.segment, output, row)
+    return self.take_outputs()
 
   def _route(self, item: StepItem, seg: Segment, y, row: int) -> None:
     req = item.req
@@ -445,11 +473,11 @@ class Scheduler:
     if token in req.stop_ids:  # a stop token ends the request and is not emitted
       self.finish(req, "stop")
       return
-    req.handle._emit(token)
+    self._outbox.append(RequestOutput(req.handle, token=token))
     if len(req.generated) >= req.params.max_new_tokens:
       self.finish(req, "length")
-    elif req.cached and req.cached == rerun_length(req):
-      self.resume(req)  # Phi-3 LongRoPE: the whole sequence again (never cached), then this step
+    elif req.cached and req.cached == req.recompute_at:
+      self.resume(req)  # the whole sequence again (never cached: its KV depends on the length)
     elif self.router is not None and self.router(req):
       self.resume(req)  # moved onto instances without its KV: replay, then this step
     else:
@@ -474,12 +502,3 @@ def rope_len(req: Request, item: StepItem) -> int:
   if item.start < len(req.prompt):
     return len(req.prompt)
   return item.start + item.n
-
-
-def rerun_length(req: Request) -> int:
-  """The cached length at which the request runs its whole sequence again (0 = never)."""
-  if req.rerun_at is None:
-    req.rerun_at = next((rope_lib.rerun_length((getattr(inst, "config", None) or {}).get("rope"))
-                         for seg in req.segments for inst in seg.instances if inst.kind == LAYERS), 0)
-  return req.rerun_at
-

@@ -77,7 +77,7 @@ def test_leases_follow_real_lengths_and_cancel_frees_them_at_once():
   assert batch.meta.page_tables.shape == (1, 1, 2)  # one layers instance, width covers 5 tokens
   assert batch.meta.n_valid[0] == 5 and batch.t_pad == 8
   sched.cancel(req)
-  assert req.handle.finish_reason == "cancelled"
+  assert [(o.handle, o.finish) for o in sched.take_outputs()] == [(req.handle, "cancelled")]
   assert shared.free_pages == shared.num_pages and shared.leases == 0
   sched.complete(batch, None, None)  # the in-flight batch comes back: dropped, nothing leaks
   assert not sched.active and sum(len(q) for q in sched.queues.values()) == 0
@@ -149,15 +149,15 @@ def test_routing_prefill_chunks_then_decode_then_stop():
   sched.complete(b, "hidden", None)
   [b] = sched.schedule()
   assert b.segment.key == ("h",) and b.meta.step[0] == 0
-  sched.complete(b, [7], None)
-  assert req.handle.tokens == [7] and req.cached == 11
+  assert [(o.handle, o.token, o.finish) for o in sched.complete(b, [7], None)] == [
+      (req.handle, 7, None)]
+  assert req.cached == 11
   [b] = sched.schedule()
   assert (b.items[0].start, b.items[0].n, b.items[0].x) == (11, 1, [7])
   for out in ("hidden", "hidden"):
     sched.complete(b, out, None)
     [b] = sched.schedule()
-  sched.complete(b, [9], None)
-  assert req.handle.finish_reason == "length" and req.handle.tokens == [7, 9]
+  assert [(o.token, o.finish) for o in sched.complete(b, [9], None)] == [(9, None), (None, "length")]
   assert segs["a"][0].instances[1].pool.leases == 0
 
 
@@ -169,9 +169,9 @@ def test_a_failed_batch_fails_only_its_rows():
   sched.complete(batch, "hidden", None)
   batches = sched.schedule()  # each model's private top
   failed = next(x for x in batches if x.segment.key == ("ta",))
-  sched.complete(failed, None, RuntimeError("boom"))
-  assert a.handle.finish_reason == "error" and "boom" in str(a.handle.error)
-  assert b.handle.finish_reason is None and b in sched.active
+  [out] = sched.complete(failed, None, RuntimeError("boom"))
+  assert out.handle is a.handle and out.finish == "error" and "boom" in str(out.error)
+  assert b in sched.active
 
 
 def test_seeds_fold_into_two_words():

@@ -198,7 +198,7 @@ def test_strangers_get_unauthenticated_and_the_victim_is_undisturbed(token_clust
     (dict(x=np.zeros((1, 16), np.float32)), "inputs['x']"),
     (dict(rows=5), "rows"),
     (dict(pages=(10 ** 6,)), "page table"),
-    (dict(pages=(-1,)), "page table"),
+    (dict(pages=(-10 ** 6,)), "page table"),  # -1 - page marks a read-only page; not this
     (dict(pages=tuple(range(40))), "inputs['ints']"),
     (dict(ints=np.full((1, len(INT_FIELDS) + 1), 10 ** 6, np.int32)), "starts"),
     (dict(floats=np.full((1, 2), np.nan, np.float32)), "inputs['floats']"),
