@@ -32,9 +32,4 @@ def __getattr__(name):
   if name == "Model":
     from jblock.models.reference import Model
     return Model
-  if name == "variants":
-    # Moved to jblock.train.variants; `from jblock import variants` keeps working until the
-    # last importer (tests/runtime/test_engine_core.py) imports it from jblock.train.
-    from jblock.train import variants
-    return variants
   raise AttributeError(name)

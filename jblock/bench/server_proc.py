@@ -49,7 +49,8 @@ def build_engine():
     dirs = dict(item.split("=", 1) for item in _HF_DIRS.value)
     return HFEngine(dirs, batch_size=_BATCH.value, max_waiting=_MAX_WAITING.value,
                     max_seq_len=_MAX_SEQ_LEN.value)
-  from jblock.runtime.engine import Engine, EngineConfig, _spec_from_zoo
+  from jblock.runtime.engine import Engine, EngineConfig
+  from jblock.zoo.loading import spec_from_zoo
   from jblock.zoo.store import Zoo
   config = EngineConfig(batch_size=_BATCH.value, kv_slots=_KV_SLOTS.value,
                         max_seq_len=_MAX_SEQ_LEN.value, prefill_chunk=_PREFILL_CHUNK.value,
@@ -58,7 +59,7 @@ def build_engine():
                         compilation_cache_dir=_CACHE.value)
   zoo = Zoo(_ZOO.value)
   cache = {}
-  specs = [_spec_from_zoo(zoo, name, cache) for name in _MODELS.value]
+  specs = [spec_from_zoo(zoo, name, cache) for name in _MODELS.value]
   sharing = _MODE.value == "block"
   if _PROVISION.value == "tenants" and sharing:
     config = _provision_by_tenants(config, specs)

@@ -26,7 +26,6 @@ import numpy as np
 from jblock.blocks import EMBED, HEAD, LAYERS, Block, flat_leaves
 from jblock.errors import InstanceLostError, InvalidRequestError, NotFoundError, UnavailableError
 from jblock.models import rope as rope_lib
-from jblock.models.config import ModelConfig
 from jblock.runtime import mesh as mesh_lib
 from jblock.runtime.engine_api import ModelInfo, RequestHandle, SamplingParams, validate_request
 from jblock.runtime.executor import (LocalExecutor, ThreadExecutor, run_local_segment,
@@ -41,8 +40,9 @@ from jblock.runtime.rerouter import Rerouter
 from jblock.runtime.lora import AdapterBanks
 from jblock.runtime.scheduler import Request, Scheduler, SchedulerConfig
 from jblock.runtime.segments import Segment, plan_segments
-from jblock.runtime.step import BlockBatch, ChainStep, StepMeta
+from jblock.runtime.step import BlockBatch, StepMeta
 from jblock.zoo import records
+from jblock.zoo.loading import ModelSpec, load_on_devices, spec_from_zoo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,32 +101,6 @@ class EngineConfig:
 
   def prefill_buckets(self) -> list[int]:
     return sorted({min(b, self.prefill_chunk) for b in self.length_buckets} | {self.prefill_chunk})
-
-
-@dataclasses.dataclass
-class ModelSpec:
-  """A model the engine can serve: its config, block chain and tokenizer location."""
-  name: str
-  config: ModelConfig
-  chain: list[Block]  # params may be empty: loaded from the zoo onto devices, or hosted elsewhere
-  tokenizer_dir: str | None = None
-  block_ids: list[str] | None = None  # the chain's ids (from a manifest); hashed from params if None
-  # A LoRA adapter: per chain position, its delta block (kind "lora") or None; params may be
-  # empty (read from the zoo into host memory when the model is added).
-  deltas: list[Block | None] | None = None
-  delta_ids: list[str | None] | None = None
-  base_model: str | None = None  # an adapter's base model
-
-  def __post_init__(self):
-    if self.block_ids is None:
-      self.block_ids = [b.id for b in self.chain]
-    if self.deltas is not None and self.delta_ids is None:
-      self.delta_ids = [d.id if d is not None else None for d in self.deltas]
-
-  @property
-  def steps(self) -> list[ChainStep]:
-    deltas = self.delta_ids or [None] * len(self.chain)
-    return [ChainStep(i, b.kind, delta=d) for i, b, d in zip(self.block_ids, self.chain, deltas)]
 
 
 # (key, block, block_id, batch_size, tied embedding table or None) -> a block instance.
@@ -191,7 +165,7 @@ class Engine:
     zoo = Zoo(zoo_dir)
     blocks: dict[str, Block] = {}
     # Only kinds and configs here: each instance restores its params straight onto devices.
-    specs = [_spec_from_zoo(zoo, name, blocks, load_params=False) for name in models]
+    specs = [spec_from_zoo(zoo, name, blocks, load_params=False) for name in models]
     return cls(specs, sharing=sharing, mesh_shape=mesh_shape, config=config, zoo=zoo)
 
   # ---- model management -------------------------------------------------------------------
@@ -201,7 +175,8 @@ class Engine:
     if not flat_leaves(block.params) and self.zoo is not None:
       # Expert-level parts once per engine (per instance without sharing: the baseline).
       pool = self._device_parts if self.sharing else parts_lib.DevicePartPool(self.zoo, self.mesh)
-      block = pool.load_block(block_id) or _load_on_devices(self.zoo, block_id, self.mesh)
+      block = pool.load_block(block_id) or load_on_devices(
+          self.zoo, block_id, lambda shapes: mesh_lib.param_shardings(shapes, self.mesh))
     pages = cfg.kv_pages_for(block_id) if block.kind == LAYERS else 0
     return LocalBlockInstance(key, block, block_id, self.mesh, batch_size, num_pages=pages,
                               page_size=cfg.page_size, max_leases=cfg.kv_slots_for(block_id),
@@ -334,7 +309,7 @@ class Engine:
     with self._lock:
       if name in self._models:
         return self._info(self._models[name][0])
-    return self._add_model(_spec_from_zoo(self.zoo, name, {}, load_params=False))
+    return self._add_model(spec_from_zoo(self.zoo, name, {}, load_params=False))
 
   def unload_model(self, name: str, timeout: float = 60.0) -> None:
     """Stops admitting `name`, waits for its in-flight requests, frees blocks no one else uses."""
@@ -754,43 +729,3 @@ def _computed(counter) -> dict[str, dict[str, int]]:
   for (key, phase), n in counter.items():
     out.setdefault(key, {"prompt": 0, "decode": 0})[phase] = n
   return out
-
-
-def _load_on_devices(zoo, block_id: str, mesh) -> Block:
-  """Restores a block from the zoo straight onto its shardings (no host copy is kept)."""
-  record = zoo.block_record(block_id)
-  shapes: dict[str, Any] = {}
-  for path, leaf in record["leaves"].items():
-    node = shapes
-    *parents, name = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[name] = jax.ShapeDtypeStruct(tuple(leaf["shape"]), jax.numpy.dtype(leaf["dtype"]))
-  if not shapes:
-    return zoo.load_block(block_id)
-  return zoo.load_block(block_id, sharding=mesh_lib.param_shardings(shapes, mesh))
-
-
-def _spec_from_zoo(zoo, name: str, cache: dict[str, Block], load_params: bool = True) -> ModelSpec:
-  """A model's spec from its manifest; each block read (and hash-checked) once via `cache`.
-
-  Without params (blocks hosted by workers) only each block's kind and config are read.
-  """
-  manifest = zoo.manifest(name)
-  deltas = None
-  if manifest.get("deltas"):  # a LoRA adapter: delta blocks over its base's chain
-    deltas = [Block(zoo.block_record(d)["kind"], zoo.block_record(d)["config"], {}) if d else None
-              for d in manifest["deltas"]]
-  chain = []
-  for block_id in manifest["chain"]:
-    if block_id not in cache:
-      if load_params:
-        cache[block_id] = zoo.load_block(block_id)
-      else:
-        record = zoo.block_record(block_id)
-        cache[block_id] = Block(record["kind"], record["config"], {})
-    chain.append(cache[block_id])
-  return ModelSpec(name, ModelConfig.from_dict(manifest["config"]), chain, zoo.tokenizer_dir(name),
-                   block_ids=list(manifest["chain"]), deltas=deltas,
-                   delta_ids=list(manifest["deltas"]) if deltas else None,
-                   base_model=(manifest.get("adapter") or {}).get("base_model"))

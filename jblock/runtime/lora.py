@@ -367,16 +367,3 @@ class AdapterBanks:
         "adapter_bytes": dict(self._host_bytes),
         "bank_bytes": sum(getattr(i, "lora_bank_bytes", 0) for i in self._instances.values()),
     }
-
-
-def single_bank(delta: Block, slot_dtype=jnp.float32) -> dict[str, dict[str, Any]]:
-  """A one-slot bank holding only `delta` at its own rank (reference paths and tests)."""
-  bank = {}
-  for path, rank in delta.config["ranks"].items():
-    node = delta.params
-    for p in path.split("/"):
-      node = node[p]
-    scale = np.float32(delta.config["scaling"][path])
-    bank[path] = {"a": jnp.asarray(np.asarray(node["a"], np.float32).T[None], slot_dtype),
-                  "b": jnp.asarray((np.asarray(node["b"], np.float32) * scale)[None], slot_dtype)}
-  return bank

@@ -26,7 +26,6 @@ import itertools
 import time
 from typing import Any, Callable
 
-import numpy as np
 
 from jblock.blocks import LAYERS
 from jblock.errors import JBlockError, OverloadedError

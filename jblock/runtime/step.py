@@ -17,16 +17,6 @@ _FLOAT_FIELDS = ("temperature", "top_p")
 SEED_MODULUS = 1 << 64  # seeds are uint64 (as the proto allows), folded into two 32-bit words
 
 
-@dataclasses.dataclass(frozen=True)
-class ChainStep:
-  """One position of a model's chain: the block it runs. Room for delta blocks and equivalent
-  alternatives (adaptive assembly) without changing the chain's type."""
-  block_id: str
-  kind: str
-  alternatives: tuple[str, ...] = ()  # equivalent block ids that may serve this step
-  delta: str | None = None  # a LoRA delta block over this block (jblock.runtime.lora)
-
-
 @dataclasses.dataclass
 class StepMeta:
   """Per-row metadata of one padded batch (all arrays have the padded batch as first dim)."""

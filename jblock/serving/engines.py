@@ -9,10 +9,11 @@ import grpc
 from jblock.cluster import security
 from jblock.cluster.links import ClusterLinks
 from jblock.cluster.membership import Membership, MembershipConfig
-from jblock.runtime.engine import Engine, EngineConfig, _spec_from_zoo
-from jblock.proto import jblock_pb2_grpc as pb_grpc
-from jblock.cluster.replan import ReplanConfig, Replanner
 from jblock.cluster.remote import Placer, remote_factory
+from jblock.cluster.replan import ReplanConfig, Replanner
+from jblock.proto import jblock_pb2_grpc as pb_grpc
+from jblock.runtime.engine import Engine, EngineConfig
+from jblock.zoo.loading import spec_from_zoo
 
 
 def zoo_models(zoo_dir: str, models: Sequence[str] | None) -> list[str]:
@@ -85,7 +86,7 @@ def distributed_engine(zoo_dir: str, models: Sequence[str] | None, num_workers: 
     zoo = Zoo(zoo_dir)
     names = zoo_models(zoo_dir, models)
     cache = {}
-    specs = [_spec_from_zoo(zoo, name, cache, load_params=False) for name in names]
+    specs = [spec_from_zoo(zoo, name, cache, load_params=False) for name in names]
     placer = Placer(registry, {}, links)
     replanner = Replanner(None, placer, zoo, config, registry, replan, progress)
     plan = replanner.initial({s.name: s.block_ids for s in specs})

@@ -32,11 +32,11 @@ from jblock.proto import jblock_pb2_grpc as pb_grpc
 from jblock.proto.tensor_codec import to_tensor, to_tensor_map
 from jblock.runtime import lora as lora_lib
 from jblock.runtime import mesh as mesh_lib
-from jblock.runtime.engine import _load_on_devices
 from jblock.runtime.executor import gather_rows, run_local_segment
 from jblock.runtime.instance import LocalBlockInstance
 from jblock.runtime.segments import Segment
 from jblock.serving.coordinator import status_code
+from jblock.zoo.loading import load_on_devices
 
 
 def _abort(context, error: Exception):
@@ -90,7 +90,8 @@ class BlockHostServicer(pb_grpc.BlockHostServicer):
       with self._lock:
         inst = self._instances.get(request.block_id)
         if inst is None:
-          block = _load_on_devices(self.zoo, request.block_id, self.mesh)
+          block = load_on_devices(self.zoo, request.block_id,
+                                  lambda shapes: mesh_lib.param_shardings(shapes, self.mesh))
           table = self._table_for(block) if block.kind == HEAD and block.config["tied_to"] else None
           pages = request.kv_pages or request.kv_slots * -(-request.max_len // 16)
           validate.check_kv_bytes(block, pages, request.page_size or 16)

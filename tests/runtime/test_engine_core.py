@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 import jblock
-from jblock import variants
 from jblock.blocks import Block
 from jblock.convert import convert
 from jblock.errors import InvalidRequestError
 from jblock.runtime.engine import Engine, EngineConfig, ModelSpec
+from jblock.train import variants
 
 NEW = 10
 PROMPTS = [list(np.random.default_rng(i).integers(1, 97, 3 + (i * 5) % 11)) for i in range(10)]
