@@ -30,7 +30,7 @@ from jblock.proto import jblock_pb2 as pb
 from jblock.proto import jblock_pb2_grpc as pb_grpc
 from jblock.proto.tensor_codec import from_tensor_map, to_tensor_map
 from jblock.runtime import replicas as replicas_lib
-from jblock.runtime.instance import instance_stats
+from jblock.runtime.instance import InstanceBase, instance_stats
 from jblock.runtime.kv import PagePool
 from jblock.runtime.step import BlockBatch
 
@@ -71,8 +71,10 @@ def _lost(code: grpc.StatusCode) -> bool:
   return code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
-class RemoteBlockInstance:
+class RemoteBlockInstance(InstanceBase):
   """A block hosted by a worker: the engine's view (page leases kept here, params there)."""
+
+  remote = True
 
   def __init__(self, key: str, block: Block, block_id: str, batch_size: int, config,
                placer: Placer, zoo_dir: str):

@@ -203,8 +203,8 @@ def route(request: pb.RunBlockRequest, batch: BlockBatch, address: str, handle: 
       request.row_destinations.append(DROPPED)  # the next prompt chunk starts at the embed again
       continue
     nxt = req.segments[it.pos + 1].instances[0] if it.pos + 1 < len(req.segments) else None
-    where = getattr(nxt, "address", "") if getattr(nxt, "available", False) else ""
-    if not where or not hasattr(nxt, "recover"):
+    where = nxt.address if nxt is not None and nxt.remote and nxt.available else ""
+    if not where:
       key = (RETURN, "", "")
     else:
       key = (KEEP if where == address else PUSH, where if where != address else "", nxt.block_id)

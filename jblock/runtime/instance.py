@@ -16,12 +16,39 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jblock.blocks import HEAD, LAYERS, Block
+from jblock.errors import UnavailableError
 from jblock.runtime import mesh as mesh_lib
 from jblock.runtime.kv import PagePool
 
 
-class LocalBlockInstance:
+class InstanceBase:
+  """What every block instance declares (jblock.runtime.step.BlockInstance), with defaults:
+  an implementation sets what differs. Read as plain attributes, never probed."""
+  local = False  # runs on this process's mesh: fuses with its neighbours, KV swapped in place
+  remote = False  # hosted by a worker over gRPC: re-placed when its worker is lost
+  executor_key = ""  # the executor that runs it when not local
+  address = ""  # its worker's address (remote)
+  available = True  # False while it is being re-placed
+  lost_reason = ""  # set when it could not be re-placed anywhere
+  params = None  # its params on this process's devices (local)
+  embed_table = None  # an embed's table, shared with a tied head
+  lora_bank = None  # LoRA adapter bank targets (jblock.runtime.lora), once an adapter needs one
+  lora_bank_bytes = 0
+  kv_bytes = 0
+  dispatch_s = 0.0  # host time spent dispatching; device work itself is async
+  batches_run = 0
+  items_run = 0
+
+  def close(self) -> None:
+    """Frees what it holds elsewhere (a remote one unhosts itself); local memory goes with it."""
+
+  def recover(self, reason: str, to: str | None = None) -> None:
+    raise UnavailableError(f"block {self.block_id[:12]} cannot be re-placed ({reason})")
+
+
+class LocalBlockInstance(InstanceBase):
   """A block resident on a mesh: params, KV page pool (layers), batch size, counters."""
+  local = True
 
   def __init__(self, key: str, block: Block, block_id: str, mesh: Mesh, batch_size: int,
                num_pages: int = 0, page_size: int = 16, max_leases: int = 0, shared_table=None):
@@ -63,7 +90,7 @@ class LocalBlockInstance:
 
   @property
   def embed_table(self):
-    return self.params["embedding"]
+    return self.params["embedding"] if self.kind == "embed" else None
 
   def stats(self) -> dict[str, Any]:
     return instance_stats(self)
@@ -82,7 +109,7 @@ def instance_stats(inst) -> dict[str, Any]:
   return {
       "block_id": inst.block_id, "key": inst.key, "kind": inst.kind,
       "models": sorted(inst.models), "resident_bytes": inst.resident_bytes,
-      "kv_bytes": getattr(inst, "kv_bytes", 0), "batch_size": inst.batch_size,
+      "kv_bytes": inst.kv_bytes, "batch_size": inst.batch_size,
       "batches_run": inst.batches_run,
       "mean_occupancy": (inst.items_run / (inst.batches_run * inst.batch_size)
                          if inst.batches_run else 0.0),
@@ -91,8 +118,8 @@ def instance_stats(inst) -> dict[str, Any]:
       "kv_pages_used": pool.num_pages - pool.free_pages if pool else 0,
       "kv_pages_free": pool.free_pages if pool else 0,
       **(pool.cache_stats() if pool else {}),
-      "dispatch_s": round(getattr(inst, "dispatch_s", 0.0), 4),
-      "lora_bank_bytes": getattr(inst, "lora_bank_bytes", 0),
+      "dispatch_s": round(inst.dispatch_s, 4),
+      "lora_bank_bytes": inst.lora_bank_bytes,
       "placement": inst.placement,
   }
 

@@ -91,7 +91,7 @@ def projections(params: dict[str, Any]) -> dict[str, tuple[int, int]]:
 
 def _remote(inst) -> bool:
   """A block instance hosted on a worker (its bank lives there)."""
-  return hasattr(inst, "install_adapter")
+  return inst.remote
 
 
 def _delta_shapes(delta: Block) -> dict[str, tuple[int, int]]:
@@ -111,7 +111,7 @@ def ensure_bank(inst, paths, slots: int, max_rank: int) -> None:
 
   Banks only grow: a projection no adapter targets costs nothing, and a new kind of target
   (the first adapter on mlp/down, say) changes the bank's structure once (one recompile)."""
-  bank = dict(getattr(inst, "lora_bank", None) or {})
+  bank = dict(inst.lora_bank or {})
   missing = [p for p in sorted(paths) if p not in bank]
   if not missing:
     return
@@ -146,7 +146,9 @@ def write_slot(inst, slot: int, factors: dict[str, dict[str, Any]], in_place: bo
 class AdapterBanks:
   """Slot manager over the banks of every instance adapters touch (used under the engine lock)."""
 
-  def __init__(self, slots: int, max_rank: int):
+  def __init__(self, slots: int, max_rank: int, dispatch_lock: Any = None):
+    """`dispatch_lock`: the lock local dispatches (which read the banks) take; with it, slot
+    writes go in place (without it, each write makes a new bank)."""
     if slots < 1 or max_rank < 1:
       raise ValueError("lora_slots and lora_max_rank must be >= 1")
     self.slots = slots
@@ -165,8 +167,7 @@ class AdapterBanks:
     # Device copies of adapters' factors, made outside the engine lock: model -> key -> path -> a/b.
     self._staged: collections.OrderedDict = collections.OrderedDict()
     self._stage_lock = threading.Lock()
-    # The lock local dispatches (which read the banks) take; with it, slot writes are in place.
-    self.dispatch_lock: Any = None
+    self.dispatch_lock = dispatch_lock
     self.hits = self.misses = self.evictions = self.staged_installs = 0
     self.swap_s = self.stage_s = 0.0
 
@@ -365,5 +366,5 @@ class AdapterBanks:
         "stage_s": round(self.stage_s, 6), "staged_installs": self.staged_installs,
         "host_bytes": sum(self._host_bytes.values()),
         "adapter_bytes": dict(self._host_bytes),
-        "bank_bytes": sum(getattr(i, "lora_bank_bytes", 0) for i in self._instances.values()),
+        "bank_bytes": sum(i.lora_bank_bytes for i in self._instances.values()),
     }

@@ -21,6 +21,7 @@ from jblock.runtime.engine import Engine, EngineConfig, ModelSpec
 from jblock.runtime.engine_api import ModelInfo, RequestHandle, SamplingParams
 from jblock.runtime.executor import stage_input
 from jblock.runtime.instance import instance_stats
+from jblock.runtime.instance import InstanceBase
 from jblock.runtime.kv import PagePool
 from jblock.runtime.step import BlockBatch
 
@@ -72,7 +73,7 @@ def _block_kind(position: int, chain_len: int) -> str:
   return HEAD if position == chain_len - 1 else LAYERS
 
 
-class FakeInstance:
+class FakeInstance(InstanceBase):
   """A block with fake arithmetic. Hidden states are int64 [B, T, 2]: (token, sum of the row's
   context up to this position as read back from the KV pages)."""
 

@@ -70,7 +70,7 @@ def resident_bytes(instances: Iterable[Any]) -> int:
   seen: set[int] = set()
   total = 0
   for inst in instances:
-    params = getattr(inst, "params", None)
+    params = inst.params
     if params is None:
       total += inst.resident_bytes
       continue

@@ -9,6 +9,7 @@ prefixes; a shared block above a private one does not (its input differs).
 """
 
 import hashlib
+import time
 
 from jblock.blocks import LAYERS
 from jblock.models import rope as rope_lib
@@ -88,3 +89,28 @@ def detach(req, leases, recompute: bool) -> bool:
     for lease in leases:
       lease.upstream = None  # its pages keep the KV the request reuses, registered as they were
   return True
+
+
+def computed_elsewhere(req, active, page_size: int, max_wait_s: float) -> bool:
+  """Whether a running request of the same model (same KV keys) is still computing pages of
+  `req`'s prompt prefix that are not cached yet: a burst of requests behind one system prompt
+  computes it once, the rest wait for it instead of computing it beside it. Only behind a
+  request on the model's own chain with every instance resident (its pages are the ones `req`
+  would find), and for at most `max_wait_s` after `req` arrived."""
+  if time.monotonic() - req.handle.submitted_at > max_wait_s:
+    return False
+  mine = token_hashes(req.prompt, page_size, req.token_hashes)
+  for other in active:
+    if (other.generated or other.model != req.model or other.kv_salt != req.kv_salt
+        or not other.token_hashes or not mine or other.token_hashes[0] != mine[0]
+        or other.route or other.replicas or other.segments is not req.segments
+        or not all(i.available for s in other.segments for i in s.instances)):
+      continue
+    common = 0
+    for a, b in zip(mine, other.token_hashes):
+      if a != b:
+        break
+      common += 1
+    if other.cached // page_size < min(common, (len(req.prompt) - 1) // page_size):
+      return True
+  return False

@@ -115,7 +115,7 @@ def stats(instances: Mapping[str, Any], replicas: Replicas, through: Mapping[str
       inst = instances.get(key)
       if inst is None:
         continue
-      rows.append({"key": key, "placement": getattr(inst, "address", "") or inst.placement,
+      rows.append({"key": key, "placement": inst.address or inst.placement,
                    "requests": through.get(key, 0), "batches_run": inst.batches_run,
                    "items_run": inst.items_run, "draining": key in replicas.draining})
     out[block_id] = rows

@@ -17,7 +17,7 @@ request's bound chain. `unbind` moves requests off a draining copy (their KV is 
 import collections
 import dataclasses
 import functools
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Protocol
 
 import jax
 
@@ -29,21 +29,25 @@ from jblock.runtime.scheduler import Request, Scheduler
 from jblock.runtime.segments import Segment
 
 
+class ChainCatalog(Protocol):
+  """What the rerouter reads of the engine's models (jblock.runtime.registry.Registry)."""
+  instances: Mapping[str, Any]  # instance key -> instance
+
+  def chain_of(self, model: str) -> tuple[list[str], list]: ...  # block ids, own instances
+  def segments_of(self, model: str) -> list[Segment]: ...
+  def all_segments(self) -> list[Segment]: ...  # every model's, to batch a route with theirs
+
+
 class Rerouter:
 
-  def __init__(self, config: reroute.RerouteConfig, scheduler: Scheduler,
-               instances: Mapping[str, Any], model_chain: Callable[[str], tuple[list[str], list]],
-               model_segments: Callable[[str], list[Segment]], dispatch_lock,
-               all_segments: Callable[[], Iterable[Segment]] = lambda: (),
-               replicas: replicas_lib.Replicas | None = None):
+  def __init__(self, config: reroute.RerouteConfig, scheduler: Scheduler, catalog: ChainCatalog,
+               dispatch_lock, replicas: replicas_lib.Replicas | None = None):
     self.config = config
     self.replicas = replicas if replicas is not None else replicas_lib.Replicas()
     self._scheduler = scheduler
-    self._instances = instances  # key -> instance (with sharing, key == block id)
-    self._model_chain = model_chain  # model -> (block ids, own instances)
-    self._model_segments = model_segments
-    self._all_segments = all_segments  # every model's segments, to batch a route with theirs
-    self._dispatch_lock = dispatch_lock
+    self._catalog = catalog
+    self._instances = catalog.instances  # key -> instance (with sharing, key == block id)
+    self._dispatch_lock = dispatch_lock  # every dispatch swaps the KV pools a copy writes
     self.measured: dict[str, dict] = {}  # model -> {route: reroute.Measured}
     self.counts = collections.Counter()
     self.events: collections.deque = collections.deque(maxlen=1000)
@@ -73,7 +77,7 @@ class Rerouter:
     measured = self.measured.get(req.model)
     if not measured:
       return False
-    chain, own = self._model_chain(req.model)
+    chain, own = self._catalog.chain_of(req.model)
     own = [req.replicas.get(p, inst) for p, inst in enumerate(own)]
     decision = reroute.decide(chain, req.route, measured, req.accuracy_budget,
                               self._loads(req, chain, measured, own), self.config,
@@ -94,7 +98,7 @@ class Rerouter:
     sched = self._scheduler
     for key, queue in list(sched.queues.items()):
       seg = sched.segments[key]
-      if not queue or all(getattr(i, "available", True) for i in seg.instances):
+      if not queue or all(i.available for i in seg.instances):
         continue
       for item in [it for it in queue if it.req.model in self.measured]:
         req = item.req
@@ -127,7 +131,7 @@ class Rerouter:
     adapters = self._scheduler.adapters
     if adapters is not None and adapters.is_adapter(req.model):
       return  # its adapter's bank slots live in the primaries
-    own = [i for s in self._model_segments(req.model) for i in s.instances]
+    own = [i for s in self._catalog.segments_of(req.model) for i in s.instances]
     through = self.through(exclude=req)
     chunk = self._scheduler.config.prefill_chunk
 
@@ -137,7 +141,7 @@ class Rerouter:
       for k, inst in insts.items():
         room = (inst.pool is None or k in req.leases
                 or inst.pool.can_lease(inst.pool.lease_tokens(req.tokens_needed, chunk)))
-        live = getattr(inst, "available", True) and not getattr(inst, "lost_reason", "")
+        live = inst.available and not inst.lost_reason
         opts.append(replicas_lib.Option(k, through[k], inst.batch_size, room and live))
       return opts, insts
 
@@ -149,7 +153,7 @@ class Rerouter:
     """Whether the instances `unbind` would move the request onto have KV room for it now."""
     chunk = self._scheduler.config.prefill_chunk
     targets = [inst for p, inst in enumerate(
-        i for s in self._model_segments(req.model) for i in s.instances)
+        i for s in self._catalog.segments_of(req.model) for i in s.instances)
         if p in req.replicas and req.replicas[p].key in keys and dict(req.route).get(p) is None]
     need = collections.Counter(i.key for i in targets if i.kind == LAYERS)
     return all(self._instances[k].pool.can_lease(
@@ -168,7 +172,7 @@ class Rerouter:
   def _rebind(self, req: Request, binding: dict[int, Any]) -> bool:
     """The request's chain becomes its model's own instances with `binding`'s copies and its
     current substitutions; leases, segments and page tables follow (all or nothing)."""
-    own_segments = self._model_segments(req.model)
+    own_segments = self._catalog.segments_of(req.model)
     own = [i for s in own_segments for i in s.instances]
     bound = [binding.get(p, inst) for p, inst in enumerate(own)]
     at = {p: self._instances[b] for p, b in req.route}
@@ -204,7 +208,7 @@ class Rerouter:
       inst = self._instances.get(block)
       if inst is None:
         continue
-      resident = getattr(inst, "available", True) and not getattr(inst, "lost_reason", "")
+      resident = inst.available and not inst.lost_reason
       room = (inst.pool is None or block in req.leases
               or inst.pool.can_lease(inst.pool.lease_tokens(req.tokens_needed,
                                                             self._scheduler.config.prefill_chunk)))
@@ -226,7 +230,7 @@ class Rerouter:
       if own[move.position].kind != LAYERS or req.cached == 0:
         continue  # no KV there, or none written yet
       src, dst = old_chain[move.position], new_chain[move.position]
-      if move.kv == reroute.REUSE and hasattr(src, "kv") and hasattr(dst, "kv"):
+      if move.kv == reroute.REUSE and src.local and dst.local:  # pages copied on this mesh
         copies.append((src, dst))
       else:
         recompute = True
@@ -242,7 +246,7 @@ class Rerouter:
       self.counts["kv_reused"] += 1
     self._release(req, new_chain)
     req.segments = self._segments_for(req.model, at, self._bound_segments(
-        self._model_segments(req.model), req.replicas))
+        self._catalog.segments_of(req.model), req.replicas))
     req.tables = _tables(req)
     req.route = decision.route
     self.events.append({"request": req.handle.request_id, "tenant": req.tenant,
@@ -291,7 +295,7 @@ class Rerouter:
     base's fused call, compiled shapes included); where none does, the rest of the model's own
     segment up to the next substituted position, or the substituted instance alone. `own`: the
     request's bound segments (replicas in place), else the model's."""
-    own = own if own is not None else self._model_segments(model)
+    own = own if own is not None else self._catalog.segments_of(model)
     if not at:
       return own
     chain = [i for s in own for i in s.instances]
@@ -303,7 +307,7 @@ class Rerouter:
         own_end[p] = pos + len(s.instances)
       pos += len(s.instances)
     known: dict[tuple[int, str], dict[tuple[str, ...], Segment]] = {}
-    for s in [*own, *self._all_segments(), *self._scheduler.segments.values()]:
+    for s in [*own, *self._catalog.all_segments(), *self._scheduler.segments.values()]:
       known.setdefault((s.start, s.key[0]), {}).setdefault(s.key, s)
     out, p = [], 0
     while p < len(new):

@@ -1,10 +1,11 @@
 """The scheduler: a policy object that plans block batches and takes results back.
 
 It owns the queues and the request state machine and nothing else: no threads, no devices, no
-locks (the engine calls it under its lock). `schedule()` admits waiting requests (leasing KV
-pages in every layers instance of their chains) and returns the next `BlockBatch`es;
-`complete()` takes a batch's output and routes every item on — to the next segment, to its next
-prompt chunk, or to a sampled token that is emitted or ends the request.
+locks (the engine calls it under its lock); only it changes a request. `schedule()` admits
+waiting requests (leasing KV pages in every layers instance of their chains) and returns the
+next `BlockBatch`es as data; `complete()` routes every item of a finished batch on (to the next
+segment, its next prompt chunk, or a sampled token) and returns the outputs as data
+(`RequestOutput`: tokens, finishes, errors), which the engine delivers.
 
 Admission is fair across tenants and never blocked by one request: every (tenant, model) has
 its own FIFO, and each round admits, among the queue heads whose KV fits now, the one whose
@@ -26,12 +27,11 @@ import itertools
 import time
 from typing import Any, Callable
 
-
 from jblock.blocks import LAYERS
 from jblock.errors import JBlockError, OverloadedError
 from jblock.runtime.engine_api import RequestHandle, SamplingParams
 from jblock.runtime import prefix as prefix_lib
-from jblock.runtime.kv import Lease, pages_for, token_hashes
+from jblock.runtime.kv import Lease, pages_for
 from jblock.runtime.segments import Segment
 from jblock.runtime.step import BlockBatch, StepItem, StepMeta
 
@@ -111,7 +111,8 @@ class Request:
 
 class Scheduler:
 
-  def __init__(self, config: SchedulerConfig):
+  def __init__(self, config: SchedulerConfig, adapters=None):
+    """`adapters`: the LoRA bank slots (jblock.runtime.lora.AdapterBanks) admission leases."""
     self.config = config
     self._outbox: list[RequestOutput] = []  # outputs since the last take_outputs()
     self.waiting: dict[tuple[str, str], collections.deque[Request]] = {}
@@ -124,7 +125,7 @@ class Scheduler:
     self.computed = collections.Counter()  # (instance key, prompt | decode) -> tokens computed
     self._arrivals = itertools.count()
     self._batches = itertools.count()
-    self.adapters = None  # LoRA bank slots (jblock.runtime.lora.AdapterBanks), set by the engine
+    self.adapters = adapters
     # Called at every step boundary (admission, each decode step) with the request; it may change
     # the request's segments (jblock.runtime.reroute) and returns True when the request's KV must
     # be rebuilt by a replay (jblock.runtime.replay) before its next step.
@@ -138,10 +139,12 @@ class Scheduler:
 
   def add(self, handle: RequestHandle, model: str, tenant: str, prompt: list[int],
           params: SamplingParams, segments: list[Segment], stop_ids: frozenset[int],
-          kv_salt: str = "", recompute_at: int = 0) -> Request:
+          kv_salt: str = "", recompute_at: int = 0,
+          accuracy_budget: float | None = None) -> Request:
     """Queues a request; OverloadedError when the waiting bounds are reached. `kv_salt`: what
     besides its chain's blocks changes its KV (an adapter's deltas): keys its cached prefixes.
-    `recompute_at`: the cached length at which the model's KV is computed again (0 = never)."""
+    `recompute_at`: the cached length at which the model's KV is computed again (0 = never).
+    `accuracy_budget`: the tenant's budget for rerouting (jblock.runtime.reroute)."""
     cfg = self.config
     if self.num_waiting >= cfg.max_waiting:
       raise OverloadedError(f"admission queue is full ({cfg.max_waiting} waiting)")
@@ -149,7 +152,7 @@ class Scheduler:
     if sum(len(q) for (t, m), q in self.waiting.items() if m == model) >= per_model:
       raise OverloadedError(f"admission queue of model {model!r} is full ({per_model} waiting)")
     req = Request(handle, model, tenant, prompt, params, segments, stop_ids, next(self._arrivals),
-                  kv_salt=kv_salt, recompute_at=recompute_at)
+                  kv_salt=kv_salt, recompute_at=recompute_at, accuracy_budget=accuracy_budget)
     self.waiting.setdefault((tenant, model), collections.deque()).append(req)
     return req
 
@@ -270,31 +273,9 @@ class Scheduler:
   # ---- prefix caching (jblock.runtime.prefix) -----------------------------------------------
 
   def _prefix_in_progress(self, req: Request) -> bool:
-    """Whether a running request of the same model (same KV keys) is still computing pages of
-    this one's prompt prefix that are not cached yet: a burst of requests behind one system
-    prompt computes it once, the rest wait for it instead of computing it beside it. Only
-    behind a request on the model's own chain with every instance resident (its pages are the
-    ones this request would find), and for at most max_prefix_wait_s."""
     cfg = self.config
-    if (not cfg.prefix_caching
-        or time.monotonic() - req.handle.submitted_at > cfg.max_prefix_wait_s):
-      return False
-    ps = cfg.page_size
-    mine = token_hashes(req.prompt, ps, req.token_hashes)
-    for other in self.active:
-      if (other.generated or other.model != req.model or other.kv_salt != req.kv_salt
-          or not other.token_hashes or not mine or other.token_hashes[0] != mine[0]
-          or other.route or other.replicas or other.segments is not req.segments
-          or not all(getattr(i, "available", True) for s in other.segments for i in s.instances)):
-        continue
-      common = 0
-      for a, b in zip(mine, other.token_hashes):
-        if a != b:
-          break
-        common += 1
-      if other.cached // ps < min(common, (len(req.prompt) - 1) // ps):
-        return True
-    return False
+    return cfg.prefix_caching and prefix_lib.computed_elsewhere(
+        req, self.active, cfg.page_size, cfg.max_prefix_wait_s)
 
   def _adopt_prefix(self, req: Request) -> None:
     """The request starts after the prefix every lease of its (now bound) chain found cached;
@@ -346,10 +327,9 @@ class Scheduler:
 
   def prefix_stats(self) -> dict:
     p = self.prefix
-    return {"requests": p["requests"], "requests_hit": p["requests_hit"],
-            "prompt_tokens": p["prompt_tokens"], "hit_tokens": p["hit_tokens"],
-            "hit_rate": round(p["hit_tokens"] / p["prompt_tokens"], 4) if p["prompt_tokens"] else 0.0,
-            "replay_reused_tokens": p["replay_reused_tokens"]}
+    rate = round(p["hit_tokens"] / p["prompt_tokens"], 4) if p["prompt_tokens"] else 0.0
+    return {k: p[k] for k in ("requests", "requests_hit", "prompt_tokens", "hit_tokens",
+                              "replay_reused_tokens")} | {"hit_rate": rate}
 
   def requeue(self, item: StepItem) -> None:
     """Queues an item again at the first segment of its request's (new) chain."""
@@ -374,7 +354,7 @@ class Scheduler:
       for key, queue in self.queues.items():
         if not queue or self.in_flight[key] >= self.config.max_in_flight_per_segment:
           continue
-        if not all(getattr(i, "available", True) for i in self.segments[key].instances):
+        if not all(i.available for i in self.segments[key].instances):
           continue  # an instance is being re-placed: its queue waits
         seg = queue[0].req.segments[queue[0].pos]
         score = (min(len(queue), seg.batch_size) / seg.batch_size, -queue[0].enqueued)
@@ -418,7 +398,7 @@ class Scheduler:
     # Bank columns serve one-token rows only: a prompt chunk multiplies each row by its own
     # slot's factors (jblock.models.lora.delta), so it compiles without a column list.
     if self.adapters is not None and t_pad == 1 and seg.layers and any(
-        getattr(i, "lora_bank", None) for i in seg.layers):
+        i.lora_bank for i in seg.layers):
       meta.lora_cols = self.adapters.columns(meta.adapter[:len(items)])
     return BlockBatch(next(self._batches), seg, items, b_pad, t_pad, meta)
 
@@ -481,6 +461,24 @@ class Scheduler:
       self.resume(req)  # moved onto instances without its KV: replay, then this step
     else:
       self._enqueue(StepItem(req, 0, req.cached, 1, 1, True, [token]))
+
+  def take_waiting(self, predicate: Callable[[Request], bool]) -> list[Request]:
+    """Takes the waiting requests `predicate` selects out of their queues (for the caller to end)."""
+    out = []
+    for queue in self.waiting.values():
+      for req in [r for r in queue if predicate(r)]:
+        queue.remove(req)
+        out.append(req)
+    return out
+
+  def in_flight_through(self, key: str) -> bool:  # a dispatched batch runs through `key`
+    return any(n and key in k for k, n in self.in_flight.items())
+
+  def forget_instance(self, key: str) -> None:
+    """The instance `key` is gone (no request runs through it): its segments and queues too."""
+    for k in [k for k in self.segments if key in k]:
+      self.segments.pop(k)
+      self.queues.pop(k, None)
 
   def drop_all(self, error: BaseException) -> None:
     for req in list(self.active) + [r for q in self.waiting.values() for r in q]:

@@ -50,7 +50,7 @@ class Segment:
 
   @property
   def local(self) -> bool:
-    return hasattr(self.instances[0], "mesh")
+    return self.instances[0].local
 
   @property
   def models(self) -> set[str]:
@@ -72,7 +72,7 @@ def plan_segments(chains: dict[str, Sequence[Any]], fuse: bool = True,
   """
   def follows(a, b) -> bool:
     same_models = a.models == b.models or through_shared
-    if not (fuse and same_models and hasattr(a, "mesh") and hasattr(b, "mesh")
+    if not (fuse and same_models and a.local and b.local
             and a.batch_size == b.batch_size):
       return False
     if through_shared:

@@ -100,7 +100,9 @@ class BlockBatch:
 
 @runtime_checkable
 class BlockInstance(Protocol):
-  """A block resident somewhere (this process's mesh, or a worker), with its KV page pool."""
+  """A block resident somewhere (this process's mesh, or a worker), with its KV page pool.
+  Implementations: jblock.runtime.instance.LocalBlockInstance, jblock.cluster.remote.
+  RemoteBlockInstance, and the mock engine's; InstanceBase gives the defaults."""
   key: str  # unique per engine: block id, or model/block id without sharing
   block_id: str  # content hash of the block
   kind: str  # embed | layers | head
@@ -110,5 +112,18 @@ class BlockInstance(Protocol):
   pool: Any  # runtime.kv.PagePool for layers instances, None otherwise
   placement: str  # where it lives, in words
   resident_bytes: int  # params bytes on its devices
+  local: bool  # on this process's mesh (fusable; `params` and `kv` here)
+  remote: bool  # hosted by a worker (re-placeable: `recover`)
+  executor_key: str  # the executor that runs it when not local
+  address: str  # its worker's address (remote)
+  available: bool  # False while it is being re-placed
+  lost_reason: str  # why it could not be re-placed ("" = placed)
+  params: Any  # params on this process's devices (local), else None
+  embed_table: Any  # an embed's table (a tied head shares it), else None
+  lora_bank: Any  # LoRA bank targets, once an adapter needs them
+  batches_run: int
+  items_run: int
 
   def stats(self) -> dict: ...
+  def close(self) -> None: ...
+  def recover(self, reason: str, to: str | None = None) -> None: ...

@@ -6,13 +6,15 @@ import pytest
 
 from jblock.errors import OverloadedError
 from jblock.runtime.engine_api import RequestHandle, SamplingParams
+from jblock.runtime.instance import InstanceBase
 from jblock.runtime.kv import PagePool
 from jblock.runtime.scheduler import Scheduler, SchedulerConfig
 from jblock.runtime.segments import plan_segments
 
 
-class FakeInstance:
+class FakeInstance(InstanceBase):
   """What the scheduler reads of an instance: key, kind, batch size, models, pool."""
+  local = True  # may fuse
 
   def __init__(self, key, kind, batch_size=4, pages=0, leases=0, page_size=4):
     self.key, self.block_id, self.kind, self.batch_size = key, key, kind, batch_size
@@ -20,7 +22,6 @@ class FakeInstance:
     self.models = set()
     self.pool = PagePool(pages, page_size, leases) if kind == "layers" else None
     self.batches_run = self.items_run = 0
-    self.mesh = object()  # local: may fuse
 
 
 def chains(shared_pages=64, private_pages=64, private_leases=8):
