@@ -126,9 +126,8 @@ class Scheduler:
     self._arrivals = itertools.count()
     self._batches = itertools.count()
     self.adapters = adapters
-    # Called at every step boundary (admission, each decode step) with the request; it may change
-    # the request's segments (jblock.runtime.reroute) and returns True when the request's KV must
-    # be rebuilt by a replay (jblock.runtime.replay) before its next step.
+    # Consulted at every step boundary; may change the request's route (jblock.runtime.rerouter)
+    # and returns True when its KV must be rebuilt by a replay before its next step.
     self.router: Callable[[Request], bool] | None = None
 
   # ---- requests in ----------------------------------------------------------------------
@@ -480,7 +479,7 @@ class Scheduler:
       self.segments.pop(k)
       self.queues.pop(k, None)
 
-  def drop_all(self, error: BaseException) -> None:
+  def drop_all(self, error: BaseException) -> None:  # every request ends with `error`
     for req in list(self.active) + [r for q in self.waiting.values() for r in q]:
       self.finish(req, "error", error)
     self.waiting.clear()
