@@ -25,6 +25,8 @@ _NEW = flags.DEFINE_integer("max_new_tokens", 32, "Tokens each burst request gen
 _BURST = flags.DEFINE_integer("burst", 32, "Requests of the burst.", lower_bound=1)
 _ROUNDS = flags.DEFINE_integer("ttft_rounds", 5, "TTFT rounds (the median is reported).",
                                lower_bound=1)
+_DECODE_ROUNDS = flags.DEFINE_integer("decode_rounds", 5, "Decode rounds per setting, in turns "
+                                     "(the median is reported).", lower_bound=1)
 _OUT = flags.DEFINE_string("out", "tools/results", "Where the JSON goes.")
 
 
@@ -34,7 +36,7 @@ def main(argv):
   cfg = prefix_bench.PrefixBenchConfig(
       preset=_PRESET.value, variants=_VARIANTS.value, system_tokens=_SYSTEM.value,
       suffix_tokens=_SUFFIX.value, new_tokens=_NEW.value, burst=_BURST.value,
-      ttft_rounds=_ROUNDS.value)
+      ttft_rounds=_ROUNDS.value, decode_rounds=_DECODE_ROUNDS.value)
   result = prefix_bench.run(_WORK.value, cfg, say=lambda line: print(line, flush=True))
   path = report.results_path(_OUT.value, "prefix_bench")
   report.write_json(result, path)

@@ -38,7 +38,7 @@ class PrefixBenchConfig:
   decode_streams: int = 8
   decode_prompt_tokens: int = 64  # fresh prompts: nothing to reuse, prefill small beside decode
   decode_tokens: int = 128
-  decode_rounds: int = 3
+  decode_rounds: int = 5
   page_size: int = 16
   prefill_chunk: int = 256
   batch_size: int = 8
@@ -217,5 +217,7 @@ def _decode_figures(engines, model, prompts, cfg, say) -> dict:
     same &= outs[True] == outs[False]
     say(f"decode round {r + 1}: on {rates[True][-1]:.1f} tok/s, off {rates[False][-1]:.1f} tok/s")
   on, off = statistics.median(rates[True]), statistics.median(rates[False])
+  per_round = [round(a / b, 3) for a, b in zip(rates[True], rates[False])]
   return {"tok_s_on": round(on, 1), "tok_s_off": round(off, 1), "ratio": round(on / off, 3),
+          "round_ratios": per_round,
           "tokens_equal": same, "streams": cfg.decode_streams, "tokens": cfg.decode_tokens}

@@ -29,7 +29,6 @@ from jblock.blocks import LAYERS, Block
 from jblock.errors import InstanceLostError, InvalidRequestError, NotFoundError, UnavailableError
 from jblock.models import rope as rope_lib
 from jblock.runtime import mesh as mesh_lib
-from jblock.runtime import parts as parts_lib
 from jblock.runtime import replicas as replicas_lib
 from jblock.runtime import views
 from jblock.runtime.engine_api import ModelInfo, RequestHandle, SamplingParams, validate_request
@@ -309,26 +308,9 @@ class Engine:
 
   def stats(self) -> dict[str, Any]:
     with self._lock:
-      blocks = [inst.stats() for inst in self._instances.values()]
-      sched = self._scheduler
-      return {
-          "sharing": self.sharing,
-          "mesh": dict(self.mesh.shape),
-          "blocks": blocks,
-          "resident_bytes": parts_lib.resident_bytes(self._instances.values()),
-          "kv_bytes": sum(b["kv_bytes"] for b in blocks),
-          "queue_depth": sched.num_waiting,
-          "requests": {"waiting": sched.num_waiting, "active": len(sched.active),
-                       "finished": dict(sched.finished)},
-          "models": {name: [inst.key for inst in chain] for name, (_, chain) in self._models.items()},
-          "segments": {name: [list(s.key) for s in segs] for name, segs in self._segments.items()},
-          "adapters": self._adapters.stats(),
-          "prefix_cache": views.prefix_stats(sched, self._instances.values()),
-          "reroute": self._rerouter.stats(),
-          "workers": self.cluster_stats() if self.cluster_stats else [],
-          "recoveries": [dict(e) for e in self._recovery.events],
-          "replicas": replicas_lib.stats(self._instances, self._replicas, self._rerouter.through()),
-      }
+      return views.engine_stats(self.sharing, self.mesh, self._registry, self._scheduler,
+                                self._adapters, self._rerouter, self._replicas,
+                                self._recovery.events, self.cluster_stats)
 
   def trace(self) -> list[dict[str, Any]]:
     """The latest batches: which segment ran with which requests, dispatched and done times

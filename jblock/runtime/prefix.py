@@ -8,6 +8,7 @@ them). Models that share an instance and every block below it therefore share it
 prefixes; a shared block above a private one does not (its input differs).
 """
 
+import collections
 import hashlib
 import time
 
@@ -114,3 +115,63 @@ def computed_elsewhere(req, active, page_size: int, max_wait_s: float) -> bool:
     if other.cached // page_size < min(common, (len(req.prompt) - 1) // page_size):
       return True
   return False
+
+
+class PrefixCaching:
+  """The scheduler's prefix-cache policy over its requests' leases: what a request adopts at
+  admission, what it registers as its KV is written, where a replay starts, whether a request
+  waits for a prefix another computes, and the counters. Disabled: leases adopt nothing and
+  nothing is registered (the counters still count prompts)."""
+
+  def __init__(self, enabled: bool, page_size: int, max_wait_s: float):
+    self.enabled = enabled
+    self.page_size = page_size
+    self.max_wait_s = max_wait_s
+    self.counts = collections.Counter()
+
+  def lease_all(self, req, chunk: int) -> None:
+    lease_all(req, self.page_size, chunk, self.enabled)
+
+  def waits(self, req, active) -> bool:
+    return self.enabled and computed_elsewhere(req, active, self.page_size, self.max_wait_s)
+
+  def start_of(self, req) -> int:
+    """Where a just admitted request starts computing: after the prefix every lease of its (now
+    bound) chain found cached; its last prompt token is always computed, for its logits."""
+    self.counts["requests"] += 1
+    self.counts["prompt_tokens"] += len(req.prompt)
+    if not self.enabled:
+      return 0
+    ps = self.page_size
+    hit = min(reusable(req, ps), (len(req.prompt) - 1) // ps * ps)
+    self.counts["hit_tokens"] += hit
+    self.counts["requests_hit"] += hit > 0
+    return hit
+
+  def commit(self, req) -> None:
+    if self.enabled:
+      commit(req, self.page_size)
+
+  def replay_start(self, req, target: int) -> int:
+    """Where a replay towards `target` tokens starts (a page boundary below it)."""
+    start = reusable(req, self.page_size) if self.enabled else 0
+    start = min(start, (target - 1) // self.page_size * self.page_size)
+    self.counts["replay_reused_tokens"] += start
+    return start
+
+  def detach(self, req, from_position: int, recompute: bool) -> bool:
+    leases, pos = [], 0
+    for seg, tables in zip(req.segments, req.tables):
+      layers = iter(tables)
+      for inst in seg.instances:
+        lease = next(layers) if inst.kind == LAYERS else None
+        if lease is not None and pos >= from_position:
+          leases.append(lease)
+        pos += 1
+    return detach(req, leases, recompute)
+
+  def stats(self) -> dict:
+    c = self.counts
+    rate = round(c["hit_tokens"] / c["prompt_tokens"], 4) if c["prompt_tokens"] else 0.0
+    return {k: c[k] for k in ("requests", "requests_hit", "prompt_tokens", "hit_tokens",
+                              "replay_reused_tokens")} | {"hit_rate": rate}

@@ -54,11 +54,9 @@ class Rerouter:
 
   def set_records(self, model: str, chain: list[str], recs: Iterable[Mapping]) -> int:
     """The equivalence records the model's rerouting may use; returns how many routes they give."""
+    self.measured.pop(model, None)
     measured = reroute.measured_routes(recs, chain)
-    if measured:
-      self.measured[model] = measured
-    else:
-      self.measured.pop(model, None)
+    self.measured.update({model: measured} if measured else {})
     return len(measured)
 
   def drop_model(self, model: str) -> None:

@@ -27,13 +27,13 @@ import itertools
 import time
 from typing import Any, Callable
 
-from jblock.blocks import LAYERS
 from jblock.errors import JBlockError, OverloadedError
 from jblock.runtime.engine_api import RequestHandle, SamplingParams
 from jblock.runtime import prefix as prefix_lib
-from jblock.runtime.kv import Lease, pages_for
+from jblock.runtime.kv import Lease
 from jblock.runtime.segments import Segment
-from jblock.runtime.step import BlockBatch, StepItem, StepMeta
+from jblock.runtime.batching import batch_meta
+from jblock.runtime.step import BlockBatch, StepItem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +121,8 @@ class Scheduler:
     self.in_flight: collections.Counter = collections.Counter()  # segment key -> batches
     self.active: set[Request] = set()
     self.finished = collections.Counter()
-    self.prefix = collections.Counter()  # prefix-cache counters: requests, tokens, hits
+    self.prefix_cache = prefix_lib.PrefixCaching(config.prefix_caching, config.page_size,
+                                                 config.max_prefix_wait_s)
     self.computed = collections.Counter()  # (instance key, prompt | decode) -> tokens computed
     self._arrivals = itertools.count()
     self._batches = itertools.count()
@@ -198,25 +199,12 @@ class Scheduler:
 
   # ---- admission --------------------------------------------------------------------------
 
-  def _fits(self, req: Request) -> bool:
-    if self.adapters is not None and not self.adapters.can_acquire(req.model):
-      return False  # every bank slot is held by running requests of other adapters
-    need = collections.Counter()
-    pools = {}
-    for seg in req.segments:
-      for inst in seg.layers:
-        need[inst.key] += 1
-        pools[inst.key] = inst.pool
-    chunk = self.config.prefill_chunk
-    return all(pools[k].can_lease(pools[k].lease_tokens(req.tokens_needed, chunk), n)
-               for k, n in need.items())
-
   def admit(self) -> None:
     """Starts every waiting request that fits now (see the module docstring for the order)."""
     active_by_tenant = collections.Counter(r.tenant for r in self.active)
     while True:
       best = None
-      blocked = self._oldest_waiting_for_adapter_slot()
+      blocked = _oldest_waiting_for_adapter_slot(self.waiting, self.adapters)
       for queue in self.waiting.values():
         if not queue:
           continue
@@ -227,9 +215,9 @@ class Scheduler:
           continue
         if blocked is not None and head.arrived > blocked and self.adapters.is_adapter(head.model):
           continue  # younger adapter requests let the pinned bank slots drain (no starvation)
-        if not self._fits(head):
+        if not _fits(head, self.adapters, self.config.prefill_chunk):
           continue  # this queue waits; the others go on
-        if self._prefix_in_progress(head):
+        if self.prefix_cache.waits(head, self.active):
           continue  # its prefix is being computed: admitted once it is cached, not twice
         score = (active_by_tenant[head.tenant], head.arrived)
         if best is None or score < best[0]:
@@ -240,22 +228,15 @@ class Scheduler:
       self._start(req)
       active_by_tenant[req.tenant] += 1
 
-  def _oldest_waiting_for_adapter_slot(self) -> int | None:
-    """Arrival of the oldest queue head whose adapter finds no bank slot, if any."""
-    if self.adapters is None:
-      return None
-    return min((q[0].arrived for q in self.waiting.values()
-                if q and not self.adapters.can_acquire(q[0].model)), default=None)
-
   def _start(self, req: Request) -> None:
     cfg = self.config
-    prefix_lib.lease_all(req, cfg.page_size, cfg.prefill_chunk, cfg.prefix_caching)
+    self.prefix_cache.lease_all(req, cfg.prefill_chunk)
     if self.adapters is not None:
       req.adapter_slot = self.adapters.acquire(req.model)
     self.active.add(req)
     if self.router is not None:
       self.router(req)  # nothing cached yet: nothing to replay
-    self._adopt_prefix(req)
+    req.cached = req.prefix_hit = self.prefix_cache.start_of(req)  # after its cached prefix
     self.enqueue_prefill(req)
 
   def enqueue_prefill(self, req: Request) -> None:
@@ -271,40 +252,11 @@ class Scheduler:
 
   # ---- prefix caching (jblock.runtime.prefix) -----------------------------------------------
 
-  def _prefix_in_progress(self, req: Request) -> bool:
-    cfg = self.config
-    return cfg.prefix_caching and prefix_lib.computed_elsewhere(
-        req, self.active, cfg.page_size, cfg.max_prefix_wait_s)
-
-  def _adopt_prefix(self, req: Request) -> None:
-    """The request starts after the prefix every lease of its (now bound) chain found cached;
-    its last prompt token is always computed, for its logits."""
-    self.prefix["requests"] += 1
-    self.prefix["prompt_tokens"] += len(req.prompt)
-    if not self.config.prefix_caching:
-      return
-    ps = self.config.page_size
-    req.cached = req.prefix_hit = min(prefix_lib.reusable(req, ps), (len(req.prompt) - 1) // ps * ps)
-    self.prefix["hit_tokens"] += req.prefix_hit
-    self.prefix["requests_hit"] += req.prefix_hit > 0
-
-  def _commit_prefix(self, req: Request) -> None:
-    if self.config.prefix_caching:
-      prefix_lib.commit(req, self.config.page_size)
-
   def detach_prefix(self, req: Request, from_position: int, recompute: bool) -> bool:
     """Before the request's route changes at chain position `from_position`: its leases there
     and above stop feeding the prefix cache (and, with `recompute`, stop reading it). False when
     a KV pool has no room for that (the route must not change then)."""
-    leases, pos = [], 0
-    for seg, tables in zip(req.segments, req.tables):
-      layers = iter(tables)
-      for inst in seg.instances:
-        lease = next(layers) if inst.kind == LAYERS else None
-        if lease is not None and pos >= from_position:
-          leases.append(lease)
-        pos += 1
-    return prefix_lib.detach(req, leases, recompute)
+    return self.prefix_cache.detach(req, from_position, recompute)
 
   def resume(self, req: Request) -> None:
     """Queues a paused request again: a replay of its cached tokens from the longest prefix its
@@ -313,9 +265,7 @@ class Scheduler:
     if req.done:
       return
     target = max(req.cached, req.replay_to) if req.generated else len(req.prompt)
-    start = prefix_lib.reusable(req, self.config.page_size) if self.config.prefix_caching else 0
-    start = min(start, (target - 1) // self.config.page_size * self.config.page_size)
-    self.prefix["replay_reused_tokens"] += start
+    start = self.prefix_cache.replay_start(req, target)
     if req.generated and start >= target:
       req.cached, req.replay_to = target, 0
       self._enqueue(StepItem(req, 0, req.cached, 1, 1, True, [req.generated[-1]]))
@@ -323,12 +273,6 @@ class Scheduler:
     req.replay_to = target if req.generated else 0
     req.cached = start
     self.enqueue_prefill(req)
-
-  def prefix_stats(self) -> dict:
-    p = self.prefix
-    rate = round(p["hit_tokens"] / p["prompt_tokens"], 4) if p["prompt_tokens"] else 0.0
-    return {k: p[k] for k in ("requests", "requests_hit", "prompt_tokens", "hit_tokens",
-                              "replay_reused_tokens")} | {"hit_rate": rate}
 
   def requeue(self, item: StepItem) -> None:
     """Queues an item again at the first segment of its request's (new) chain."""
@@ -372,33 +316,7 @@ class Scheduler:
       queue.remove(it)
       it.req.in_flight = True
     self.in_flight[key] += 1
-    cfg = self.config
-    b_pad = next(b for b in cfg.batch_buckets(seg.batch_size) if b >= len(items))
-    need = max(pages_for(it.start + it.t_pad, cfg.page_size) for it in items)
-    width = next((w for w in cfg.width_buckets() if w >= need), cfg.max_pages)
-    n_tables = len(seg.layers)
-    meta = StepMeta.empty(b_pad, n_tables, width)
-    for row, it in enumerate(items):
-      req = it.req
-      meta.starts[row] = it.start
-      meta.n_valid[row] = it.n
-      meta.rope_len[row] = rope_len(req, it)
-      meta.adapter[row] = req.adapter_slot
-      for j, lease in enumerate(req.tables[it.pos]):
-        pages = lease.pool.table(lease, width)
-        meta.page_tables[j, row, :len(pages)] = pages
-      if seg.ends_at_head:
-        p = req.params
-        meta.temperature[row] = p.temperature
-        meta.top_k[row] = p.top_k
-        meta.top_p[row] = p.top_p
-        meta.set_seed(row, p.seed)
-        meta.step[row] = len(req.generated)
-    # Bank columns serve one-token rows only: a prompt chunk multiplies each row by its own
-    # slot's factors (jblock.models.lora.delta), so it compiles without a column list.
-    if self.adapters is not None and t_pad == 1 and seg.layers and any(
-        i.lora_bank for i in seg.layers):
-      meta.lora_cols = self.adapters.columns(meta.adapter[:len(items)])
+    b_pad, meta = batch_meta(self.config, seg, items, t_pad, self.adapters)
     return BlockBatch(next(self._batches), seg, items, b_pad, t_pad, meta)
 
   # ---- results ----------------------------------------------------------------------------
@@ -434,7 +352,7 @@ class Scheduler:
     req = item.req
     if not item.final and item.pos >= req.last_kv_segment:
       req.cached = item.start + item.n  # this chunk is in every KV pool: send the next one
-      self._commit_prefix(req)
+      self.prefix_cache.commit(req)
       if req.replay_to and req.cached >= req.replay_to:
         req.replay_to = 0  # KV rebuilt: the pending decode step goes on
         self._enqueue(StepItem(req, 0, req.cached, 1, 1, True, [req.generated[-1]]))
@@ -445,7 +363,7 @@ class Scheduler:
       self._enqueue(dataclasses.replace(item, pos=item.pos + 1, x=(y, row)))
       return
     req.cached = item.start + item.n
-    self._commit_prefix(req)
+    self.prefix_cache.commit(req)
     token = int(y[row])
     req.generated.append(token)
     if token in req.stop_ids:  # a stop token ends the request and is not emitted
@@ -490,11 +408,23 @@ class Scheduler:
     return bool(self.active) or self.num_waiting > 0
 
 
-def rope_len(req: Request, item: StepItem) -> int:
-  """The sequence length RoPE scalings take for an item (jblock.models.rope): a prompt chunk
-  takes its prompt's, a replay chunk the length its pending step reaches, a decode step its own."""
-  if req.replay_to and item.start < req.replay_to:
-    return req.replay_to + 1
-  if item.start < len(req.prompt):
-    return len(req.prompt)
-  return item.start + item.n
+def _fits(req: Request, adapters, chunk: int) -> bool:
+  """Whether the request's KV (in every layers instance of its chain) and adapter slot fit now."""
+  if adapters is not None and not adapters.can_acquire(req.model):
+    return False  # every bank slot is held by running requests of other adapters
+  need = collections.Counter()
+  pools = {}
+  for seg in req.segments:
+    for inst in seg.layers:
+      need[inst.key] += 1
+      pools[inst.key] = inst.pool
+  return all(pools[k].can_lease(pools[k].lease_tokens(req.tokens_needed, chunk), n)
+             for k, n in need.items())
+
+
+def _oldest_waiting_for_adapter_slot(waiting, adapters) -> int | None:
+  """Arrival of the oldest queue head whose adapter finds no bank slot, if any."""
+  if adapters is None:
+    return None
+  return min((q[0].arrived for q in waiting.values()
+              if q and not adapters.can_acquire(q[0].model)), default=None)

@@ -1,7 +1,10 @@
 """What the engine shows of itself: the trace of recent batches and the stats dict."""
 
 import collections
-from typing import Any
+from typing import Any, Callable
+
+from jblock.runtime import parts as parts_lib
+from jblock.runtime import replicas as replicas_lib
 
 from jblock.runtime.step import BlockBatch
 
@@ -59,5 +62,31 @@ def prefix_stats(scheduler, instances) -> dict[str, Any]:
   computed: dict[str, dict[str, int]] = {}
   for (key, phase), n in scheduler.computed.items():
     computed.setdefault(key, {"prompt": 0, "decode": 0})[phase] = n
-  return {**scheduler.prefix_stats(), **pages, "enabled": scheduler.config.prefix_caching,
+  return {**scheduler.prefix_cache.stats(), **pages, "enabled": scheduler.config.prefix_caching,
           "computed_tokens": computed}
+
+
+def engine_stats(sharing: bool, mesh, registry, scheduler, adapters, rerouter, replicas,
+                 recoveries, cluster_stats: Callable[[], Any] | None) -> dict[str, Any]:
+  """Engine.stats(): blocks, bytes, requests, models and segments, adapters, prefix cache,
+  rerouting, workers, recoveries and replicas (under the engine's lock)."""
+  instances = registry.instances
+  blocks = [inst.stats() for inst in instances.values()]
+  return {
+      "sharing": sharing,
+      "mesh": dict(mesh.shape),
+      "blocks": blocks,
+      "resident_bytes": parts_lib.resident_bytes(instances.values()),
+      "kv_bytes": sum(b["kv_bytes"] for b in blocks),
+      "queue_depth": scheduler.num_waiting,
+      "requests": {"waiting": scheduler.num_waiting, "active": len(scheduler.active),
+                   "finished": dict(scheduler.finished)},
+      "models": {name: [inst.key for inst in chain] for name, (_, chain) in registry.models.items()},
+      "segments": {name: [list(s.key) for s in segs] for name, segs in registry.segments.items()},
+      "adapters": adapters.stats(),
+      "prefix_cache": prefix_stats(scheduler, instances.values()),
+      "reroute": rerouter.stats(),
+      "workers": cluster_stats() if cluster_stats else [],
+      "recoveries": [dict(e) for e in recoveries],
+      "replicas": replicas_lib.stats(instances, replicas, rerouter.through()),
+  }

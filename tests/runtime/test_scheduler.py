@@ -202,4 +202,4 @@ def test_a_request_waits_for_its_prefix_being_computed_then_adopts_it():
     sched.complete(batch, "hidden", None)
   sched.schedule()
   assert second in sched.active  # a's first 8 tokens are cached in a's chain: it adopts them
-  assert sched.prefix_stats()["hit_tokens"] == 8
+  assert sched.prefix_cache.stats()["hit_tokens"] == 8
