@@ -87,16 +87,38 @@ def measured_rates(trace: Sequence[Mapping[str, Any]], last_blocks: Mapping[str,
   return {c: n / span for c, n in counts.items()}
 
 
+def placement_inputs(zoo, engine_config, membership, config: ReplanConfig,
+                     chains: Mapping[str, Sequence[str]],
+                     rates: Mapping[str, float] | None = None) -> PlacementInputs:
+  """What the planner weighs: blocks' bytes (params + KV pool) and params, workers' memory."""
+  sizes = {b: block_bytes(zoo, b, engine_config.kv_pages_for(b), engine_config.page_size)
+           for blocks in chains.values() for b in blocks}
+  memory = worker_memory(membership.stats(), config.worker_memory_bytes)
+  params = {b: param_bytes(zoo, b) for b in sizes}
+  return PlacementInputs(dict(chains), sizes, memory, dict(rates or {}), params)
+
+
+def initial_plan(zoo, engine_config, membership, chains: Mapping[str, Sequence[str]],
+                 config: ReplanConfig | None = None) -> Plan:
+  """The plan before any traffic was measured (every chain at the same rate): where the
+  engine's instances are first hosted, before the engine (and its Replanner) exists."""
+  config = config or ReplanConfig()
+  return placement.plan(placement_inputs(zoo, engine_config, membership, config, chains),
+                        config.planner)
+
+
 class Replanner:
   """Keeps the placement in force, its reasons, and re-plans on request."""
 
   def __init__(self, engine, placer, zoo, engine_config, membership,
-               config: ReplanConfig | None = None, progress: Callable[[str], None] = print):
+               config: ReplanConfig | None = None, progress: Callable[[str], None] = print,
+               plan: Plan | None = None):
+    """`plan`: the placement in force (initial_plan's, when the engine was built on it)."""
     self.engine, self.placer, self.zoo, self.membership = engine, placer, zoo, membership
     self.engine_config = engine_config
     self.config = config or ReplanConfig()
     self.progress = progress
-    self.plan: Plan | None = None
+    self.plan: Plan | None = plan
     self.history: list[dict] = []  # latest re-plans: when, why, moves, costs
     self._lock = threading.Lock()
     self._stop = threading.Event()
@@ -127,17 +149,8 @@ class Replanner:
 
   def inputs(self, chains: Mapping[str, Sequence[str]], rates: Mapping[str, float] | None = None
              ) -> PlacementInputs:
-    cfg = self.engine_config
-    sizes = {b: block_bytes(self.zoo, b, cfg.kv_pages_for(b), cfg.page_size)
-             for blocks in chains.values() for b in blocks}
-    memory = worker_memory(self.membership.stats(), self.config.worker_memory_bytes)
-    params = {b: param_bytes(self.zoo, b) for b in sizes}
-    return PlacementInputs(dict(chains), sizes, memory, dict(rates or {}), params)
-
-  def initial(self, chains: Mapping[str, Sequence[str]]) -> Plan:
-    """The plan before any traffic was measured: every chain at the same rate."""
-    self.plan = placement.plan(self.inputs(chains), self._planner_config())
-    return self.plan
+    return placement_inputs(self.zoo, self.engine_config, self.membership, self.config, chains,
+                            rates)
 
   def _planner_config(self) -> PlannerConfig:
     return self.config.planner

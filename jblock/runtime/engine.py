@@ -53,7 +53,9 @@ class Engine:
   def __init__(self, models: Sequence[ModelSpec], sharing: bool = True,
                mesh_shape: Sequence[int] | None = None, config: EngineConfig | None = None,
                zoo=None, instance_factory: InstanceFactory | None = None,
-               executor_factory: Callable[[Any, Callable], Any] | None = None):
+               executor_factory: Callable[[Any, Callable], Any] | None = None,
+               cluster_stats: Callable[[], Any] | None = None):
+    """`cluster_stats`: the workers' view (membership), when the engine runs over workers."""
     self.config = config or EngineConfig()
     self.sharing = sharing
     self.mesh = mesh_lib.make_mesh(mesh_shape)
@@ -89,7 +91,7 @@ class Engine:
     self._done: collections.deque = collections.deque()  # (batch, output, error) from executors
     self._trace = views.Trace(self.config.trace_size)
     self._request_ids = itertools.count()
-    self.cluster_stats: Callable[[], Any] | None = None  # the workers' view, when there are any
+    self.cluster_stats = cluster_stats
     self._closed = False
     for spec in models:
       self._add_model(spec)

@@ -2,7 +2,7 @@
 
 import concurrent.futures
 import threading
-from typing import Sequence
+from typing import Callable, Sequence
 
 import grpc
 
@@ -10,7 +10,7 @@ from jblock.cluster import security
 from jblock.cluster.links import ClusterLinks
 from jblock.cluster.membership import Membership, MembershipConfig
 from jblock.cluster.remote import Placer, remote_factory
-from jblock.cluster.replan import ReplanConfig, Replanner
+from jblock.cluster.replan import ReplanConfig, Replanner, initial_plan
 from jblock.proto import jblock_pb2_grpc as pb_grpc
 from jblock.runtime.engine import Engine, EngineConfig
 from jblock.zoo.loading import spec_from_zoo
@@ -36,6 +36,12 @@ class ClusterEngine(Engine):
   """An engine over workers; its stats add `placement`: where each block lives and why."""
 
   replanner: Replanner | None = None  # replanner.replan(reason): re-plan under measured load
+
+  def __init__(self, specs, *, make_replanner: Callable[[Engine], Replanner], **kwargs):
+    """`make_replanner(engine)`: the replanner over this engine (built once its models are
+    placed); the other arguments are Engine's."""
+    super().__init__(specs, **kwargs)
+    self.replanner = make_replanner(self)
 
   def close(self, drain_timeout: float = 0.0) -> None:
     if self.replanner is not None:
@@ -88,16 +94,17 @@ def distributed_engine(zoo_dir: str, models: Sequence[str] | None, num_workers: 
     cache = {}
     specs = [spec_from_zoo(zoo, name, cache, load_params=False) for name in names]
     placer = Placer(registry, {}, links)
-    replanner = Replanner(None, placer, zoo, config, registry, replan, progress)
-    plan = replanner.initial({s.name: s.block_ids for s in specs})
+    plan = initial_plan(zoo, config, registry, {s.name: s.block_ids for s in specs}, replan)
     placer.plan.update(plan.primary())
     progress(f"jblock: placing {len(plan.hosts)} blocks on {', '.join(workers)} "
              f"({plan.hops_per_s:g} cross-worker hops per chain step)")
     factory = remote_factory(placer, zoo_dir, config)
-    engine = ClusterEngine(specs, sharing=sharing, mesh_shape=(1, 1), config=config, zoo=zoo,
-                           instance_factory=factory, executor_factory=executor_factory)
-    replanner.engine = engine
-    engine.replanner = replanner
+    engine = ClusterEngine(
+        specs, sharing=sharing, mesh_shape=(1, 1), config=config, zoo=zoo,
+        instance_factory=factory, executor_factory=executor_factory, cluster_stats=registry.stats,
+        make_replanner=lambda e: Replanner(e, placer, zoo, config, registry, replan, progress,
+                                           plan=plan))
+    replanner = engine.replanner
     replicated = {b: ws for b, ws in plan.hosts.items() if len(ws) > 1}
     if replicated:  # the plan's replicas, hosted once the primaries serve
       try:
@@ -105,7 +112,6 @@ def distributed_engine(zoo_dir: str, models: Sequence[str] | None, num_workers: 
       except Exception:
         engine.close()
         raise
-    engine.cluster_stats = registry.stats
     registry.on_dead(lambda address, reason: engine.placement_lost(f"worker:{address}", reason))
     registry.on_join(lambda address: engine.retry_lost())
     if replanner.config.interval_s > 0:

@@ -156,16 +156,17 @@ class _Membership:
 
 def test_a_replan_moves_only_what_pays_and_keeps_the_rest():
   import types
-  from jblock.cluster.replan import ReplanConfig, Replanner
+  from jblock.cluster.replan import ReplanConfig, Replanner, initial_plan
   from jblock.runtime.engine import EngineConfig
   chains = {"a": ["a0", "a1"], "b": ["b0", "b1"]}
   placer = types.SimpleNamespace(plan={})
   # Compute dear, hops cheap: each chain split over both workers balances them.
   config = ReplanConfig(PlannerConfig(hop_cost_s=1e-6, bytes_per_s=1e6))
-  replanner = Replanner(None, placer, _Zoo(), EngineConfig(), _Membership(), config, lambda *_: None)
-  first = replanner.initial(chains)
+  first = initial_plan(_Zoo(), EngineConfig(), _Membership(), chains, config)
   placer.plan.update(first.primary())
-  engine = replanner.engine = _Engine(placer, chains, [])
+  engine = _Engine(placer, chains, [])
+  replanner = Replanner(engine, placer, _Zoo(), EngineConfig(), _Membership(), config,
+                        lambda *_: None, plan=first)
   # Equal rates: one chain per worker balances them without a hop.
   assert all(len({placer.plan[b] for b in blocks}) == 1 for blocks in chains.values())
   assert len(set(placer.plan.values())) == 2
