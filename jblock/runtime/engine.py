@@ -70,21 +70,22 @@ class Engine:
     # Bank slot writes go in place, under the lock every dispatch that reads the banks takes.
     self._adapters = AdapterBanks(self.config.lora_slots, self.config.lora_max_rank,
                                   dispatch_lock=self._local.dispatch_lock)
-    self._scheduler = Scheduler(self.config.scheduler_config(), adapters=self._adapters)
     self._replicas = replicas_lib.Replicas()
     self._registry = Registry(self.config, sharing, self.mesh, zoo, self._lock, self._adapters,
                               self._replicas, self._local.dispatch_lock, instance_factory)
+    # Rerouting onto equivalent blocks (jblock.runtime.reroute) and binding requests to block
+    # replicas (jblock.runtime.replicas): the scheduler's routing policy. Without sharing it
+    # never has records or replicas, so it never moves a request.
+    self._scheduler = Scheduler(
+        self.config.scheduler_config(), adapters=self._adapters,
+        router=lambda scheduler: Rerouter(self.config.reroute, scheduler, self._registry,
+                                          self._local.dispatch_lock, self._replicas))
+    self._rerouter = self._scheduler.router
     # The registry's dicts, under the names the engine's tests and benches read.
     self._instances = self._registry.instances
     self._models = self._registry.models
     self._segments = self._registry.segments
     self._draining = self._registry.draining
-    # Rerouting onto equivalent blocks (jblock.runtime.reroute) and binding requests to block
-    # replicas (jblock.runtime.replicas): only between shared instances.
-    self._rerouter = Rerouter(self.config.reroute, self._scheduler, self._registry,
-                              self._local.dispatch_lock, self._replicas)
-    if sharing:
-      self._scheduler.router = self._rerouter
     self._recovery = Recovery(self._lock, self._scheduler, self._registry, self._rerouter,
                               self._replicas, self._deliver, lambda: self._closed)
     self._requests: dict[RequestHandle, Request] = {}  # live requests

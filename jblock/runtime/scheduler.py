@@ -111,8 +111,12 @@ class Request:
 
 class Scheduler:
 
-  def __init__(self, config: SchedulerConfig, adapters=None):
-    """`adapters`: the LoRA bank slots (jblock.runtime.lora.AdapterBanks) admission leases."""
+  def __init__(self, config: SchedulerConfig, adapters=None,
+               router: Callable[["Scheduler"], Callable[[Request], bool]] | None = None):
+    """`adapters`: the LoRA bank slots (jblock.runtime.lora.AdapterBanks) admission leases.
+    `router(scheduler)` builds the routing policy consulted at every step boundary: it may change
+    the request's route (jblock.runtime.rerouter) and returns True when the request's KV must be
+    rebuilt by a replay before its next step."""
     self.config = config
     self._outbox: list[RequestOutput] = []  # outputs since the last take_outputs()
     self.waiting: dict[tuple[str, str], collections.deque[Request]] = {}
@@ -127,9 +131,7 @@ class Scheduler:
     self._arrivals = itertools.count()
     self._batches = itertools.count()
     self.adapters = adapters
-    # Consulted at every step boundary; may change the request's route (jblock.runtime.rerouter)
-    # and returns True when its KV must be rebuilt by a replay before its next step.
-    self.router: Callable[[Request], bool] | None = None
+    self.router = router(self) if router is not None else None
 
   # ---- requests in ----------------------------------------------------------------------
 
