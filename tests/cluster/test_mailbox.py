@@ -54,7 +54,7 @@ class _Ledger(rows_lib.RowLedger):
 
 
 def _remote(address="w1:1"):
-  return types.SimpleNamespace(address=address, available=True, recover=None, block_id="blk")
+  return types.SimpleNamespace(address=address, available=True, remote=True, block_id="blk")
 
 
 def _item(x, pos=0, final=True, segments=None, last_kv=1):
@@ -64,7 +64,8 @@ def _item(x, pos=0, final=True, segments=None, last_kv=1):
 
 def test_route_names_each_rows_next_block_and_stage_reads_rows_by_reference():
   seg = lambda inst: types.SimpleNamespace(instances=[inst])
-  here, there, local = _remote("w1:1"), _remote("w2:2"), types.SimpleNamespace(block_id="l")
+  here, there, local = _remote("w1:1"), _remote("w2:2"), types.SimpleNamespace(
+      block_id="l", remote=False, available=True, address="")
   chains = [[seg(None), seg(here)], [seg(None), seg(there)], [seg(None), seg(local)]]
   items = [_item(None, segments=c) for c in chains]
   items.append(_item(None, final=False, segments=chains[0], last_kv=0))  # a prompt chunk
