@@ -22,8 +22,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 import uvicorn
 
 from jblock.errors import InvalidRequestError, JBlockError
-from jblock.serving import frontend as frontend_lib
 from jblock.serving.frontend import Frontend, GenerationRequest
+from jblock.serving.status import HTTP_STATUS, error_code
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                 403: "permission_error", 404: "invalid_request_error", 429: "rate_limit_error",
@@ -37,8 +37,8 @@ class BodyTooLargeError(InvalidRequestError):
 
 
 def error_response(error: BaseException) -> JSONResponse:
-  code = frontend_lib.error_code(error)
-  status = frontend_lib.HTTP_STATUS.get(code, 500)
+  code = error_code(error)
+  status = HTTP_STATUS.get(code, 500)
   if isinstance(error, JBlockError):
     message = str(error)
   else:

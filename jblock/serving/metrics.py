@@ -128,7 +128,7 @@ class ServingMetrics:
       self.tpot.observe((latency - ttft) / (output_tokens - 1))
 
   def observe_tenant(self, tenant: str, status: str, generation=None) -> None:
-    """Records one generation of `tenant` (a frontend.Generation, or None if refused)."""
+    """Records one generation of `tenant` (a generation.Generation, or None if refused)."""
     self.tenant_requests.labels(tenant=tenant, status=status).inc()
     if generation is None:
       return

@@ -1,0 +1,168 @@
+"""One admitted request's output as text: incremental detokenisation and stop strings.
+
+A `Generation` turns the engine's token chunks into `Delta`s (token ids and the text they add,
+through `tokenizers.decoders.DecodeStream`), holds back text that may be the start of a stop
+string, cancels the request once one appears, and reports its finish reason and `Usage`.
+Closing it hands its quota and in-flight slot back to the frontend that admitted it.
+"""
+
+import asyncio
+import dataclasses
+import threading
+from typing import AsyncIterator, Iterator, Sequence
+
+from tokenizers import decoders
+
+from jblock.runtime.engine_api import RequestHandle
+from jblock.serving.prompts import ModelText
+from jblock.serving.status import error_code
+from jblock.serving.tenants import Principal
+
+# Prompt tokens given to the decoder as context before the first new token (spacing).
+_DECODE_CONTEXT_TOKENS = 6
+
+
+@dataclasses.dataclass(frozen=True)
+class Delta:
+  token_ids: tuple[int, ...]
+  text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+  prompt_tokens: int
+  completion_tokens: int
+
+  @property
+  def total_tokens(self) -> int:
+    return self.prompt_tokens + self.completion_tokens
+
+
+class Generation:
+  """One admitted request: iterate (sync or async) for its Deltas; then `finish_reason`
+  ("stop" | "length" | "cancelled") and `usage`. cancel() stops it and frees its KV."""
+
+  def __init__(self, frontend, principal: Principal, mt: ModelText,
+               prompt: list[int], handle: RequestHandle, stop: Sequence[str]):
+    # `frontend`: the Frontend that admitted it (not imported here: it imports this module);
+    # its _end and _observe release and count the request, its stream_pool waits for tokens.
+    self._frontend = frontend
+    self.principal = principal
+    self.model = mt.info.name
+    self.prompt_tokens = prompt
+    self.handle = handle
+    self.request_id = handle.request_id
+    self._tokenizer = mt.tokenizer
+    self._stop = tuple(stop)
+    if self._tokenizer is not None:
+      self._decoder = decoders.DecodeStream(ids=list(prompt[-_DECODE_CONTEXT_TOKENS:]),
+                                            skip_special_tokens=True)
+    self._held = ""  # text not emitted yet: it may be the start of a stop string
+    self._consumed = 0  # tokens taken from the engine and accounted for
+    self._stopped_by_string = False
+    self._closed = False
+    self._lock = threading.Lock()
+    self.finish_reason: str | None = None
+
+  @property
+  def usage(self) -> Usage:
+    return Usage(len(self.prompt_tokens), self._consumed)
+
+  def cancel(self) -> None:
+    self.handle.cancel()
+
+  def close(self, status: str | None = None) -> None:
+    """Releases the quota and in-flight slot (idempotent); cancels if still running."""
+    with self._lock:
+      if self._closed:
+        return
+      self._closed = True
+    if not self.handle.done:
+      self.handle.cancel()
+    self._frontend._end(self.principal)
+    self._frontend._observe(self.principal, None, self,
+                            status or ("OK" if self.finish_reason else "CANCELLED"))
+
+  def _hold_back(self) -> int:
+    """Length of the longest suffix of the held text that may start a stop string."""
+    held = self._held
+    for start in range(max(0, len(held) - max(len(s) for s in self._stop) + 1), len(held)):
+      suffix = held[start:]
+      if any(s.startswith(suffix) for s in self._stop):
+        return len(held) - start
+    return 0
+
+  def _take(self, chunk: Sequence[int]) -> Delta | None:
+    """Turns engine tokens into a Delta; detects stop strings. None: nothing to send."""
+    if self._stopped_by_string:
+      return None
+    ids = []
+    for token in chunk:
+      ids.append(int(token))
+      self._consumed += 1
+      if self._tokenizer is None:
+        continue
+      piece = self._decoder.step(self._tokenizer, int(token))
+      if piece:
+        self._held += piece
+      if self._stop:
+        hits = [i for i in (self._held.find(s) for s in self._stop) if i >= 0]
+        if hits:
+          self._held = self._held[:min(hits)]
+          self._stopped_by_string = True
+          self.handle.cancel()  # frees its KV; reported as "stop"
+          break
+    if self._stopped_by_string or not self._stop:
+      out, self._held = self._held, ""
+    else:
+      keep = self._hold_back()
+      cut = len(self._held) - keep
+      out, self._held = self._held[:cut], self._held[cut:]
+    return Delta(tuple(ids), out) if ids or out else None
+
+  def _finish(self) -> Delta | None:
+    self.finish_reason = "stop" if self._stopped_by_string else self.handle.finish_reason
+    out, self._held = self._held, ""
+    return Delta((), out) if out else None
+
+  def __iter__(self) -> Iterator[Delta]:
+    try:
+      for chunk in self.handle.iter_chunks():
+        delta = self._take(chunk)
+        if delta is not None:
+          yield delta
+        if self._stopped_by_string:
+          break
+      last = self._finish()
+      if last is not None:
+        yield last
+    except BaseException as e:
+      self.close(error_code(e) if isinstance(e, Exception) else None)
+      raise
+    self.close()
+
+  async def __aiter__(self) -> AsyncIterator[Delta]:
+    """The same Deltas, waiting for tokens on a thread, never on the event loop."""
+    loop = asyncio.get_running_loop()
+    chunks = self.handle.iter_chunks()
+    done = object()
+    try:
+      while True:
+        chunk = await loop.run_in_executor(self._frontend.stream_pool, next, chunks, done)
+        if chunk is done:
+          break
+        delta = self._take(chunk)
+        if delta is not None:
+          yield delta
+        if self._stopped_by_string:
+          break
+      last = self._finish()
+      if last is not None:
+        yield last
+    except BaseException as e:
+      self.close(error_code(e) if isinstance(e, Exception) else None)
+      raise
+    self.close()
+
+
+__all__ = ["Delta", "Generation", "Usage"]
