@@ -47,7 +47,7 @@ def corpus_tokens(path: str = DEFAULT_CALIBRATION) -> np.ndarray:
 
 
 def training_part(tokens: np.ndarray, holdout: float) -> np.ndarray:
-  """The part before the held-out tail, cut exactly where equivalence.make_calibration cuts."""
+  """The part before the held-out tail, cut exactly where calibration.make_calibration cuts."""
   return tokens[:tokens.size - int(round(tokens.size * holdout))]
 
 

@@ -26,8 +26,9 @@ import os
 from typing import Any, Sequence
 
 from jblock.errors import InvalidRequestError
-from jblock.zoo import equivalence as eqv
-from jblock.zoo.equivalence import FIT, HOLDOUT, Equivalence
+from jblock.zoo.calibration import FIT, HOLDOUT
+from jblock.zoo.chain_runner import progress_bar
+from jblock.zoo.equivalence import Equivalence
 
 _EPS = 1e-9
 
@@ -70,7 +71,7 @@ def plan(eq: Equivalence, budget: Budget, sources: Sequence[str] | None = None,
   options, alone = [], []
   jobs = [(p, c) for p in eq.positions() for c in eq.candidates(p, sources, any_position)]
   say(f"{eq.name}: {len(jobs)} candidates at {len({p for p, _ in jobs})} positions")
-  with eqv._bar(len(jobs), f"alone {eq.name}", eq.progress) as bar:
+  with progress_bar(len(jobs), f"alone {eq.name}", eq.progress) as bar:
     for p, c in jobs:
       record = eq.evaluate(p, c.block_id)
       alone.append(_brief(record))
@@ -82,7 +83,7 @@ def plan(eq: Equivalence, budget: Budget, sources: Sequence[str] | None = None,
 
   accepted: dict[int, str] = {}
   steps = []
-  with eqv._bar(len(options), f"combined {eq.name}", eq.progress) as bar:
+  with progress_bar(len(options), f"combined {eq.name}", eq.progress) as bar:
     for _, p, c, record in options:
       bar.update()
       if p in accepted:

@@ -8,8 +8,7 @@ base or another variant), measured on calibration text or tokens:
       divergence KL(original || substituted) per token and top-1 agreement (plus the
       substituted model's perplexity on the split);
 alone, or combined with substitutions already accepted (the record's `context`). Every
-forward runs the chain through the block functions the engine runs (jblock.models.blocks via
-jblock.models.reference.jitted_apply, paged KV laid out as the reference path lays it out).
+forward runs the chain through the block functions the engine runs (chain_runner.py).
 
 Measurements are stored in the zoo as equivalence records (jblock.zoo.records), keyed by the
 model's chain, the position, the candidate, the context and the calibration split's hash: a
@@ -20,36 +19,23 @@ banks, the engine's per-row LoRA op); at a position with a delta the candidate m
 base block itself (the same block id, the delta dropped): the record names the dropped `delta`
 and its `nbytes` are the delta's bytes, what serving the position without it saves.
 
-Calibration: the demo corpus (jblock/train/demo_corpus.txt) by default; any text file
-(tokenized with the model's tokenizer.json, or as UTF-8 bytes when the model has none and its
-vocabulary holds 256 byte ids), or token ids in a .npy or .json file. The token stream is cut into a
-calibration ("fit") part and a held-out tail ("holdout"), each into windows of seq_len tokens.
+Calibration (calibration.py): the demo corpus by default, any text file or token ids, cut into
+a "fit" part and a held-out "holdout" tail of seq_len-token windows.
 """
 
 import dataclasses
 import datetime
-import hashlib
-import json
-import math
 import os
-import sys
 from typing import Any, Iterable, Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from jblock.blocks import EMBED, HEAD, LAYERS, Block
+from jblock.blocks import EMBED, Block
 from jblock.errors import InvalidRequestError, JBlockError
-from jblock.models import blocks as block_fns
-from jblock.models.attention import contiguous_meta
-from jblock.models.lora import single_bank
-from jblock.models.reference import Model, jitted_apply, runtime_params
+from jblock.models.reference import Model
 from jblock.zoo import records
-
-DEFAULT_CALIBRATION = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                   "train", "demo_corpus.txt")
-FIT, HOLDOUT = "fit", "holdout"
+from jblock.zoo.calibration import DEFAULT_CALIBRATION, FIT, HOLDOUT, Calibration
+from jblock.zoo.calibration import make_calibration, read_tokens
+from jblock.zoo.calibration import windows_hash
+from jblock.zoo.chain_runner import ChainRunner, progress_bar
 
 
 class NotACandidateError(InvalidRequestError):
@@ -58,231 +44,6 @@ class NotACandidateError(InvalidRequestError):
   def __init__(self, message: str):
     JBlockError.__init__(self, message)
     self.field = "candidate"
-
-
-# ---- calibration data
-
-
-@dataclasses.dataclass(frozen=True)
-class Calibration:
-  """Token windows [N, T] int32 for fitting (choosing substitutions) and for held-out checks."""
-  fit: np.ndarray
-  holdout: np.ndarray
-  source: str
-
-  def split(self, name: str) -> np.ndarray:
-    if name not in (FIT, HOLDOUT):
-      raise ValueError(f"split must be {FIT!r} or {HOLDOUT!r}, got {name!r}")
-    windows = self.fit if name == FIT else self.holdout
-    if windows.shape[0] == 0:
-      raise InvalidRequestError("calibration", f"the calibration set has no {name} windows "
-                                "(more tokens or a larger holdout fraction needed)")
-    return windows
-
-  def describe(self, name: str) -> dict[str, Any]:
-    windows = self.split(name)
-    return {"split": name, "hash": windows_hash(windows), "source": self.source,
-            "windows": int(windows.shape[0]), "seq_len": int(windows.shape[1])}
-
-
-def windows_hash(windows: np.ndarray) -> str:
-  arr = np.ascontiguousarray(windows, dtype="<i4")
-  h = hashlib.sha256(json.dumps(list(arr.shape)).encode())
-  h.update(arr.tobytes())
-  return h.hexdigest()[:32]
-
-
-def _windows(stream: np.ndarray, seq_len: int, max_windows: int) -> np.ndarray:
-  n = stream.size // seq_len
-  windows = stream[:n * seq_len].reshape(n, seq_len)
-  if n > max_windows:  # evenly spread over the text, not just its start
-    windows = windows[np.linspace(0, n - 1, max_windows).round().astype(int)]
-  return windows
-
-
-def make_calibration(tokens, seq_len: int = 64, max_windows: int = 64, holdout: float = 0.25,
-                     source: str = "tokens") -> Calibration:
-  """Windows from a token stream (1-D, or a list of sequences, concatenated): the first
-  (1 - holdout) of the stream for fitting, the tail held out; at most max_windows each."""
-  if isinstance(tokens, (list, tuple)) and tokens and np.ndim(tokens[0]) == 1:
-    tokens = np.concatenate([np.asarray(t, np.int64) for t in tokens])
-  stream = np.asarray(tokens, np.int64).reshape(-1)
-  if not 0.0 <= holdout < 1.0:
-    raise InvalidRequestError("holdout", f"must be in [0, 1), got {holdout}")
-  if seq_len < 2 or max_windows < 1:
-    raise InvalidRequestError("seq_len", f"seq_len must be >= 2 and max_windows >= 1, got "
-                              f"{seq_len} and {max_windows}")
-  cut = stream.size - int(round(stream.size * holdout))
-  fit_part, held_part = stream[:cut], stream[cut:]
-  t = min(seq_len, fit_part.size, held_part.size if holdout > 0 else fit_part.size)
-  if t < 2:
-    raise InvalidRequestError("calibration", f"{stream.size} tokens are too few for a "
-                              f"calibration split with holdout {holdout}")
-  fit = _windows(fit_part, t, max_windows).astype(np.int32)
-  held = (_windows(held_part, t, max_windows) if holdout > 0
-          else np.zeros((0, t), np.int64)).astype(np.int32)
-  return Calibration(fit, held, source)
-
-
-def read_tokens(path: str, vocab_size: int, tokenizer_dir: str | None) -> np.ndarray:
-  """Token ids from a .npy / .json file, or a text file tokenized for the model."""
-  if not os.path.isfile(path):
-    raise InvalidRequestError("calibration", f"{path}: no such file")
-  if path.endswith(".npy"):
-    tokens = np.load(path).reshape(-1)
-  elif path.endswith(".json"):
-    with open(path) as f:
-      data = json.load(f)
-    parts = data if data and isinstance(data[0], list) else [data]
-    tokens = np.concatenate([np.asarray(p, np.int64) for p in parts])
-  else:
-    with open(path, encoding="utf-8") as f:
-      text = f.read()
-    tokenizer_file = os.path.join(tokenizer_dir, "tokenizer.json") if tokenizer_dir else None
-    if tokenizer_file and os.path.isfile(tokenizer_file):
-      from tokenizers import Tokenizer
-      tokens = np.asarray(Tokenizer.from_file(tokenizer_file).encode(text).ids, np.int64)
-    elif vocab_size >= 256:
-      tokens = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int64)
-    else:
-      raise InvalidRequestError("calibration", f"the model has no tokenizer.json and a "
-                                f"{vocab_size}-token vocabulary: pass token ids (.npy or .json)")
-  tokens = np.asarray(tokens, np.int64)
-  if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
-    raise InvalidRequestError("calibration", f"{path}: token ids must be in [0, {vocab_size})")
-  return tokens
-
-
-# ---- running chains
-
-
-def _bar(total: int, desc: str, enabled: bool):
-  from tqdm import tqdm
-  return tqdm(total=total, desc=desc, disable=not enabled, file=sys.stderr, leave=False,
-              dynamic_ncols=True)
-
-
-class ChainRunner:
-  """A model's chain over one split's windows, batch by batch, with the engine's block functions.
-
-  Keeps every block's input and the final log-probabilities of the unmodified model, so a
-  substitution at position p runs only blocks p..end.
-  """
-
-  def __init__(self, blocks: Sequence[Block], windows: np.ndarray, batch_size: int = 16,
-               progress: bool = False, deltas: Sequence[Block | None] | None = None):
-    self.blocks = list(blocks)
-    # A LoRA adapter's delta block per position (None: none there), applied from one-slot banks.
-    self.deltas = list(deltas) if deltas is not None else [None] * len(self.blocks)
-    self._banks: dict[int, Any] = {}
-    self.windows = np.asarray(windows, np.int32)
-    self._params: dict[tuple[int, int], Any] = {}
-    self._dtype = jnp.asarray(self.blocks[0].params["embedding"][:1]).dtype
-    self.batches = []
-    for lo in range(0, self.windows.shape[0], batch_size):
-      toks = jnp.asarray(self.windows[lo:lo + batch_size])
-      b, t = toks.shape
-      self.batches.append((toks, contiguous_meta(b, t, 0, t)))
-    self.inputs: list[list[Any]] = []  # [batch][position] -> that block's input
-    self.ref_logp: list[Any] = []
-    nll = 0.0
-    with _bar(len(self.batches), "reference", progress) as bar:
-      for toks, meta in self.batches:
-        xs, x = [], toks
-        for i in range(len(self.blocks)):
-          xs.append(x)
-          x = self.apply(self.blocks, i, x, meta, self.deltas[i])
-        self.inputs.append(xs)
-        logp = jax.nn.log_softmax(x, axis=-1)
-        self.ref_logp.append(logp)
-        nll += float(_nll_sum(logp, toks))
-        bar.update()
-    self.tokens = int(self.windows.shape[0] * self.windows.shape[1])
-    self.ref_nll = nll / self.windows.shape[0] / max(1, self.windows.shape[1] - 1)
-
-  def apply(self, chain: Sequence[Block], i: int, x, meta, delta: Block | None = None):
-    block = chain[i]
-    if delta is not None:
-      if i not in self._banks:
-        self._banks[i] = single_bank(delta)
-      meta = {**meta, "lora": self._banks[i], "adapter": jnp.zeros(x.shape[0], jnp.int32)}
-    tied = block.kind == HEAD and block.config.get("tied_to") is not None
-    embed = next(b for b in chain if b.kind == EMBED) if tied else None
-    # Keyed by object identity; the entry keeps the objects alive so an id is never reused.
-    key = (id(block), id(embed))
-    entry = self._params.get(key)
-    if entry is None:
-      entry = (block, embed, jax.tree.map(jnp.asarray, runtime_params(chain, i)))
-      self._params[key] = entry
-    params = entry[2]
-    b, t = x.shape[0], x.shape[1]
-    kv = block_fns.init_kv(block.config, b, t, self._dtype) if block.kind == LAYERS else {}
-    y, _ = jitted_apply(block)(params, kv, x, meta)
-    return y
-
-  def measure(self, substitutions: Mapping[int, Block], target: int | None = None,
-              progress: bool = False, desc: str = "measure") -> dict[str, float]:
-    """The chain with `substitutions` (position -> block) against the unmodified model.
-
-    target: the position whose block-level error is reported (its candidate's output vs the
-    model's own block on the same inputs, which include the other substitutions' effects).
-    A substituted position runs without its delta (an adapter's own block substituted for
-    itself is the delta dropped).
-    """
-    if target is not None and target not in substitutions:
-      raise ValueError(f"target position {target} is not substituted")
-    chain = list(self.blocks)
-    for p, block in substitutions.items():
-      chain[p] = block
-    start = min(substitutions) if substitutions else len(chain)
-    kl = top1 = nll = 0.0
-    err2 = ref2 = cos = 0.0
-    block_tokens = 0
-    with _bar(len(self.batches), desc, progress) as bar:
-      for n, (toks, meta) in enumerate(self.batches):
-        if start >= len(chain):
-          logp = self.ref_logp[n]
-        else:
-          x = self.inputs[n][start]
-          for i in range(start, len(chain)):
-            y = self.apply(chain, i, x, meta, None if i in substitutions else self.deltas[i])
-            if i == target:
-              y0 = self.apply(self.blocks, i, x, meta, self.deltas[i])
-              e2, r2, c, count = _block_error(y, y0)
-              err2, ref2, cos, block_tokens = err2 + e2, ref2 + r2, cos + c, block_tokens + count
-            x = y
-          logp = jax.nn.log_softmax(x, axis=-1)
-        ref = self.ref_logp[n]
-        kl += float(jnp.sum(jnp.exp(ref) * (ref - logp)))
-        top1 += float(jnp.sum(jnp.argmax(ref, -1) == jnp.argmax(logp, -1)))
-        nll += float(_nll_sum(logp, toks))
-        bar.update()
-    rows, t = self.windows.shape
-    out = {"kl": max(0.0, kl / self.tokens), "top1": top1 / self.tokens, "tokens": self.tokens,
-           "perplexity": math.exp(nll / rows / max(1, t - 1)),
-           "perplexity_original": math.exp(self.ref_nll)}
-    if target is not None:
-      out["block_rel_l2"] = math.sqrt(err2 / ref2) if ref2 > 0 else (0.0 if err2 == 0 else math.inf)
-      out["block_cosine"] = cos / block_tokens
-    return out
-
-
-def _nll_sum(logp, toks):
-  """Sum of -log p(next token) over every position that has a next token."""
-  picked = jnp.take_along_axis(logp[:, :-1], toks[:, 1:, None].astype(jnp.int32), axis=-1)
-  return -jnp.sum(picked)
-
-
-def _block_error(y, y0):
-  y, y0 = y.astype(jnp.float32), y0.astype(jnp.float32)
-  y, y0 = y.reshape(-1, y.shape[-1]), y0.reshape(-1, y0.shape[-1])
-  d = y - y0
-  dot = jnp.sum(y * y0, -1)
-  norms = jnp.linalg.norm(y, axis=-1) * jnp.linalg.norm(y0, axis=-1)
-  cos = jnp.where(norms > 0, dot / jnp.where(norms > 0, norms, 1.0),
-                  jnp.where(jnp.all(d == 0, -1), 1.0, 0.0))
-  return (float(jnp.sum(d * d)), float(jnp.sum(y0 * y0)), float(jnp.sum(jnp.clip(cos, -1.0, 1.0))),
-          int(y.shape[0]))
 
 
 # ---- candidates
@@ -521,9 +282,15 @@ def evaluate(zoo, model: str, candidates: Sequence[str] | None = None,
             eq._record_of(eq.chain[p]), eq._record_of(c)) is None:
           jobs.append((p, c))
   results = []
-  with _bar(len(jobs), f"equivalence {model}", progress) as bar:
+  with progress_bar(len(jobs), f"equivalence {model}", progress) as bar:
     for p, c in jobs:
       results.append(eq.evaluate(p, c))
       bar.update()
   return {"model": model, "model_chain": eq.digest, "calibration": eq.calibration.describe(FIT),
           "records": results}
+
+
+# windows_hash and make_calibration stay importable from here for the callers that read them so.
+__all__ = ["Candidate", "DEFAULT_CALIBRATION", "Equivalence", "FIT", "HOLDOUT",
+           "NotACandidateError", "candidate_problem", "evaluate", "make_calibration",
+           "windows_hash"]
