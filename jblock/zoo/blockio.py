@@ -7,6 +7,7 @@ needs no array reads.
 
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -16,6 +17,7 @@ import orbax.checkpoint as ocp
 from jblock.blocks import Block, flat_leaves
 
 RECORD_FILE = "block.json"
+BLOCK_ID = re.compile(r"[0-9a-f]{64}")  # a block's id, and its directory's name under blocks/
 RECORD_FORMAT = "jblock-block-record-v1"
 
 # None (numpy arrays), one Sharding for every leaf, a pytree of Shardings shaped like the
