@@ -95,7 +95,6 @@ class Request:
   kv_salt: str = ""  # what changes its KV besides the chain's blocks (an adapter's delta ids)
   token_hashes: list = dataclasses.field(default_factory=list)  # per full page (jblock.runtime.kv)
   committed_pages: int = 0  # full pages of its KV last offered to the prefix cache
-  prefix_hit: int = 0  # prompt tokens whose KV it found cached at admission
 
   @property
   def tokens_needed(self) -> int:
@@ -238,7 +237,7 @@ class Scheduler:
     self.active.add(req)
     if self.router is not None:
       self.router(req)  # nothing cached yet: nothing to replay
-    req.cached = req.prefix_hit = self.prefix_cache.start_of(req)  # after its cached prefix
+    req.cached = self.prefix_cache.start_of(req)  # after its cached prefix
     self.enqueue_prefill(req)
 
   def enqueue_prefill(self, req: Request) -> None:
