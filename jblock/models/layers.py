@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jblock.models import lora as lora_lib
+from jblock.models import deltas
 from jblock.models.attention import attend
 from jblock.models.rope import Rope, rope_length
 
@@ -35,10 +35,10 @@ class RMSNorm(nnx.Module):
     self.scale = _param((dim,), dtype)
     self.eps = eps
 
-  def __call__(self, x):
+  def __call__(self, x, sel=None):
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    return self.scale[...] * xf.astype(x.dtype)
+    return deltas.row_param(self.scale[...], sel, "scale", x) * xf.astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -48,12 +48,14 @@ class LayerNorm(nnx.Module):
     self.bias = _param((dim,), dtype)
     self.eps = eps
 
-  def __call__(self, x):
+  def __call__(self, x, sel=None):
     xf = x.astype(jnp.float32)
     mean = jnp.mean(xf, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
     y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-    return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+    scale = deltas.row_param(self.scale[...], sel, "scale", x).astype(jnp.float32)
+    bias = deltas.row_param(self.bias[...], sel, "bias", x).astype(jnp.float32)
+    return (y * scale + bias).astype(x.dtype)
 
 
 class GemmaRMSNorm(nnx.Module):
@@ -63,10 +65,11 @@ class GemmaRMSNorm(nnx.Module):
     self.scale = _param((dim,), dtype)
     self.eps = eps
 
-  def __call__(self, x):
+  def __call__(self, x, sel=None):
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    return (xf * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+    scale = deltas.row_param(self.scale[...], sel, "scale", x).astype(jnp.float32)
+    return (xf * (1.0 + scale)).astype(x.dtype)
 
 
 NORMS = {"rms": RMSNorm, "layer": LayerNorm, "gemma_rms": GemmaRMSNorm}
@@ -83,10 +86,11 @@ class Linear(nnx.Module):
     self.kernel = _param((d_in, d_out), dtype)
     self.bias = _param((d_out,), dtype) if bias else None
 
-  def __call__(self, x, lora=None):
+  def __call__(self, x, sel=None):
+    """sel: the projection's per-row deltas (jblock.models.deltas), or None."""
     y = x @ self.kernel[...]
     y = y if self.bias is None else y + self.bias[...]
-    return y if lora is None else lora_lib.apply(x, y, lora)
+    return y if sel is None else deltas.apply(x, y, sel)
 
 
 class Attention(nnx.Module):
@@ -121,12 +125,12 @@ class Attention(nnx.Module):
     which this attention owns index `layer` (see jblock.models.attention). Returns y and kv."""
     b, t, _ = x.shape
     h, kvh, hd = self.num_heads, self.num_kv_heads, self.head_dim
-    lo = lambda name: lora_lib.select(meta, layer, name)  # None without an adapter bank
+    lo = lambda name: deltas.select(meta, layer, name)  # None without an adapter bank
     q = self.q(x, lo("attn/q")).reshape(b, t, h, hd)
     k = self.k(x, lo("attn/k")).reshape(b, t, kvh, hd)
     v = self.v(x, lo("attn/v")).reshape(b, t, kvh, hd)
     if self.q_norm is not None:
-      q, k = self.q_norm(q), self.k_norm(k)
+      q, k = self.q_norm(q, lo("attn/q_norm")), self.k_norm(k, lo("attn/k_norm"))
     offsets = jnp.arange(t, dtype=jnp.int32)
     qpos = meta["starts"][:, None] + offsets[None, :]  # [B, T] absolute positions
     if self.rope is not None:
@@ -153,8 +157,8 @@ class MLP(nnx.Module):
       self.fc = Linear(d, f, bias, dtype)
       self.proj = Linear(f, d, bias, dtype)
 
-  def __call__(self, x, lora=None):
-    lo = (lora or {}).get
+  def __call__(self, x, sel=None):
+    lo = (sel or {}).get
     if self.gated:
       return self.down(self.act(self.gate(x, lo("gate"))) * self.up(x, lo("up")), lo("down"))
     return self.proj(self.act(self.fc(x, lo("fc"))), lo("proj"))
@@ -180,13 +184,14 @@ class DecoderLayer(nnx.Module):
       self.post_attn_norm = self.post_mlp_norm = None
 
   def __call__(self, x, kv, layer: int, meta):
-    a, kv = self.attn(self.attn_norm(x), kv, layer, meta)
+    lo = lambda name: deltas.select(meta, layer, name)  # per-row deltas, None without a bank
+    a, kv = self.attn(self.attn_norm(x, lo("attn_norm")), kv, layer, meta)
     if self.post_attn_norm is not None:
-      a = self.post_attn_norm(a)
+      a = self.post_attn_norm(a, lo("post_attn_norm"))
     x = x + a
-    mlp_lora = lora_lib.select_mlp(meta, layer) if isinstance(self.mlp, MLP) else None
-    h = self.mlp_norm(x)
-    m = self.mlp(h) if mlp_lora is None else self.mlp(h, lora=mlp_lora)
+    mlp_sel = deltas.select_mlp(meta, layer) if isinstance(self.mlp, MLP) else None
+    h = self.mlp_norm(x, lo("mlp_norm"))
+    m = self.mlp(h) if mlp_sel is None else self.mlp(h, sel=mlp_sel)
     if self.post_mlp_norm is not None:
-      m = self.post_mlp_norm(m)
+      m = self.post_mlp_norm(m, lo("post_mlp_norm"))
     return x + m, kv

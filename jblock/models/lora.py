@@ -21,8 +21,9 @@ Without `lora_cols`, or when it names at least half the bank (a gather would cop
 as it saves), every column is used; columns past a slot's rank are zeros.
 
 Blocks see the bank through their `meta`: `meta["lora"]` (path -> {"a", "b"}) and
-`meta["adapter"]` (int32 [B]), optionally `meta["lora_cols"]`. Without `meta["lora"]` the projections compile to what they
-were without LoRA.
+`meta["adapter"]` (int32 [B]), optionally `meta["lora_cols"]`, selected per projection by
+jblock.models.deltas (which also applies compressed full-fine-tune deltas from the same bank).
+Without `meta["lora"]` the projections compile to what they were without LoRA.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -39,24 +40,6 @@ TARGETS = ATTN_TARGETS + MLP_TARGETS
 
 # (a [S, R, in], b [S, R, out], slot per row [B], bank columns [C] or None = all)
 Lora = tuple[Any, Any, Any, Any]
-
-
-def select(meta, layer: int, target: str) -> Lora | None:
-  """The bank entry of one projection of layer `layer`, or None (no bank, or no such entry)."""
-  bank = meta.get("lora") if isinstance(meta, dict) else None
-  if not bank:
-    return None
-  entry = bank.get(f"layer_{layer}/{target}")
-  if entry is None:
-    return None
-  return entry["a"], entry["b"], meta["adapter"], meta.get("lora_cols")
-
-
-def select_mlp(meta, layer: int) -> dict[str, Lora] | None:
-  """{"gate": ..., "down": ...} for the layer's MLP projections in the bank, or None."""
-  found = {t.split("/")[1]: select(meta, layer, t) for t in MLP_TARGETS}
-  found = {k: v for k, v in found.items() if v is not None}
-  return found or None
 
 
 def delta(x, a, b, slots, cols=None):

@@ -2,6 +2,7 @@
 tables per layers instance (read-only prefix pages encoded), per-row sampling and adapters."""
 
 from jblock.runtime.kv import pages_for
+from jblock.runtime.lora import has_lora
 from jblock.runtime.step import StepItem, StepMeta
 
 
@@ -29,7 +30,7 @@ def batch_meta(cfg, seg, items: list[StepItem], t_pad: int, adapters) -> tuple[i
       meta.step[row] = len(req.generated)
   # Bank columns serve one-token rows only: a prompt chunk multiplies each row by its own
   # slot's factors (jblock.models.lora.delta), so it compiles without a column list.
-  if adapters is not None and t_pad == 1 and seg.layers and any(i.lora_bank for i in seg.layers):
+  if adapters is not None and t_pad == 1 and seg.layers and any(has_lora(i.lora_bank) for i in seg.layers):
     meta.lora_cols = adapters.columns(meta.adapter[:len(items)])
   return b_pad, meta
 

@@ -36,21 +36,29 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jblock.blocks import Block
+from jblock.convert.full_delta import QDELTA
 from jblock.errors import InvalidRequestError, JBlockError
 from jblock.models.lora import TARGETS
+from jblock.runtime import delta_bank
+
+
+def _write_entry(entry, slot, factor):
+  """Slot `slot` of every array in a bank entry := the factor's array there (zeros if absent)."""
+  out = {}
+  for key, arr in entry.items():
+    f = factor.get(key) if factor is not None else None
+    if isinstance(arr, dict):
+      out[key] = _write_entry(arr, slot, f)
+    else:
+      value = f.astype(arr.dtype) if f is not None else jnp.zeros(arr.shape[1:], arr.dtype)
+      out[key] = arr.at[slot].set(value)
+  return out
 
 
 def _write_slot(bank, slot, factors):
-  """Slot `slot` of every bank entry := factors[path] (a [R, in], b [R, out]), zeros if absent."""
-  out = {}
-  for p, e in bank.items():
-    f = factors.get(p)
-    a = (f["a"].astype(e["a"].dtype) if f is not None
-         else jnp.zeros(e["a"].shape[1:], e["a"].dtype))
-    b = (f["b"].astype(e["b"].dtype) if f is not None
-         else jnp.zeros(e["b"].shape[1:], e["b"].dtype))
-    out[p] = {"a": e["a"].at[slot].set(a), "b": e["b"].at[slot].set(b)}
-  return out
+  """Slot `slot` of every bank entry := factors[path] (LoRA a [R, in] / b [R, out], or a
+  compressed delta's arrays and leaves: jblock.models.deltas), zeros where absent."""
+  return {p: _write_entry(e, slot, factors.get(p)) for p, e in bank.items()}
 
 
 _write_copy = jax.jit(_write_slot)
@@ -63,6 +71,12 @@ def _spec(x) -> tuple:
   """x's partition spec, one entry per dim (None = replicated)."""
   spec = tuple(getattr(x.sharding, "spec", None) or ())
   return spec + (None,) * (x.ndim - len(spec))
+
+
+def has_lora(bank) -> bool:
+  """The bank holds LoRA factors (a worker-hosted instance's bank lists only its LoRA targets),
+  so one-token batches send it their bank columns; a bank of compressed deltas alone does not."""
+  return bool(bank) and any(e is None or "a" in e for e in bank.values())
 
 
 def column_buckets(slots: int, max_rank: int) -> tuple[int, ...]:
@@ -130,7 +144,7 @@ def ensure_bank(inst, paths, slots: int, max_rank: int) -> None:
         "a": jax.device_put(np.zeros((slots, max_rank, d_in), inst.dtype), a_spec),
         "b": jax.device_put(np.zeros((slots, max_rank, d_out), inst.dtype), b_spec)}
   inst.lora_bank = bank
-  inst.lora_bank_bytes = sum(int(x.nbytes) for e in bank.values() for x in e.values())
+  inst.lora_bank_bytes = delta_bank.bank_bytes(bank)
 
 
 def write_slot(inst, slot: int, factors: dict[str, dict[str, Any]], in_place: bool = False) -> None:
@@ -177,35 +191,56 @@ class AdapterBanks:
     return model in self._host
 
   def register(self, model: str, deltas: list[tuple[Any, Block]]) -> None:
-    """Keeps the adapter's factors (padded, scaled) in host memory; banks the instances."""
+    """Keeps the model's deltas in host memory (LoRA factors padded and scaled; compressed
+    full-fine-tune deltas as stored) and banks its instances."""
     host, nbytes = {}, 0
     for inst, delta in deltas:
-      shapes = _delta_shapes(delta) if _remote(inst) else projections(inst.params)
-      ranks, scaling = delta.config["ranks"], delta.config["scaling"]
-      factors = {}
-      for path, rank in ranks.items():
-        if path not in shapes:
-          raise JBlockError(f"adapter {model!r}: base block {inst.block_id[:12]} has no "
-                            f"projection {path}")
-        if rank > self.max_rank:
-          raise InvalidRequestError("model", f"adapter {model!r} has rank {rank} at {path}, "
-                                    f"more than the engine's lora_max_rank={self.max_rank}")
-        d_in, d_out = shapes[path]
-        node = delta.params
-        for p in path.split("/"):
-          node = node[p]
-        a = np.zeros((self.max_rank, d_in), np.float32)  # A transposed: a bank column is a row
-        b = np.zeros((self.max_rank, d_out), np.float32)
-        a[:rank] = np.asarray(node["a"], np.float32).T
-        b[:rank] = np.asarray(node["b"], np.float32) * np.float32(scaling[path])
-        factors[path] = {"a": a, "b": b}
-        nbytes += int(np.asarray(node["a"]).nbytes + np.asarray(node["b"]).nbytes)
+      if delta.kind == QDELTA:
+        if _remote(inst):
+          raise JBlockError(f"model {model!r}: compressed fine-tunes are served where their base "
+                            f"block lives in this process; {inst.block_id[:12]} is on a worker")
+        factors = delta_bank.host_factors(delta)
+        delta_bank.check_shapes(inst, factors, model)
+        host[inst.key] = factors
+        nbytes += delta_bank.factor_bytes(factors)
+        continue
+      factors, n = self._lora_factors(model, inst, delta)
       host[inst.key] = factors
+      nbytes += n
     for inst, delta in deltas:
-      self._ensure_bank(inst, delta.config["ranks"])
+      if delta.kind == QDELTA:
+        self._instances[inst.key] = inst
+        delta_bank.ensure_delta_bank(inst, host[inst.key], self.slots)
+      else:
+        self._ensure_bank(inst, delta.config["ranks"])
     self._host[model] = host
     self._host_bytes[model] = nbytes
-    self._rank[model] = max((r for _, d in deltas for r in d.config["ranks"].values()), default=1)
+    self._rank[model] = max((r for _, d in deltas if d.kind != QDELTA
+                             for r in d.config["ranks"].values()), default=0)
+
+  def _lora_factors(self, model: str, inst, delta: Block) -> tuple[dict[str, Any], int]:
+    """A LoRA delta block's factors, zero-padded to the bank's rank and scaled; their bytes."""
+    shapes = _delta_shapes(delta) if _remote(inst) else projections(inst.params)
+    ranks, scaling = delta.config["ranks"], delta.config["scaling"]
+    factors, nbytes = {}, 0
+    for path, rank in ranks.items():
+      if path not in shapes:
+        raise JBlockError(f"adapter {model!r}: base block {inst.block_id[:12]} has no "
+                          f"projection {path}")
+      if rank > self.max_rank:
+        raise InvalidRequestError("model", f"adapter {model!r} has rank {rank} at {path}, "
+                                  f"more than the engine's lora_max_rank={self.max_rank}")
+      d_in, d_out = shapes[path]
+      node = delta.params
+      for p in path.split("/"):
+        node = node[p]
+      a = np.zeros((self.max_rank, d_in), np.float32)  # A transposed: a bank column is a row
+      b = np.zeros((self.max_rank, d_out), np.float32)
+      a[:rank] = np.asarray(node["a"], np.float32).T
+      b[:rank] = np.asarray(node["b"], np.float32) * np.float32(scaling[path])
+      factors[path] = {"a": a, "b": b}
+      nbytes += int(np.asarray(node["a"]).nbytes + np.asarray(node["b"]).nbytes)
+    return factors, nbytes
 
   def unregister(self, model: str) -> None:
     """Forgets the adapter and frees (zeroes) its slot."""
@@ -296,13 +331,12 @@ class AdapterBanks:
       if _remote(inst):  # sent over the wire at install: nothing to copy to a device here
         staged[key] = factors
         continue
-      staged[key] = {}
-      for path, f in factors.items():
-        entry = (inst.lora_bank or {})[path]
-        a_spec = NamedSharding(inst.mesh, P(None, _spec(entry["a"])[2]))  # a slot of a [S, R, in]
-        b_spec = NamedSharding(inst.mesh, P(None, _spec(entry["b"])[2]))  # a slot of b [S, R, out]
-        staged[key][path] = {"a": jax.device_put(f["a"].astype(inst.dtype), a_spec),
-                             "b": jax.device_put(f["b"].astype(inst.dtype), b_spec)}
+      bank = inst.lora_bank or {}
+      # One slot of each bank array, sharded as the array is past its slot dim.
+      staged[key] = {path: jax.tree.map(
+          lambda f, arr: jax.device_put(np.asarray(f).astype(arr.dtype),
+                                        NamedSharding(inst.mesh, P(*_spec(arr)[1:]))),
+          f, {k: bank[path][k] for k in f}) for path, f in factors.items()}
     jax.block_until_ready(staged)
     with self._stage_lock:
       self._staged[model] = (host, staged)  # host: an adapter unloaded and loaded again re-stages

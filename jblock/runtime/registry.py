@@ -23,7 +23,7 @@ from jblock.runtime.engine_config import EngineConfig, InstanceFactory
 from jblock.runtime.executor import run_local_segment
 from jblock.runtime.instance import LocalBlockInstance
 from jblock.runtime.kv import pages_for
-from jblock.runtime.lora import AdapterBanks
+from jblock.runtime.lora import AdapterBanks, has_lora
 from jblock.runtime.replicas import Replicas
 from jblock.runtime.scheduler import SchedulerConfig
 from jblock.runtime.segments import Segment, plan_segments
@@ -180,13 +180,15 @@ class Registry:
                for t in cfg.prefill_buckets]
     # A segment with LoRA banks runs its one-token batches with a bank-column list of one of a few
     # sizes (each compiled); prompt chunks run without one.
-    banks = tuple(tuple(sorted(i.lora_bank or ())) for i in seg.layers)
+    banks = tuple(tuple(sorted((p, tuple(sorted(e or ()))) for p, e in (i.lora_bank or {}).items()))
+                  for i in seg.layers)
     cols = [None]
     if any(banks):
       if (seg.key, banks) in self._warmed_banks:
         return  # another adapter of this base already compiled these shapes
       self._warmed_banks.add((seg.key, banks))
-      cols = self._adapters.buckets
+      if any(has_lora(i.lora_bank) for i in seg.layers):
+        cols = self._adapters.buckets
     for (b, t, w), c in itertools.product(shapes, cols):
       if t > 1 and c != cols[0]:
         continue  # prompt chunks run without a column list (the scheduler sends none): once
