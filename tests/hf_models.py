@@ -107,6 +107,22 @@ def partial_variants(base_dir: str, out_root: str, n: int, top_layers: int, seed
   return dirs
 
 
+def full_finetune(base_dir: str, out_dir: str, std: float = 0.02, seed: int = 1) -> str:
+  """An HF checkpoint where every tensor of the base (embedding, norms, every layer, head)
+  moved by Gaussian noise of `std` times its own RMS: a full fine-tune's shape of change."""
+  import shutil
+  import numpy as np
+  from safetensors.numpy import load_file, save_file
+  shutil.copytree(base_dir, out_dir)
+  tensors = load_file(os.path.join(base_dir, "model.safetensors"))
+  rng = np.random.default_rng(seed)
+  for name, t in tensors.items():
+    rms = float(np.sqrt(np.mean(np.square(t.astype(np.float64))))) or 1.0
+    tensors[name] = (t + rng.normal(0, std * rms, t.shape)).astype(t.dtype)
+  save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+  return out_dir
+
+
 def build(name: str, out_dir: str, seed: int = 0) -> tuple[str, "transformers.PreTrainedModel"]:
   """Saves a tiny random model `name` into out_dir; returns (dir, the torch model in eval mode)."""
   cls_name, kwargs = CONFIGS[name]

@@ -208,21 +208,50 @@ class RemoteBlockInstance(InstanceBase):
     """Its worker holds an adapter bank covering `targets` (HostBlock again: the bank grows;
     a re-hosted copy gets the same bank)."""
     with self._lora_lock:
-      have = set(self._host_request.lora_bank.targets)
+      bank = self._host_request.lora_bank
+      have = set(bank.targets)
       if set(targets) <= have and self._host_request.HasField("lora_bank"):
         return
-      self._host_request.lora_bank.CopyFrom(pb.LoraBank(
-          slots=slots, max_rank=max_rank, targets=sorted(have | set(targets))))
-      self.lora_bank = {t: None for t in self._host_request.lora_bank.targets}
-      if self._channel is None:
-        return  # lost: re-hosting brings the bank
-      try:
-        response = self._stub.HostBlock(self._host_request,
-                                        timeout=self._placer.links.deadlines.host_s)
-      except grpc.RpcError as e:
-        raise UnavailableError(f"worker {self.address} refused the adapter bank of block "
-                               f"{self.block_id[:12]}: {e.code().name}: {e.details()}") from e
-      self.lora_bank_bytes = response.lora_bank_bytes
+      bank.slots, bank.max_rank = slots, max_rank
+      del bank.targets[:]
+      bank.targets.extend(sorted(have | set(targets)))
+      self._grow_bank()
+
+  def ensure_delta_bank(self, slots: int, factors: dict[str, dict[str, Any]]) -> None:
+    """Its worker's bank has the arrays of these compressed-delta factors (one slot's:
+    entry -> key -> array), declared by dtype and shape in HostBlockRequest.lora_bank.deltas."""
+    with self._lora_lock:
+      bank = self._host_request.lora_bank
+      new = {f"{entry}/{key}/{name}": np.asarray(v) for entry, parts in factors.items()
+             for key, part in parts.items() for name, v in part.items()}
+      if set(new) <= set(bank.deltas.keys()) and self._host_request.HasField("lora_bank"):
+        return
+      bank.slots = slots
+      for name, v in new.items():
+        bank.deltas[name].CopyFrom(pb.Tensor(dtype=v.dtype.name, shape=list(v.shape)))
+      self._grow_bank()
+
+  def _grow_bank(self) -> None:
+    """HostBlock again with the request's bank (under self._lora_lock); records the bank's
+    structure: LoRA targets -> None, compressed entries -> {key: None}."""
+    bank = self._host_request.lora_bank
+    view: dict[str, Any] = {t: None for t in bank.targets}
+    for name in bank.deltas.keys():
+      entry, key = name.rpartition("/")[0].rpartition("/")[::2]
+      if view.get(entry) is None and entry not in bank.targets:
+        view[entry] = {}
+      if isinstance(view[entry], dict):
+        view[entry][key] = None
+    self.lora_bank = view
+    if self._channel is None:
+      return  # lost: re-hosting brings the bank
+    try:
+      response = self._stub.HostBlock(self._host_request,
+                                      timeout=self._placer.links.deadlines.host_s)
+    except grpc.RpcError as e:
+      raise UnavailableError(f"worker {self.address} refused the adapter bank of block "
+                             f"{self.block_id[:12]}: {e.code().name}: {e.details()}") from e
+    self.lora_bank_bytes = response.lora_bank_bytes
 
   def install_adapter(self, slot: int, factors: dict[str, dict[str, np.ndarray]]) -> None:
     """Slot `slot` of the worker's bank := factors (target -> a [R, in], b [R, out]); {} clears
@@ -243,8 +272,14 @@ class RemoteBlockInstance(InstanceBase):
 
   def _install(self, slot: int, factors) -> None:
     request = pb.InstallAdapterRequest(block_id=self.block_id, slot=slot)
-    to_tensor_map({f"{t}/{k}": v for t, f in factors.items() for k, v in f.items()},
-                  request.factors)
+    flat = {}
+    for target, parts in factors.items():
+      for key, value in parts.items():
+        if isinstance(value, dict):  # a compressed delta's arrays, or a small leaf's
+          flat.update({f"{target}/{key}/{k}": np.asarray(v) for k, v in value.items()})
+        else:  # a LoRA factor
+          flat[f"{target}/{key}"] = value
+    to_tensor_map(flat, request.factors)
     self._stub.InstallAdapter(request, timeout=self._placer.links.deadlines.host_s)
 
   def _reinstall_adapters(self) -> None:

@@ -61,6 +61,20 @@ def encode(method: str, delta: np.ndarray) -> dict[str, np.ndarray]:
   raise ValueError(f"unknown delta encoding {method!r}; one of {', '.join(METHODS)}")
 
 
+def layout(method: str, d_in: int, d_out: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """The encoding's arrays of a [d_in, d_out] delta: name -> (shape, dtype), as encode makes them."""
+  if method == BITDELTA:
+    return {"bits": ((-(-d_in // 8), d_out), np.dtype(np.uint8)),
+            "scale": ((d_out,), np.dtype(np.float32))}
+  if method not in _QMAX:
+    raise ValueError(f"unknown delta encoding {method!r}; one of {', '.join(METHODS)}")
+  g = group_size(d_in)
+  rows = -(-d_in // g) * g
+  codes = ((rows, d_out), np.dtype(np.int8)) if method == INT8 else (
+      ((rows + 1) // 2, d_out), np.dtype(np.uint8))
+  return {"codes": codes, "scale": ((rows // g, d_out), np.dtype(np.float16))}
+
+
 def decode(method: str, arrays, d_in: int, dtype=jnp.float32):
   """The encoding's arrays -> Δ [..., in, out] in `dtype`. Leading dims (bank slots, rows) are
   kept: the same code decodes one stored delta and a batch of gathered slots."""

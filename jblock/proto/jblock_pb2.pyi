@@ -305,14 +305,23 @@ class HostBlockRequest(_message.Message):
     def __init__(self, block_id: _Optional[str] = ..., zoo_dir: _Optional[str] = ..., batch_size: _Optional[int] = ..., kv_slots: _Optional[int] = ..., max_len: _Optional[int] = ..., kv_pages: _Optional[int] = ..., page_size: _Optional[int] = ..., lora_bank: _Optional[_Union[LoraBank, _Mapping]] = ...) -> None: ...
 
 class LoraBank(_message.Message):
-    __slots__ = ("slots", "max_rank", "targets")
+    __slots__ = ("slots", "max_rank", "targets", "deltas")
+    class DeltasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     MAX_RANK_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
+    DELTAS_FIELD_NUMBER: _ClassVar[int]
     slots: int
     max_rank: int
     targets: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, slots: _Optional[int] = ..., max_rank: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ...) -> None: ...
+    deltas: _containers.MessageMap[str, Tensor]
+    def __init__(self, slots: _Optional[int] = ..., max_rank: _Optional[int] = ..., targets: _Optional[_Iterable[str]] = ..., deltas: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
 
 class HostBlockResponse(_message.Message):
     __slots__ = ("resident_bytes", "placement", "lora_bank_bytes")

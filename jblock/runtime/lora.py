@@ -196,11 +196,9 @@ class AdapterBanks:
     host, nbytes = {}, 0
     for inst, delta in deltas:
       if delta.kind == QDELTA:
-        if _remote(inst):
-          raise JBlockError(f"model {model!r}: compressed fine-tunes are served where their base "
-                            f"block lives in this process; {inst.block_id[:12]} is on a worker")
         factors = delta_bank.host_factors(delta)
-        delta_bank.check_shapes(inst, factors, model)
+        if not _remote(inst):  # a worker checks them against its own copy of the block
+          delta_bank.check_shapes(inst, factors, model)
         host[inst.key] = factors
         nbytes += delta_bank.factor_bytes(factors)
         continue
@@ -210,7 +208,10 @@ class AdapterBanks:
     for inst, delta in deltas:
       if delta.kind == QDELTA:
         self._instances[inst.key] = inst
-        delta_bank.ensure_delta_bank(inst, host[inst.key], self.slots)
+        if _remote(inst):
+          inst.ensure_delta_bank(self.slots, host[inst.key])
+        else:
+          delta_bank.ensure_delta_bank(inst, host[inst.key], self.slots)
       else:
         self._ensure_bank(inst, delta.config["ranks"])
     self._host[model] = host

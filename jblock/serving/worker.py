@@ -23,13 +23,14 @@ import numpy as np
 
 from jblock.blocks import HEAD, LAYERS, Block
 from jblock.cluster import rows as rows_lib
-from jblock.cluster import security, validate
+from jblock.cluster import security, validate, validate_banks
 from jblock.cluster.links import ClusterLinks
 from jblock.cluster.mailbox import Mailbox
 from jblock.errors import InvalidRequestError, JBlockError
 from jblock.proto import jblock_pb2 as pb
 from jblock.proto import jblock_pb2_grpc as pb_grpc
 from jblock.proto.tensor_codec import to_tensor, to_tensor_map
+from jblock.runtime import delta_bank
 from jblock.runtime import lora as lora_lib
 from jblock.runtime import mesh as mesh_lib
 from jblock.runtime.executor import gather_rows, run_local_segment
@@ -109,20 +110,25 @@ class BlockHostServicer(pb_grpc.BlockHostServicer):
       _abort(context, e)
 
   def _host_bank(self, inst, bank) -> None:
-    """Builds or grows a layers instance's LoRA adapter bank (under self._lock)."""
+    """Builds or grows a layers instance's adapter bank: LoRA targets and compressed-delta
+    arrays (under self._lock)."""
     if inst.kind != LAYERS:
       raise InvalidRequestError("lora_bank", f"a {inst.kind} block holds no adapter bank")
-    targets = validate.lora_bank(bank, lora_lib.projections(inst.params),
-                                 np.dtype(inst.dtype).itemsize)
+    targets = validate_banks.lora_bank(bank, lora_lib.projections(inst.params),
+                                       np.dtype(inst.dtype).itemsize)
+    layout = validate_banks.delta_layout(bank, inst.params) if bank.deltas else {}
     if inst.lora_bank:
-      validate.bank_matches(bank, inst.lora_bank)
-    lora_lib.ensure_bank(inst, targets, bank.slots, bank.max_rank)
+      validate_banks.bank_matches(bank, inst.lora_bank)
+    if targets:
+      lora_lib.ensure_bank(inst, targets, bank.slots, bank.max_rank)
+    if layout:
+      delta_bank.ensure_delta_bank(inst, layout, bank.slots)
 
   def InstallAdapter(self, request, context):
     try:
       validate.block_id(request, self._hosted)
       inst = self._instances.get(request.block_id)
-      factors = validate.install_adapter(request, inst.lora_bank if inst is not None else None)
+      factors = validate_banks.install_adapter(request, inst.lora_bank if inst is not None else None)
       with self._lock:  # between batches (RunBlock reads the bank under this lock)
         lora_lib.write_slot(inst, request.slot, factors, in_place=True)
       return pb.InstallAdapterResponse()
@@ -142,7 +148,7 @@ class BlockHostServicer(pb_grpc.BlockHostServicer):
       x, ints, floats = validate.run_block(request, spec, self.mailbox)
       validate.run_outputs(request, spec, self._hosted, ints.shape[0])
       inst = self._instances[request.block_id]
-      lora_cols = validate.lora_cols(request, inst.lora_bank)
+      lora_cols = validate_banks.lora_cols(request, inst.lora_bank)
       read = [(s.handle, s.row) for s in request.sources if s.handle]
       self._running += 1
       try:

@@ -1,6 +1,7 @@
 """Adapters whose base blocks live on workers: each worker holds the adapter bank of the layers
 blocks it hosts, swaps install factors there (InstallAdapter), a batch sends its bank columns,
-and a block moved to another worker gets its resident adapters back before the replay.
+and a block moved to another worker gets its resident adapters back before the replay. A
+compressed full fine-tune (int8 deltas) shares the bank's one slot with the LoRA adapters.
 Malformed installs get INVALID_ARGUMENT naming the field.
 
 Coordinator and two workers run in this process (real gRPC servers on 127.0.0.1)."""
@@ -18,13 +19,14 @@ from jblock.proto.tensor_codec import to_tensor_map
 from jblock.runtime.engine import Engine, EngineConfig
 from jblock.serving.engines import distributed_engine
 from jblock.serving.worker import start_worker_server
+from jblock.zoo.full_deltas import DeltaOptions, convert_full_delta
 from jblock.zoo.store import Zoo
 from tests import hf_models
 from tests.lora_adapters import make_adapter
 from tests.serving.serving_helpers import free_port
 
 PROMPTS = [[5, 17, 3, 88, 42, 7], [9, 1, 64, 33], [70, 2, 2, 19, 8]]
-MODELS = ("base", "a1", "a2")
+MODELS = ("base", "a1", "a2", "d1")
 NEW = 8
 # One bank slot for two adapters: every switch between them is a swap (an install RPC).
 CONFIG = EngineConfig(batch_size=4, kv_slots=8, max_seq_len=32, prefill_chunk=16,
@@ -42,6 +44,10 @@ def zoo_dir(tmp_path_factory):
   zoo.convert(base, "base")
   zoo.convert_peft(str(root / "p1"), "base", "a1")
   zoo.convert_peft(str(root / "p2"), "base", "a2")
+  ft = hf_models.full_finetune(base, str(root / "ft"), std=0.3)
+  calibration = str(root / "calibration.npy")
+  np.save(calibration, np.random.default_rng(0).integers(0, 97, 512))
+  convert_full_delta(zoo, ft, "base", "d1", DeltaOptions(method="int8", calibration=calibration))
   return zoo.root
 
 
@@ -57,7 +63,7 @@ JOBS = [(m, i) for i in range(len(PROMPTS)) for m in MODELS]
 def in_process(zoo_dir):
   with Engine.from_zoo(zoo_dir, models=list(MODELS), mesh_shape=(1, 1), config=CONFIG) as engine:
     out = _serve(engine, JOBS)
-  assert out["a1", 0] != out["base", 0] and out["a2", 0] != out["base", 0]
+  assert all(out[m, 0] != out["base", 0] for m in ("a1", "a2", "d1"))
   return out
 
 
@@ -105,7 +111,7 @@ def test_adapters_on_workers_give_the_in_process_tokens(cluster, in_process):
   assert banked and all(b["worker"] in workers for b in banked)
   assert _serve(engine, JOBS) == in_process
   swaps = engine.stats()["adapters"]["misses"]
-  assert swaps >= 2  # one slot, two adapters: both were installed over the wire
+  assert swaps >= 3  # one slot, three delta models: each was installed over the wire
   # Move every banked block to the other worker: the adapter resident in the slot is installed
   # there again before the replay, so a request of it (a bank hit, no swap) stays exact.
   resident = next(iter(engine.stats()["adapters"]["resident"]))
@@ -143,6 +149,11 @@ def test_malformed_installs_are_invalid_argument(cluster, zoo_dir):
       (block_id, 0, {**good, "layer_0/attn/q/b": np.full((8, hidden), np.nan, np.float32)},
        "factors['layer_0/attn/q/b']"),
       (embed["block_id"], 0, good, "block_id"),  # hosted, but holds no bank
+      (block_id, 0, {"layer_0/attn/q/int8/codes": np.zeros((hidden, hidden), np.float32)},
+       "factors['layer_0/attn/q/int8/codes']"),  # int8 codes sent as floats
+      (block_id, 0, {"layer_0/attn/q/int8/on": np.int32(7)}, "factors['layer_0/attn/q/int8/on']"),
+      (block_id, 0, {"layer_0/attn/q/bitdelta/bits": np.zeros((5, hidden), np.uint8)},
+       "factors['layer_0/attn/q/bitdelta/bits']"),  # no bitdelta model: not banked
   ]
   for target, slot, factors, field in cases:
     with pytest.raises(grpc.RpcError) as err:
