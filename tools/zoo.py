@@ -4,6 +4,9 @@
   python -m tools.zoo show NAME       a model's config, lineage and chain (who shares each block)
   python -m tools.zoo stats           logical vs stored bytes, dedup ratio, block counts
   python -m tools.zoo verify          re-hashes every block, checks manifests (exit 1 on problems)
+  python -m tools.zoo export NAME --out=DIR
+                                      writes the model as a Hugging Face checkpoint (a full
+                                      fine-tune's compressed deltas materialised over its base)
   python -m tools.zoo gc              removes blocks no model references (waits for conversions)
                                       and the equivalence records of removed blocks or models
   python -m tools.zoo equiv --model=M [--block=ID_PREFIX] [--position=P] [--calibration=FILE]
@@ -24,7 +27,7 @@ from jblock.zoo import cli
 from jblock.zoo.store import Zoo
 
 PROG = "zoo"
-COMMANDS = "list, show NAME, stats, verify, gc, equiv, assemble"
+COMMANDS = "list, show NAME, stats, verify, export NAME, gc, equiv, assemble"
 
 _ZOO = flags.DEFINE_string("zoo", "checkpoints/zoo", "Zoo directory.")
 _MODEL = flags.DEFINE_string("model", None, "equiv/assemble: the model to evaluate or assemble from.")
@@ -47,6 +50,7 @@ _MAX_WINDOWS = flags.DEFINE_integer("max_windows", 64, "equiv/assemble: windows 
 _HOLDOUT = flags.DEFINE_float("holdout", 0.25, "equiv/assemble: held-out tail of the calibration text.")
 _REPORT = flags.DEFINE_string("report", None, "equiv/assemble: also write the report as JSON here.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "assemble: replace a model named --name.")
+_OUT = flags.DEFINE_string("out", None, "export: the checkpoint directory to write (new or empty).")
 _PROGRESS = flags.DEFINE_bool("progress", True, "equiv/assemble: progress bars on stderr.")
 
 
@@ -83,7 +87,7 @@ def _equivalence(zoo: Zoo, command: str) -> list[str]:
 
 
 def run(zoo: Zoo, command: str, args: list[str]) -> int:
-  expected = 1 if command == "show" else 0
+  expected = 1 if command in ("show", "export") else 0
   if len(args) != expected:
     cli.fail(PROG, f"'{command}' takes {'a model NAME' if expected else 'no arguments'}")
   if command == "list":
@@ -99,6 +103,12 @@ def run(zoo: Zoo, command: str, args: list[str]) -> int:
     print(f"verified {len(zoo.block_ids())} blocks and {len(zoo.models())} models: "
           f"{len(problems)} problem{'s' if len(problems) != 1 else ''}")
     return 1 if problems else 0
+  elif command == "export":
+    from jblock.zoo.export import export_model
+    if not _OUT.value:
+      cli.fail(PROG, "'export' needs --out=DIR")
+    files = export_model(zoo, args[0], _OUT.value, progress=cli.progress_printer())
+    lines = [f"exported {args[0]} to {_OUT.value}: {', '.join(files)}"]
   elif command == "gc":
     lines = cli.gc_lines(zoo.gc())
   elif command in ("equiv", "assemble"):

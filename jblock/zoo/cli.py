@@ -100,10 +100,39 @@ def show_lines(zoo: Zoo, name: str) -> list[str]:
     kind = zoo.block_record(block_id)["kind"] if zoo.has_block(block_id) else "MISSING"
     lines.append(f"    {i:3d} {kind:<6} {block_id[:16]}  {human_bytes(nbytes):>10}  "
                  f"used by {users[block_id]} model{'s' if users[block_id] != 1 else ''}")
+  lines += _delta_lines(zoo, m)
   extra = {k: v for k, v in lineage.items() if k not in ("base_model", "source_dir", "conversion")}
   if extra:
     lines.append("  lineage: " + ", ".join(f"{k}={v}" for k, v in sorted(extra.items())))
   return lines + equiv_cli.show_lines(zoo, name)
+
+
+def _delta_lines(zoo: Zoo, m: dict) -> list[str]:
+  """A delta model's delta blocks (LoRA or compressed full fine-tune) and measured losses."""
+  deltas = m.get("deltas") or []
+  if not any(deltas):
+    return []
+  adapter = m.get("adapter") or {}
+  lines = [f"  deltas over {adapter.get('base_model')} ({adapter.get('peft_type')}"
+           + (f", {adapter['method']}" if adapter.get("method") else "") + "):"]
+  full = m.get("full_delta") or {}
+  for i, block_id in enumerate(deltas):
+    if block_id:
+      record = zoo.block_record(block_id) if zoo.has_block(block_id) else None
+      kind = record["kind"] if record else "MISSING"
+      method = (record or {}).get("config", {}).get("method", "")
+      lines.append(f"    {i:3d} {kind:<6} {method:<8} {block_id[:16]}  "
+                   f"{human_bytes(int(record['nbytes'])) if record else '?':>10}")
+  if full.get("encodings"):
+    lines.append("  encodings: " + ", ".join(f"{p}={e}" for p, e in full["encodings"].items()))
+  for split, loss in (full.get("losses") or {}).items():
+    lines.append(f"  {split}: KL {loss['kl']:.5f}, top-1 {loss['top1']:.4f} over "
+                 f"{loss['tokens']} tokens")
+  if full.get("distill"):
+    d = full["distill"]
+    lines.append(f"  bitdelta distillation: {d['steps']} steps, KL {d['kl_start']:.5f} -> "
+                 f"{d['kl_end']:.5f}")
+  return lines
 
 
 def stats_lines(zoo: Zoo, stats: ZooStats) -> list[str]:

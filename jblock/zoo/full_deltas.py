@@ -198,6 +198,7 @@ def convert_full_delta(zoo, hf_dir: str, base: str, name: str, opts: DeltaOption
     data = {
         **base_manifest,
         "name": name,
+        "hf_config": converted.hf_config,
         "chain": chain,
         "block_bytes": block_bytes,
         "deltas": delta_ids,
