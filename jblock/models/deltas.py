@@ -70,48 +70,41 @@ def row_param(value, sel: Selection | None, key: str, x):
   return value + d.reshape((d.shape[0],) + (1,) * (x.ndim - 2) + (d.shape[-1],))
 
 
-def _buckets(n: int) -> list[int]:
-  """Row counts a slot's product is compiled for: powers of four below n, then n."""
-  return [c for c in (4 ** k for k in range(12)) if c < n] + [n]
-
-
 def _compressed(x, y, method: str, enc: dict[str, Any], slots):
   """y + each row's decoded delta, grouped by slot. The rows' tokens are sorted by slot; a loop
   over the bank's slots decodes, for each slot some row uses, its packed delta once and
-  multiplies only that slot's tokens, padded up to a compiled row count (lax.switch). A step
-  thus reads each active slot's packed bytes once and writes its dense delta once. Per-row
-  gathers decoded it once per row instead (16x slower at B=32, hidden 512); a Python loop over
-  the slots compiled 7x longer (README, "Full fine-tunes": the cost model)."""
+  multiplies only that slot's tokens, a window of `win` tokens at a time. A step thus reads each
+  active slot's packed bytes once and writes its dense delta once. Per-row gathers decoded it
+  once per row instead (16x slower at B=32, hidden 512), and a Python loop over the slots, or a
+  switch over window sizes, compiled several times longer (README, "Full fine-tunes")."""
   b, t, d_in = x.shape
   n, n_slots = b * t, enc["on"].shape[0]
+  win = min(n, 8 if t == 1 else 32)
   tok_slots = jnp.repeat(jnp.where(_rows_on(enc["on"], slots), slots, n_slots), t)
   order = jnp.argsort(tok_slots, stable=True)
-  sizes = _buckets(n)
-  xs = jnp.concatenate([x.reshape(n, d_in)[order], jnp.zeros((sizes[-1], d_in), x.dtype)])
+  xs = jnp.concatenate([x.reshape(n, d_in)[order], jnp.zeros((win, d_in), x.dtype)])
   counts = jnp.bincount(tok_slots, length=n_slots + 1)[:n_slots]
   starts = jnp.cumsum(counts) - counts
   packed = {k: v for k, v in enc.items() if k != "on"}
 
   def slot_term(s, acc):
     def run(acc):
-      own_delta = {k: jax.lax.dynamic_index_in_dim(v, s, keepdims=False) for k, v in packed.items()}
+      own = {k: jax.lax.dynamic_index_in_dim(v, s, keepdims=False) for k, v in packed.items()}
+      pieces = qdelta.planes(method, own, d_in, x.dtype)
 
-      def rows(size):
-        def product(acc):
-          xc = jax.lax.dynamic_slice_in_dim(xs, starts[s], size)
-          cur = jax.lax.dynamic_slice_in_dim(acc, starts[s], size)
-          own = (jnp.arange(size) < counts[s])[:, None]
-          new = jnp.where(own, qdelta.product(method, own_delta, xc).astype(acc.dtype), cur)
-          return jax.lax.dynamic_update_slice_in_dim(acc, new, starts[s], 0)
-        return product
+      def window(j, acc):
+        at = starts[s] + j * win
+        xc = jax.lax.dynamic_slice_in_dim(xs, at, win)
+        cur = jax.lax.dynamic_slice_in_dim(acc, at, win)
+        mine = (j * win + jnp.arange(win) < counts[s])[:, None]
+        new = jnp.where(mine, qdelta.product(pieces, xc).astype(acc.dtype), cur)
+        return jax.lax.dynamic_update_slice_in_dim(acc, new, at, 0)
 
-      which = jnp.searchsorted(jnp.asarray(sizes), counts[s])
-      return jax.lax.switch(which, [rows(c) for c in sizes], acc)
+      return jax.lax.fori_loop(0, (counts[s] + win - 1) // win, window, acc)
 
     return jax.lax.cond(counts[s] > 0, run, lambda a: a, acc)
 
-  acc = jax.lax.fori_loop(0, n_slots, slot_term,
-                          jnp.zeros((n + sizes[-1], y.shape[-1]), y.dtype))
+  acc = jax.lax.fori_loop(0, n_slots, slot_term, jnp.zeros((n + win, y.shape[-1]), y.dtype))
   d = jnp.zeros((n, y.shape[-1]), y.dtype).at[order].set(acc[:n])
   return y + d.reshape(y.shape)
 

@@ -101,22 +101,29 @@ def decode(method: str, arrays, d_in: int, dtype=jnp.float32):
   return values.reshape(*values.shape[:-3], n_groups * g, values.shape[-1])[..., :d_in, :]
 
 
-def product(method: str, arrays, x):
-  """x [..., in] @ decode(arrays): one stored delta (no leading dims) times rows of x. int4 is
-  multiplied as its two nibble planes, never concatenated: XLA:CPU ran the concatenation 5x
-  slower inside the serving loop's body (jblock.models.deltas)."""
-  d_in = x.shape[-1]
+def planes(method: str, arrays, d_in: int, dtype=jnp.float32) -> list[tuple[int, object]]:
+  """One stored delta (no leading dims) as dense pieces (first input row, [rows, out]) whose
+  products with the matching columns of x sum to x @ decode(...). int4 gives its two nibble
+  planes apart, never concatenated: XLA:CPU ran that concatenation 5x slower inside the
+  serving loop's body (jblock.models.deltas)."""
   if method != INT4:
-    return x @ decode(method, arrays, d_in, x.dtype)
+    return [(0, decode(method, arrays, d_in, dtype))]
   codes, scale = arrays["codes"], arrays["scale"]
   half = codes.shape[-2]
-  g = group_size(d_in)
-  scale_rows = jnp.repeat(scale.astype(x.dtype), g, axis=-2)  # [rows, out]
+  scale_rows = jnp.repeat(scale.astype(dtype), group_size(d_in), axis=-2)  # [rows, out]
   scale_rows = jnp.pad(scale_rows, ((0, 2 * half - scale_rows.shape[0]), (0, 0)))
-  xp = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, 2 * half - d_in)])
-  lo = ((codes & 15).astype(jnp.int8) - 8).astype(x.dtype) * scale_rows[:half]
-  hi = ((codes >> 4).astype(jnp.int8) - 8).astype(x.dtype) * scale_rows[half:]
-  return xp[..., :half] @ lo + xp[..., half:] @ hi
+  lo = ((codes & 15).astype(jnp.int8) - 8).astype(dtype) * scale_rows[:half]
+  hi = ((codes >> 4).astype(jnp.int8) - 8).astype(dtype) * scale_rows[half:]
+  return [(0, lo[:min(half, d_in)]), (half, hi[:max(0, d_in - half)])]
+
+
+def product(pieces: list[tuple[int, object]], x):
+  """x [..., in] @ the delta given as planes()."""
+  out = 0
+  for start, dense in pieces:
+    if dense.shape[0]:
+      out = out + x[..., start:start + dense.shape[0]] @ dense
+  return out
 
 
 def decode_np(method: str, arrays: dict[str, np.ndarray], d_in: int) -> np.ndarray:
