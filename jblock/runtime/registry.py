@@ -198,8 +198,10 @@ class Registry:
       c = None if c is None else np.full(c, -1, np.int32)
       w = next(x for x in cfg.width_buckets() if x >= min(w, cfg.max_pages))
       meta = StepMeta.empty(b, len(seg.layers), w)
+      # Hidden states arrive committed to the mesh (the previous segment's output): an
+      # uncommitted array here would compile a different executable than serving then uses.
       x = (np.zeros((b, t), np.int32) if seg.starts_at_embed
-           else jax.numpy.zeros((b, t, hidden), dtype))
+           else jax.device_put(np.zeros((b, t, hidden), dtype), mesh_lib.replicated(self.mesh)))
       ints, floats = meta.pack()
       with self._dispatch_lock:  # serving may dispatch to the same KV buffers meanwhile
         y = run_local_segment(seg, x, ints, floats, c)
