@@ -48,10 +48,16 @@ def main(argv):
   say = cli.progress_printer()
   start = time.monotonic()
   stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d_%H%M%S")
-  result = delta_bench.run(_WORK.value, lrs=lrs, n=_N.value, methods=_METHODS.value,
-                           assembly_top1=top1, large=_LARGE.value, rounds=_ROUNDS.value, say=say)
   out = _OUT.value or os.path.join("tools", "results", f"delta_bench_{stamp}.json")
-  results.write_json(out, {"seconds": time.monotonic() - start, **result})
+
+  def save(partial):
+    results.write_json(out, {"seconds": time.monotonic() - start, "complete": False, **partial})
+    say(f"partial results: {out}")
+
+  result = delta_bench.run(_WORK.value, lrs=lrs, n=_N.value, methods=_METHODS.value,
+                           assembly_top1=top1, large=_LARGE.value, rounds=_ROUNDS.value, say=say,
+                           on_material=save)
+  results.write_json(out, {"seconds": time.monotonic() - start, "complete": True, **result})
   delta_bench.plot(result, os.path.splitext(out)[0] + ".png")
   print("\n".join(delta_bench.table_lines(result)))
   print(f"results: {out} (plot {os.path.splitext(out)[0]}.png)")

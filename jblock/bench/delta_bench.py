@@ -153,7 +153,10 @@ def serve_side_by_side(zoo, names, method: str, m: pareto.Material, rounds: int,
 def run(work_dir: str, lrs: Sequence[float] = (1e-4, 5e-4), n: int = 8,
         methods: Sequence[str] = METHODS, assembly_top1: Sequence[float] = (0.99, 0.97),
         large: bool = True, rounds: int = 4, per_tenant: int = 4, new_tokens: int = 16,
-        prompt_len: int = 32, say=print) -> dict[str, Any]:
+        prompt_len: int = 32, say=print,
+        on_material: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+  """Every material in turn; `on_material(result so far)` after each (a long run keeps what
+  it has measured)."""
   materials = [(f"lr{lr:g}", pareto.Material(n=n, finetune_lr=lr)) for lr in lrs]
   if large:
     materials.append((f"large_lr{lrs[0]:g}", dataclasses.replace(
@@ -173,6 +176,8 @@ def run(work_dir: str, lrs: Sequence[float] = (1e-4, 5e-4), n: int = 8,
       entry["serving"] = serve_side_by_side(zoo, names, "auto" if "auto" in methods else methods[0],
                                             m, rounds, per_tenant, new_tokens, prompt_len, say)
     out["materials"][label] = entry
+    if on_material:
+      on_material(out)
   return out
 
 
