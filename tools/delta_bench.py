@@ -27,7 +27,7 @@ _LARGE = flags.DEFINE_bool("large", True, "Also a larger base (hidden 512, 8 lay
 _METHODS = flags.DEFINE_list("methods", list(delta_bench.METHODS), "Delta encodings to compare.")
 _TOP1 = flags.DEFINE_list("assembly_min_top1", ["0.99", "0.97"],
                           "Equivalence assembly budgets to put beside them (empty: none).")
-_ROUNDS = flags.DEFINE_integer("rounds", 4, "Measured serving rounds (0: no serving).",
+_ROUNDS = flags.DEFINE_integer("rounds", 6, "Measured serving rounds (0: no serving).",
                                lower_bound=0)
 _OUT = flags.DEFINE_string("out", None, "JSON results (default tools/results/delta_bench_<time>."
                            "json); the plot is written next to it as .png.")

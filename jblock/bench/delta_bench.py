@@ -103,10 +103,17 @@ def serve_side_by_side(zoo, names, method: str, m: pareto.Material, rounds: int,
   """The N originals per-model against the N compressed fine-tunes, rounds alternating."""
   compressed = [f"{n}-{method}" for n in names]
   modes = {"per_model": list(names), "compressed": compressed}
-  config = EngineConfig(batch_size=8, kv_slots=max(32, len(names) * per_tenant),
+  # Equal capacity: per-model serving has a batch of 8 rows and KV for `per_tenant` requests
+  # per model; the N compressed fine-tunes share one chain with N times both. Prefix caching is
+  # off in both: prompts are cut from a small held-out tail, so which prompts hit a cached
+  # prefix (and compile a prefix-hit shape) would differ between rounds.
+  def config(models: int) -> EngineConfig:
+    return EngineConfig(batch_size=8 * models, kv_slots=per_tenant * models,
                         max_seq_len=prompt_len + new_tokens + 16, prefill_chunk=prompt_len,
-                        length_buckets=(prompt_len,), lora_slots=len(names))
-  engines = {mode: Engine.from_zoo(zoo.root, models, mesh_shape=(1, 1), config=config)
+                        length_buckets=(prompt_len,), lora_slots=len(names),
+                        enable_prefix_caching=False)
+  engines = {mode: Engine.from_zoo(zoo.root, models, mesh_shape=(1, 1),
+                                   config=config(1 if mode == "per_model" else len(names)))
              for mode, models in modes.items()}
   out: dict[str, Any] = {"rounds": []}
   served = {mode: [] for mode in modes}
@@ -152,7 +159,7 @@ def serve_side_by_side(zoo, names, method: str, m: pareto.Material, rounds: int,
 
 def run(work_dir: str, lrs: Sequence[float] = (1e-4, 5e-4), n: int = 8,
         methods: Sequence[str] = METHODS, assembly_top1: Sequence[float] = (0.99, 0.97),
-        large: bool = True, rounds: int = 4, per_tenant: int = 4, new_tokens: int = 16,
+        large: bool = True, rounds: int = 6, per_tenant: int = 8, new_tokens: int = 32,
         prompt_len: int = 32, say=print,
         on_material: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
   """Every material in turn; `on_material(result so far)` after each (a long run keeps what

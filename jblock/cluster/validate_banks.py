@@ -9,6 +9,7 @@ import numpy as np
 
 from jblock.errors import InvalidRequestError
 from jblock.models import qdelta
+from jblock.models.deltas import kernel_leaf
 from jblock.proto.tensor_codec import from_tensor
 from jblock.cluster.validate import HostLimits, _range, _tensor
 
@@ -124,8 +125,8 @@ def delta_layout(bank, params: dict[str, Any], limits: HostLimits = HostLimits()
     field = f"lora_bank.deltas[{name[:80]!r}]"
     target, _, array = name.rpartition("/")
     entry, _, key = target.rpartition("/")
-    if key in qdelta.METHODS and f"{entry}/kernel" in leaves:
-      d_in, d_out = leaves[f"{entry}/kernel"]
+    if key in qdelta.METHODS and kernel_leaf(entry) in leaves:
+      d_in, d_out = leaves[kernel_leaf(entry)]
       expected = {k: (tuple(s), d) for k, (s, d) in qdelta.layout(key, d_in, d_out).items()}
     elif f"{entry}/{key}" in leaves:
       expected = {"value": (leaves[f"{entry}/{key}"], np.dtype(np.float32))}

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jblock.blocks import EMBED, HEAD, LAYERS
-from jblock.models import attention
+from jblock.models import attention, deltas
 from jblock.models.layers import DecoderLayer, make_norm
 from jblock.models.moe import MoE
 
@@ -36,6 +36,10 @@ class EmbedBlock(nnx.Module):
 
   def __call__(self, tokens, kv, meta):
     y = jnp.take(self.embedding[...], tokens, axis=0, mode="clip")
+    # A compressed fine-tune's table delta, per row's bank slot (before Gemma's scale, as the
+    # fine-tune's own table would be).
+    y = deltas.table_rows(jnp.clip(tokens, 0, self.embedding.shape[0] - 1), y,
+                          deltas.select_path(meta, "embedding"))
     if self.scale is not None:
       y = y * jnp.asarray(self.scale, y.dtype)
     if self.position_embedding is not None:
@@ -74,11 +78,14 @@ class HeadBlock(nnx.Module):
     self.softcap = float(cfg.get("final_softcap", 0.0))  # Gemma 2: c * tanh(logits / c)
 
   def __call__(self, x, kv, meta):
-    x = self.norm(x)
+    x = self.norm(x, deltas.select_path(meta, "norm"))
     if self.tied:
       logits = jnp.einsum("btd,vd->btv", x, self.embedding[...], preferred_element_type=jnp.float32)
     else:
       logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...], preferred_element_type=jnp.float32)
+      sel = deltas.select_path(meta, "lm_head")  # a compressed fine-tune's head delta, per row
+      if sel is not None:
+        logits = deltas.apply(x, logits, sel)
     logits = logits.astype(jnp.float32)
     if self.softcap:
       logits = jnp.tanh(logits / self.softcap) * self.softcap

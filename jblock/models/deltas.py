@@ -1,8 +1,10 @@
 """Per-row deltas over a shared base block: LoRA factors and compressed full-fine-tune deltas.
 
-A layers block's adapter bank (`meta["lora"]`, path -> entry) holds, per bank slot, what the
-model resident in that slot adds to the base; `meta["adapter"]` (int32 [B]) is each row's slot,
--1 for the base itself. An entry is a dict that may hold:
+A block's adapter bank (`meta["lora"]`, path -> entry) holds, per bank slot, what the model
+resident in that slot adds to the base; `meta["adapter"]` (int32 [B]) is each row's slot, -1 for
+the base itself. LoRA banks sit on layers blocks; compressed deltas also on embed and head blocks
+(untied), so a compressed fine-tune runs through its base's whole chain. An entry is a dict that
+may hold:
 
   "a", "b"                   LoRA factors (jblock.models.lora), for a projection;
   "bitdelta"/"int4"/"int8"   a compressed kernel delta (jblock.models.qdelta): its arrays with a
@@ -13,7 +15,9 @@ model resident in that slot adds to the base; `meta["adapter"]` (int32 [B]) is e
 
 Projections are addressed `layer_{i}/attn/q` .. `layer_{i}/mlp/down`, norms `layer_{i}/attn_norm`,
 `layer_{i}/mlp_norm`, `layer_{i}/post_attn_norm`, `layer_{i}/post_mlp_norm`, `layer_{i}/attn/q_norm`,
-`layer_{i}/attn/k_norm`. A row whose slot does not use an entry gets the base's value exactly
+`layer_{i}/attn/k_norm`; in an embed block its table `embedding` (a
+compressed [vocab, dim] delta whose rows are gathered per token, not multiplied), in a head
+block `lm_head` and `norm`. A row whose slot does not use an entry gets the base's value exactly
 (selected, not added as zeros). A compressed delta costs nothing in a batch where no row uses its
 encoding (lax.cond); otherwise each slot in use decodes its packed bytes once, inside the fused
 call, and multiplies its own rows (the cost model is in the README's "Full fine-tunes").
@@ -31,15 +35,29 @@ from jblock.models import qdelta
 Selection = tuple[dict[str, Any], Any, Any]
 
 
-def select(meta, layer: int, target: str) -> Selection | None:
-  """The bank entry of `layer_{layer}/{target}`, or None (no bank, or nothing banked there)."""
+TABLES = ("embedding",)  # embed-block leaves whose deltas are row-gathered (learned positions: whole)
+
+
+def kernel_leaf(entry: str) -> str:
+  """The param a compressed entry's delta applies to: 'layer_0/attn/q' -> 'layer_0/attn/q/kernel';
+  top-level matrices ('embedding', 'lm_head') are their own leaf."""
+  return f"{entry}/kernel" if "/" in entry else entry
+
+
+def select_path(meta, path: str) -> Selection | None:
+  """The bank entry at `path`, or None (no bank, or nothing banked there)."""
   bank = meta.get("lora") if isinstance(meta, dict) else None
   if not bank:
     return None
-  entry = bank.get(f"layer_{layer}/{target}")
+  entry = bank.get(path)
   if entry is None:
     return None
   return entry, meta["adapter"], meta.get("lora_cols")
+
+
+def select(meta, layer: int, target: str) -> Selection | None:
+  """The bank entry of `layer_{layer}/{target}`, or None."""
+  return select_path(meta, f"layer_{layer}/{target}")
 
 
 def select_mlp(meta, layer: int) -> dict[str, Selection] | None:
@@ -107,6 +125,24 @@ def _compressed(x, y, method: str, enc: dict[str, Any], slots):
   acc = jax.lax.fori_loop(0, n_slots, slot_term, jnp.zeros((n + win, y.shape[-1]), y.dtype))
   d = jnp.zeros((n, y.shape[-1]), y.dtype).at[order].set(acc[:n])
   return y + d.reshape(y.shape)
+
+
+def table_rows(ids, y, sel: Selection | None):
+  """y [B, T, D] (rows of a base table at ids [B, T]) plus each row's slot's decoded delta rows
+  at the same ids: a gather of a few packed bytes per token, never a decode of the table."""
+  if sel is None:
+    return y
+  entry, slots, _ = sel
+  for method in qdelta.METHODS:
+    if method in entry:
+      enc = entry[method]
+      b, t = ids.shape
+      tok_slots = jnp.repeat(jnp.maximum(slots, 0), t)
+      rows = qdelta.rows(method, {k: v for k, v in enc.items() if k != "on"}, tok_slots,
+                         ids.reshape(-1)).reshape(b, t, -1)
+      on = _rows_on(enc["on"], slots)[:, None, None]
+      y = y + jnp.where(on, rows.astype(y.dtype), jnp.zeros((), y.dtype))
+  return y
 
 
 def apply(x, y, sel: Selection):

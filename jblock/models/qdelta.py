@@ -101,6 +101,28 @@ def decode(method: str, arrays, d_in: int, dtype=jnp.float32):
   return values.reshape(*values.shape[:-3], n_groups * g, values.shape[-1])[..., :d_in, :]
 
 
+def rows(method: str, arrays, slots, ids, dtype=jnp.float32):
+  """Rows `ids` [N] of the deltas of bank slots `slots` [N] (arrays with a leading slot dim):
+  decode(...)[slots, ids] [N, out], read as a few packed bytes per row (an embedding table's
+  delta is gathered per token, never decoded whole). A row's group is ids // GROUP in every
+  case: a table shorter than GROUP has one group."""
+  if method == BITDELTA:
+    byte = arrays["bits"][slots, ids // 8]  # [N, out]
+    sign = ((byte >> (ids % 8).astype(jnp.uint8)[:, None]) & 1).astype(dtype) * 2 - 1
+    return sign * arrays["scale"][slots].astype(dtype)
+  codes, scale = arrays["codes"], arrays["scale"]
+  if method == INT4:
+    half = codes.shape[-2]
+    low = ids < half
+    byte = codes[slots, jnp.where(low, ids, ids - half)]
+    q = jnp.where(low[:, None], byte & 15, byte >> 4).astype(jnp.int8) - 8
+  elif method == INT8:
+    q = codes[slots, ids]
+  else:
+    raise ValueError(f"unknown delta encoding {method!r}")
+  return q.astype(dtype) * scale[slots, ids // GROUP].astype(dtype)
+
+
 def planes(method: str, arrays, d_in: int, dtype=jnp.float32) -> list[tuple[int, object]]:
   """One stored delta (no leading dims) as dense pieces (first input row, [rows, out]) whose
   products with the matching columns of x sum to x @ decode(...). int4 gives its two nibble

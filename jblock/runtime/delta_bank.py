@@ -1,4 +1,5 @@
-"""Compressed full-fine-tune deltas (qdelta blocks) in the adapter banks of their base instances.
+"""Compressed full-fine-tune deltas (qdelta blocks) in the adapter banks of their base instances
+(layers blocks, and untied embed and head blocks).
 
 A qdelta block (jblock.convert.full_delta) shares the engine-wide slots of jblock.runtime.lora
 with LoRA adapters: the fine-tune resident in slot s has its packed kernel deltas and whole
@@ -14,30 +15,14 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jblock.blocks import Block
-from jblock.convert import full_delta
+from jblock.blocks import flat_leaves
 from jblock.errors import JBlockError
-
-
-def host_factors(delta: Block) -> dict[str, dict[str, Any]]:
-  """A qdelta block as one slot's bank content: path -> {encoding: {arrays, "on"}} for kernels,
-  path -> {leaf: {"value", "on"}} for small leaves (numpy, host memory)."""
-  out: dict[str, dict[str, Any]] = {}
-  for entry, (method, arrays) in full_delta.kernel_deltas(delta).items():
-    out.setdefault(entry, {})[method] = {**{k: np.asarray(v) for k, v in arrays.items()},
-                                         "on": np.int32(1)}
-  for path, value in full_delta.leaf_deltas(delta).items():
-    entry, _, leaf = path.rpartition("/")
-    out.setdefault(entry, {})[leaf] = {"value": np.asarray(value, np.float32), "on": np.int32(1)}
-  return out
+from jblock.models.deltas import kernel_leaf
 
 
 def check_shapes(inst, factors: dict[str, dict[str, Any]], model: str) -> None:
   """Every leaf delta matches the base instance's leaf; every kernel delta its kernel's width."""
-  leaves = {}
-  for layer, sub in inst.params.items():
-    for path, value in _flat(sub, layer):
-      leaves[path] = np.shape(value)
+  leaves = {path: np.shape(value) for path, value in flat_leaves(inst.params)}
   for entry, parts in factors.items():
     for key, part in parts.items():
       if "value" in part:
@@ -46,18 +31,9 @@ def check_shapes(inst, factors: dict[str, dict[str, Any]], model: str) -> None:
           raise JBlockError(f"model {model!r}: delta {entry}/{key} has shape "
                             f"{list(np.shape(part['value']))}, the base block {inst.block_id[:12]} "
                             f"{list(want) if want else 'has no such leaf'}")
-      elif f"{entry}/kernel" not in leaves:
+      elif kernel_leaf(entry) not in leaves:
         raise JBlockError(f"model {model!r}: base block {inst.block_id[:12]} has no projection "
                           f"{entry}")
-
-
-def _flat(tree, prefix):
-  for k, v in tree.items():
-    path = f"{prefix}/{k}"
-    if isinstance(v, dict):
-      yield from _flat(v, path)
-    else:
-      yield path, v
 
 
 def ensure_delta_bank(inst, factors: dict[str, dict[str, Any]], slots: int) -> None:

@@ -94,8 +94,14 @@ class Engine:
     self._request_ids = itertools.count()
     self.cluster_stats = cluster_stats
     self._closed = False
+    # Warmed once all are registered: each model may grow the banks its base's segments hold
+    # (a new encoding, a new target), and a grown bank compiles every shape again.
     for spec in models:
-      self._add_model(spec)
+      self._add_model(spec, warm=False)
+    if self.config.warmup:
+      for seg in {id(s): s for s in self._registry.all_segments()}.values():
+        if seg.local:
+          self._registry.warm(seg, self._scheduler.config)
     self._thread = start_thread(self._loop, "jblock-engine")
 
   @classmethod
@@ -110,9 +116,9 @@ class Engine:
 
   # ---- models -------------------------------------------------------------------------------
 
-  def _add_model(self, spec: ModelSpec) -> ModelInfo:
-    """Builds (and warms) the instances the model lacks without holding the lock, so serving
-    goes on during a LoadModel; then registers them and the model at once."""
+  def _add_model(self, spec: ModelSpec, warm: bool = True) -> ModelInfo:
+    """Builds (and, with `warm`, warms) the instances the model lacks without holding the lock,
+    so serving goes on during a LoadModel; then registers them and the model at once."""
     chain = self._registry.build_chain(spec)
     deltas = self._registry.delta_blocks(spec)  # host reads outside the lock
     root = self.zoo.root if self.zoo is not None else None
@@ -120,7 +126,7 @@ class Engine:
     with self._lock:
       segments = self._registry.register(spec, chain, deltas)
       self._rerouter.set_records(spec.name, spec.block_ids, equivalences)
-    if self.config.warmup:
+    if warm and self.config.warmup:
       for seg in segments:
         if seg.local:
           self._registry.warm(seg, self._scheduler.config)

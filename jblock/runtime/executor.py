@@ -61,7 +61,7 @@ def run_local_segment(seg, x, ints, floats, lora_cols=None):
   layers = seg.layers
   y, kvs = local_segment_fn(seg)([i.run_params for i in seg.instances], [i.kv for i in layers],
                                  x, ints, floats,
-                                 [i.lora_bank for i in layers], lora_cols)
+                                 [i.lora_bank for i in seg.instances], lora_cols)
   for inst, kv in zip(layers, kvs):
     inst.kv = kv
   return y

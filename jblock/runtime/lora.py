@@ -36,6 +36,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jblock.blocks import Block
+from jblock.convert import full_delta
 from jblock.convert.full_delta import QDELTA
 from jblock.errors import InvalidRequestError, JBlockError
 from jblock.models.lora import TARGETS
@@ -196,7 +197,7 @@ class AdapterBanks:
     host, nbytes = {}, 0
     for inst, delta in deltas:
       if delta.kind == QDELTA:
-        factors = delta_bank.host_factors(delta)
+        factors = full_delta.bank_factors(delta)
         if not _remote(inst):  # a worker checks them against its own copy of the block
           delta_bank.check_shapes(inst, factors, model)
         host[inst.key] = factors

@@ -181,7 +181,7 @@ class Registry:
     # A segment with LoRA banks runs its one-token batches with a bank-column list of one of a few
     # sizes (each compiled); prompt chunks run without one.
     banks = tuple(tuple(sorted((p, tuple(sorted(e or ()))) for p, e in (i.lora_bank or {}).items()))
-                  for i in seg.layers)
+                  for i in seg.instances)
     cols = [None]
     if any(banks):
       if (seg.key, banks) in self._warmed_banks:

@@ -107,8 +107,8 @@ def segment_fn(structure: tuple[tuple[str, str], ...], kv_shardings: tuple, mesh
 
   fn(params list, KV pools list (donated), x, ints, floats, banks) -> (y, KV pools): y is the
   hidden state [B, T, D], or the sampled tokens [B] int32 when the segment ends at the head.
-  `ints` and `floats` are a packed StepMeta; `banks` (optional) has one LoRA adapter bank or None
-  per layers block (jblock.runtime.lora), applied per row by StepMeta.adapter over the bank
+  `ints` and `floats` are a packed StepMeta; `banks` (optional) has one adapter bank or None per
+  block (jblock.runtime.lora: LoRA on layers blocks, compressed deltas on any), applied per row by StepMeta.adapter over the bank
   columns `lora_cols` (StepMeta.lora_cols; one compiled shape per column bucket). One compiled
   function serves every segment of this structure (all variants of a model and every fine-tune
   that shares its shapes).
@@ -121,20 +121,21 @@ def segment_fn(structure: tuple[tuple[str, str], ...], kv_shardings: tuple, mesh
     m = unpack(ints, floats, n_tables)
     base = {"starts": m["starts"], "n_valid": m["n_valid"], "rope_len": m["rope_len"]}
     new_kvs, li = [], 0
-    for (kind, _), apply, p in zip(structure, applies, params):
+    for bi, ((kind, _), apply, p) in enumerate(zip(structure, applies, params)):
+      meta = dict(base)
+      if banks is not None and banks[bi] is not None:
+        meta.update(lora=banks[bi], adapter=m["adapter"], lora_cols=lora_cols)
       if kind == LAYERS:
-        meta = {**base, "page_table": m["page_tables"][li]}
-        if banks is not None and banks[li] is not None:
-          meta.update(lora=banks[li], adapter=m["adapter"], lora_cols=lora_cols)
+        meta["page_table"] = m["page_tables"][li]
         x, kv = apply(p, kvs[li], x, meta)
         new_kvs.append(kv)
         li += 1
       elif kind == EMBED:
-        x, _ = apply(p, {}, x, base)
+        x, _ = apply(p, {}, x, meta)
       else:  # head: only each row's last real token, then sampling on device
         last = jnp.maximum(m["n_valid"] - 1, 0)
         h = x[jnp.arange(x.shape[0]), last][:, None]
-        logits = apply(p, {}, h, base)[0][:, 0]
+        logits = apply(p, {}, h, meta)[0][:, 0]
         x = sample(logits, m["temperature"], m["top_k"], m["top_p"], m["seed_lo"], m["seed_hi"],
                    m["step"])
     return x, new_kvs

@@ -110,10 +110,10 @@ class BlockHostServicer(pb_grpc.BlockHostServicer):
       _abort(context, e)
 
   def _host_bank(self, inst, bank) -> None:
-    """Builds or grows a layers instance's adapter bank: LoRA targets and compressed-delta
-    arrays (under self._lock)."""
-    if inst.kind != LAYERS:
-      raise InvalidRequestError("lora_bank", f"a {inst.kind} block holds no adapter bank")
+    """Builds or grows an instance's adapter bank: LoRA targets (layers blocks) and
+    compressed-delta arrays (any block kind) (under self._lock)."""
+    if inst.kind != LAYERS and (bank.targets or bank.max_rank):
+      raise InvalidRequestError("lora_bank.targets", f"a {inst.kind} block holds no LoRA targets")
     targets = validate_banks.lora_bank(bank, lora_lib.projections(inst.params),
                                        np.dtype(inst.dtype).itemsize)
     layout = validate_banks.delta_layout(bank, inst.params) if bank.deltas else {}

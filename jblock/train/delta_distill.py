@@ -21,6 +21,7 @@ from jblock.convert import full_delta
 from jblock.models import blocks as block_fns
 from jblock.models import qdelta
 from jblock.models.attention import contiguous_meta
+from jblock.models.deltas import kernel_leaf
 from jblock.models.reference import runtime_params
 
 
@@ -47,16 +48,19 @@ def _dense_params(base_params, delta: Block, multipliers: dict[str, Any]):
     return tree
 
   params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), base_params)
+
+  def add(path, value):
+    *parents, leaf = path.split("/")
+    node = node_of(params, "/".join(parents)) if parents else params
+    node[leaf] = node[leaf] + value
+
   for entry, (method, arrays) in full_delta.kernel_deltas(delta).items():
     arrays = {k: jnp.asarray(v) for k, v in arrays.items()}
     if method == qdelta.BITDELTA:
       arrays["scale"] = arrays["scale"] * multipliers[entry]
-    node = node_of(params, entry)
-    node["kernel"] = node["kernel"] + qdelta.decode(method, arrays, delta.config["inputs"][entry])
+    add(kernel_leaf(entry), qdelta.decode(method, arrays, delta.config["inputs"][entry]))
   for path, value in full_delta.leaf_deltas(delta).items():
-    *parents, leaf = path.split("/")
-    node = node_of(params, "/".join(parents))
-    node[leaf] = node[leaf] + jnp.asarray(value, jnp.float32)
+    add(path, jnp.asarray(value, jnp.float32))
   return params
 
 

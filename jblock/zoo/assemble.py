@@ -12,8 +12,9 @@ loss budget measured against the original.
 3. Held-out check: the accepted set is measured on the held-out split; while that exceeds the
    budget, the last accepted substitution is dropped. The result never exceeds the budget on
    the held-out split it was measured on.
-   For a LoRA adapter a candidate may be the base block itself: the position is served without
-   its delta (the plain base block, batched with the base's requests).
+   For a delta model (a LoRA adapter or a compressed full fine-tune) a candidate may be the
+   base block itself: the position is served without its delta (the plain base block), saving
+   the delta's bytes.
 4. The new model is a normal manifest (a chain of block ids) recording its provenance:
    original model, substitutions, budget, calibration hashes, measured loss and perplexity on
    the held-out split. It is served like any model; the original stays as it was.

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jblock.blocks import EMBED, HEAD, LAYERS, Block
+from jblock.convert import full_delta
 from jblock.models import blocks as block_fns
 from jblock.models.attention import contiguous_meta
 from jblock.models.lora import single_bank
@@ -74,7 +75,8 @@ class ChainRunner:
     block = chain[i]
     if delta is not None:
       if i not in self._banks:
-        self._banks[i] = single_bank(delta)
+        self._banks[i] = (full_delta.single_bank(delta) if delta.kind == full_delta.QDELTA
+                          else single_bank(delta))
       meta = {**meta, "lora": self._banks[i], "adapter": jnp.zeros(x.shape[0], jnp.int32)}
     tied = block.kind == HEAD and block.config.get("tied_to") is not None
     embed = next(b for b in chain if b.kind == EMBED) if tied else None

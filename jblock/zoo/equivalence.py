@@ -14,8 +14,8 @@ Measurements are stored in the zoo as equivalence records (jblock.zoo.records), 
 model's chain, the position, the candidate, the context and the calibration split's hash: a
 measurement already recorded is read back, not recomputed.
 
-A LoRA adapter (a manifest with `deltas`) is measured with its delta blocks applied (one-slot
-banks, the engine's per-row LoRA op); at a position with a delta the candidate may be the plain
+A delta model (a manifest with `deltas`: a LoRA adapter or a compressed full fine-tune) is
+measured with its delta blocks applied (one-slot banks, the engine's per-row ops); at a position with a delta the candidate may be the plain
 base block itself (the same block id, the delta dropped): the record names the dropped `delta`
 and its `nbytes` are the delta's bytes, what serving the position without it saves.
 

@@ -2,12 +2,14 @@
 
 `convert_full_delta` converts an HF fine-tune of a zoo model block by block:
   - a block identical to the base's is shared (its id is the base's);
-  - a layers block becomes a qdelta block (jblock.convert.full_delta) over the base's block,
-    served through the base's instance from the adapter bank like a LoRA delta;
-  - embed and head blocks (and layers the bank cannot express) are stored whole.
+  - a layers, embed or head block becomes a qdelta block (jblock.convert.full_delta) over the
+    base's block, served through the base's instance from its adapter bank, so the fine-tune
+    runs through the base's whole chain (one fused call per step for all its fine-tunes);
+  - a tied model's embed and head, and layers the bank cannot express (mixture-of-experts), are
+    stored whole.
 
 Encodings (`method`): bitdelta (its scales then distilled on the calibration text:
-jblock.train.delta_distill), int4, int8, none (every changed block whole), or auto: every layers
+jblock.train.delta_distill), int4, int8, none (every changed block whole), or auto: every encoded
 block starts at bitdelta and, while the whole model's KL(fine-tune ‖ served) on the calibration
 windows is over `max_kl` or its top-1 agreement under `min_top1`, the block with the largest
 block-level error moves to the next larger encoding (bitdelta -> int4 -> int8 -> whole).
@@ -24,7 +26,7 @@ import datetime
 import os
 from typing import Any, Callable
 
-from jblock.blocks import LAYERS, Block
+from jblock.blocks import HEAD, LAYERS, Block
 from jblock.convert import full_delta, hf
 from jblock.errors import ConversionError, NotFoundError
 from jblock.models import qdelta
@@ -127,6 +129,12 @@ def plan_encodings(ft_chain, bases, base_ids, positions, fit, opts: DeltaOptions
   return deltas, record
 
 
+def _tied(chain) -> bool:
+  """A head that reads the embed block's table: the bank cannot give it a row's delta of that
+  table, so such a model's embed and head are stored whole."""
+  return any(b.kind == HEAD and b.config.get("tied_to") for b in chain)
+
+
 def convert_full_delta(zoo, hf_dir: str, base: str, name: str, opts: DeltaOptions = DeltaOptions(),
                        overwrite: bool = False,
                        progress: Callable[[str], None] | None = None) -> ConvertReport:
@@ -155,9 +163,9 @@ def convert_full_delta(zoo, hf_dir: str, base: str, name: str, opts: DeltaOption
   for p, (b, f) in enumerate(zip(bases.values(), ft_chain)):
     full_delta.check_compatible(b, f, f"block {p} ({b.kind})")
   changed = [p for p in range(len(ft_ids)) if ft_ids[p] != base_ids[p]]
-  positions = [p for p in changed if ft_chain[p].kind == LAYERS]
-  say(f"{len(changed)} of {len(ft_ids)} blocks differ from {base}; {len(positions)} layers blocks "
-      f"to encode ({opts.method})")
+  positions = [p for p in changed if ft_chain[p].kind == LAYERS or not _tied(ft_chain)]
+  say(f"{len(changed)} of {len(ft_ids)} blocks differ from {base}; {len(positions)} to encode "
+      f"({opts.method})")
   record: dict[str, Any] = {"encodings": {}}
   deltas: dict[int, Block | None] = {}
   cal = _calibration(opts, converted.config.vocab_size, hf_dir)

@@ -148,7 +148,8 @@ def test_malformed_installs_are_invalid_argument(cluster, zoo_dir):
       (block_id, 0, {"layer_0/attn/k/a": good["layer_0/attn/q/a"]}, "factors['layer_0/attn/k/a']"),
       (block_id, 0, {**good, "layer_0/attn/q/b": np.full((8, hidden), np.nan, np.float32)},
        "factors['layer_0/attn/q/b']"),
-      (embed["block_id"], 0, good, "block_id"),  # hosted, but holds no bank
+      # The embed holds d1's compressed table delta, but no LoRA target.
+      (embed["block_id"], 0, good, "factors['layer_0/attn/q/a']"),
       (block_id, 0, {"layer_0/attn/q/int8/codes": np.zeros((hidden, hidden), np.float32)},
        "factors['layer_0/attn/q/int8/codes']"),  # int8 codes sent as floats
       (block_id, 0, {"layer_0/attn/q/int8/on": np.int32(7)}, "factors['layer_0/attn/q/int8/on']"),
