@@ -6,7 +6,7 @@ A delta kernel Δ [in, out] (jblock's kernel orientation) is stored in one of th
             (`bits` uint8 [ceil(in/8), out], bit k of byte i = row 8i+k, 1 = positive) and one
             scale per output column (`scale` float32 [out]); Δ ≈ scale ⊙ sign. The scales start
             at mean |Δ| per column (the L2-optimal value for a sign matrix) and are then
-            distilled on calibration text (jblock.train.delta_distill).
+            distilled on calibration text (jblock.convert.delta_distill).
   int4      symmetric 4-bit codes in groups of GROUP input rows: `codes` uint8
             [ceil(in/2), out] (two codes per byte, stored +8: byte i holds row i in its low
             nibble and row i + ceil(in/2) in its high one, so decoding is a concatenation)

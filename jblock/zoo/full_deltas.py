@@ -9,7 +9,7 @@
     stored whole.
 
 Encodings (`method`): bitdelta (its scales then distilled on the calibration text:
-jblock.train.delta_distill), int4, int8, none (every changed block whole), or auto: every encoded
+jblock.convert.delta_distill), int4, int8, none (every changed block whole), or auto: every encoded
 block starts at bitdelta and, while the whole model's KL(fine-tune ‖ served) on the calibration
 windows is over `max_kl` or its top-1 agreement under `min_top1`, the block with the largest
 block-level error moves to the next larger encoding (bitdelta -> int4 -> int8 -> whole).
@@ -30,7 +30,7 @@ from jblock.blocks import HEAD, LAYERS, Block
 from jblock.convert import full_delta, hf
 from jblock.errors import ConversionError, NotFoundError
 from jblock.models import qdelta
-from jblock.train.delta_distill import DistillConfig, distill
+from jblock.convert.delta_distill import DistillConfig, distill
 from jblock.zoo import atomic
 from jblock.zoo import manifest as manifests
 from jblock.zoo.calibration import DEFAULT_CALIBRATION, make_calibration, read_tokens
