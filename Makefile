@@ -21,14 +21,18 @@ venv: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/python -m launch.serve --demo $(ARGS)
 
-# Three pytest processes: the transformers parity suite (tests/models: dozens of models), the serving
-# suite and the rest. In one process the compiled executables of all exhausted the kernel's 65530
-# memory mappings per process ("LLVM compilation error: Cannot allocate memory", then a segfault in XLA).
+# Four pytest processes: the transformers parity suite (tests/models: dozens of models), the serving
+# suite, the engine and cluster suites, and the rest (zoo, conversion, training, benches). In one
+# process the compiled executables of all exhausted the kernel's 65530 memory mappings per process
+# ("LLVM compilation error: Cannot allocate memory", then a segfault in XLA); a process that
+# compiles much more than one of these parts does will hit it again.
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8
+ENGINE_TESTS := tests/runtime tests/cluster tests/proto
 test: $(STAMP)
 	$(TEST_ENV) $(VENV)/bin/python -m pytest -q tests/models $(ARGS)
 	$(TEST_ENV) $(VENV)/bin/python -m pytest -q tests/serving $(ARGS)
-	$(TEST_ENV) $(VENV)/bin/python -m pytest -q tests --ignore=tests/models --ignore=tests/serving $(ARGS)
+	$(TEST_ENV) $(VENV)/bin/python -m pytest -q $(ENGINE_TESTS) $(ARGS)
+	$(TEST_ENV) $(VENV)/bin/python -m pytest -q tests --ignore=tests/models --ignore=tests/serving $(ENGINE_TESTS:%=--ignore=%) $(ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m tools.bench $(ARGS)
