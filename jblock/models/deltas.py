@@ -93,7 +93,7 @@ def _compressed(x, y, method: str, enc: dict[str, Any], slots):
   over the bank's slots decodes, for each slot some row uses, its packed delta once and
   multiplies only that slot's tokens, a window of `win` tokens at a time. A step thus reads each
   active slot's packed bytes once and writes its dense delta once. Per-row gathers decoded it
-  once per row instead (16x slower at B=32, hidden 512), and a Python loop over the slots, or a
+  once per row instead (7-21x slower at B=32, hidden 512), and a Python loop over the slots, or a
   switch over window sizes, compiled several times longer (README, "Full fine-tunes")."""
   b, t, d_in = x.shape
   n, n_slots = b * t, enc["on"].shape[0]

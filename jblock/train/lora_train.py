@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
-from jblock.blocks import EMBED, HEAD, LAYERS, Block
+from jblock.blocks import HEAD, LAYERS
 from jblock.convert.hf import convert
 from jblock.convert.peft import PREFIX, module_table
 from jblock.models import blocks as block_fns
