@@ -2,7 +2,9 @@
 
 A `Generation` turns the engine's token chunks into `Delta`s (token ids and the text they add,
 through `tokenizers.decoders.DecodeStream`), holds back text that may be the start of a stop
-string, cancels the request once one appears, and reports its finish reason and `Usage`.
+string, cancels the request once one appears, and reports its finish reason and `Usage`. At the
+end it flushes what the stream still holds back (an incomplete character, U+FFFD in a whole
+decode), so a request's deltas concatenate to the whole decode of its tokens on every protocol.
 Closing it hands its quota and in-flight slot back to the frontend that admitted it.
 """
 
@@ -54,9 +56,11 @@ class Generation:
     self.request_id = handle.request_id
     self._tokenizer = mt.tokenizer
     self._stop = tuple(stop)
+    self._context = list(prompt[-_DECODE_CONTEXT_TOKENS:])
     if self._tokenizer is not None:
-      self._decoder = decoders.DecodeStream(ids=list(prompt[-_DECODE_CONTEXT_TOKENS:]),
-                                            skip_special_tokens=True)
+      self._decoder = decoders.DecodeStream(ids=list(self._context), skip_special_tokens=True)
+    self._new_ids: list[int] = []  # every generated token, for the end-of-stream flush
+    self._decoded = ""  # the text the decode stream has produced so far
     self._held = ""  # text not emitted yet: it may be the start of a stop string
     self._consumed = 0  # tokens taken from the engine and accounted for
     self._stopped_by_string = False
@@ -102,16 +106,14 @@ class Generation:
       self._consumed += 1
       if self._tokenizer is None:
         continue
+      self._new_ids.append(int(token))
       piece = self._decoder.step(self._tokenizer, int(token))
       if piece:
         self._held += piece
-      if self._stop:
-        hits = [i for i in (self._held.find(s) for s in self._stop) if i >= 0]
-        if hits:
-          self._held = self._held[:min(hits)]
-          self._stopped_by_string = True
-          self.handle.cancel()  # frees its KV; reported as "stop"
-          break
+        self._decoded += piece
+      if self._cut_at_stop():
+        self.handle.cancel()  # frees its KV; reported as "stop"
+        break
     if self._stopped_by_string or not self._stop:
       out, self._held = self._held, ""
     else:
@@ -120,7 +122,29 @@ class Generation:
       out, self._held = self._held[:cut], self._held[cut:]
     return Delta(tuple(ids), out) if ids or out else None
 
+  def _cut_at_stop(self) -> bool:
+    """Cuts the held text before the first stop string in it; True if there was one."""
+    hits = [i for i in (self._held.find(s) for s in self._stop) if i >= 0]
+    if hits:
+      self._held = self._held[:min(hits)]
+      self._stopped_by_string = True
+    return bool(hits)
+
+  def _flush_decoder(self) -> None:
+    """Adds what the decode stream still holds back at the end: the bytes of an incomplete
+    UTF-8 character, which a whole decode shows as U+FFFD. Without this a stream ending inside a
+    character lost them (ten partial-character tokens gave "", not ten U+FFFD)."""
+    if self._tokenizer is None or self._stopped_by_string or not self._new_ids:
+      return
+    decode = lambda ids: self._tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    whole = decode(self._context + self._new_ids)[len(decode(self._context)):]
+    if len(whole) > len(self._decoded) and whole.startswith(self._decoded):
+      self._held += whole[len(self._decoded):]
+      self._decoded = whole
+      self._cut_at_stop()
+
   def _finish(self) -> Delta | None:
+    self._flush_decoder()
     self.finish_reason = "stop" if self._stopped_by_string else self.handle.finish_reason
     out, self._held = self._held, ""
     return Delta((), out) if out else None

@@ -23,6 +23,29 @@ def test_decode_stream_deltas_equal_the_whole_decode_and_the_old_detokenizer(tok
     assert "".join(old.add([t]) for t in ids) + old.flush() == whole
 
 
+def test_a_stream_ending_inside_a_character_keeps_its_bytes(catalog, tokenizer):
+  """The deltas of every request concatenate to the whole decode of its tokens, also when the
+  last tokens are an incomplete UTF-8 character (U+FFFD in the whole decode, as transformers'
+  decode gives), which used to be dropped."""
+  engine = MockEngine(catalog)
+  frontend = Frontend(engine)
+  try:
+    broken_endings = 0
+    for max_tokens in range(1, 41):
+      g = frontend.generate(OPEN, GenerationRequest(model="mock-a", text="hello",
+                                                     max_tokens=max_tokens))
+      deltas = list(g)
+      ids = [t for d in deltas for t in d.token_ids]
+      assert len(ids) == g.usage.completion_tokens
+      whole = tokenizer.decode(ids, skip_special_tokens=True)
+      assert "".join(d.text for d in deltas) == whole, max_tokens
+      broken_endings += whole.endswith("\ufffd")
+    assert broken_endings > 0  # the case the flush is for did occur
+  finally:
+    frontend.close()
+    engine.close()
+
+
 def test_stop_strings_are_held_back_and_cut_in_one_place(catalog):
   engine = MockEngine(catalog)
   frontend = Frontend(engine)
