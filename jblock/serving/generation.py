@@ -134,7 +134,7 @@ class Generation:
     """Adds what the decode stream still holds back at the end: the bytes of an incomplete
     UTF-8 character, which a whole decode shows as U+FFFD. Without this a stream ending inside a
     character lost them (ten partial-character tokens gave "", not ten U+FFFD)."""
-    if self._tokenizer is None or self._stopped_by_string or not self._new_ids:
+    if self._stopped_by_string or not self._new_ids:  # no tokenizer: no ids kept
       return
     decode = lambda ids: self._tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     whole = decode(self._context + self._new_ids)[len(decode(self._context)):]
