@@ -6,12 +6,17 @@
 
 Errors arrive as grpc.RpcError: `.code()` is the status (NOT_FOUND, INVALID_ARGUMENT, ...),
 `.details()` the server's message.
+
+A server that cannot be reached (restarting, or killed mid-request) is retried for up to
+`retry_s`: the catalog and status calls, and a Generate that had streamed nothing yet (so the
+retry cannot repeat output). A live server's refusal (draining, engine closed) is final.
 """
 
 import collections
 import dataclasses
 import json
-from typing import Iterator, Sequence
+import time
+from typing import Callable, Iterator, Sequence
 
 import grpc
 
@@ -70,18 +75,98 @@ def _chunk(response: pb.GenerateResponse) -> GenerateChunk:
                        request_id=response.request_id)
 
 
+# UNAVAILABLE with these words comes from a live server that refuses: retrying will not help.
+_FINAL_UNAVAILABLE = ("draining", "engine closed")
+DEFAULT_RETRY_S = 30.0
+
+
+class RetriesExhausted(grpc.RpcError):
+  """The server stayed unreachable for the whole retry window (UNAVAILABLE, saying so)."""
+
+  def __init__(self, first: grpc.RpcError, waited_s: float):
+    self._details = f"{first.details()} (the server stayed unreachable; retried for {waited_s:.1f}s)"
+
+  def code(self):
+    return grpc.StatusCode.UNAVAILABLE
+
+  def details(self):
+    return self._details
+
+  def __str__(self):
+    return f"UNAVAILABLE: {self._details}"
+
+
+def _retryable(error: grpc.RpcError) -> bool:
+  return (error.code() == grpc.StatusCode.UNAVAILABLE
+          and not any(word in (error.details() or "") for word in _FINAL_UNAVAILABLE))
+
+
+class _Retry:
+  """The retry window of one call: until `retry_s` after its start or its own deadline."""
+
+  def __init__(self, retry_s: float, timeout: float | None):
+    self.start = time.monotonic()
+    self.end = self.start + retry_s
+    if timeout is not None:
+      self.end = min(self.end, self.start + timeout)
+    self.first: grpc.RpcError | None = None
+    self._pause = 0.1
+
+  def left(self) -> float:
+    return self.end - time.monotonic()
+
+  def after(self, error: grpc.RpcError) -> float:
+    """The deadline left for the next attempt; raises when `error` is final or time is up."""
+    if self.first is not None and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+      raise RetriesExhausted(self.first, time.monotonic() - self.start) from None
+    if not _retryable(error):
+      raise error
+    self.first = self.first or error
+    time.sleep(min(self._pause, max(self.left(), 0.0)))
+    self._pause = min(self._pause * 2, 2.0)
+    if self.left() <= 0:
+      raise RetriesExhausted(self.first, time.monotonic() - self.start) from None
+    return self.left()
+
+
+def _unary(call: Callable, request, timeout: float | None, retry_s: float):
+  """`call(request)`, retried while the server is unreachable."""
+  retry = _Retry(retry_s, timeout)
+  attempt_timeout, wait = timeout, False
+  while True:
+    try:
+      return call(request, timeout=attempt_timeout, wait_for_ready=wait or None)
+    except grpc.RpcError as e:
+      if retry_s <= 0:
+        raise
+      attempt_timeout, wait = retry.after(e), True
+
+
 class GenerateStream:
   """The chunks of one Generate call. cancel() (or leaving a `with` block) stops the
   request on the server, which frees its KV slots."""
 
-  def __init__(self, call):
-    self._call = call
+  def __init__(self, start: Callable[[float | None, bool], object], timeout: float | None,
+               retry_s: float):
+    """`start(timeout, wait_for_ready)`: a new Generate call."""
+    self._start, self._retry_s = start, retry_s
+    self._retry = _Retry(retry_s, timeout)
+    self._call = start(timeout, False)
+    self._received = False
 
   def __iter__(self) -> Iterator[GenerateChunk]:
     return self
 
   def __next__(self) -> GenerateChunk:
-    return _chunk(next(self._call))
+    while True:
+      try:
+        chunk = _chunk(next(self._call))
+        self._received = True
+        return chunk
+      except grpc.RpcError as e:
+        if self._received or self._retry_s <= 0:
+          raise
+        self._call = self._start(self._retry.after(e), True)
 
   def cancel(self) -> None:
     self._call.cancel()
@@ -123,8 +208,10 @@ class Client:
   """Inference and Admin calls on one channel. Usable as a context manager."""
 
   def __init__(self, target: str, *, api_key: str | None = None,
-               options: Sequence[tuple[str, object]] = ()):
-    """`api_key`: the tenant's (or admin) key, sent as 'authorization: Bearer KEY'."""
+               options: Sequence[tuple[str, object]] = (), retry_s: float = DEFAULT_RETRY_S):
+    """`api_key`: the tenant's (or admin) key, sent as 'authorization: Bearer KEY'.
+    `retry_s`: how long an unreachable server is retried (0: never)."""
+    self.retry_s = retry_s
     self._channel = grpc.insecure_channel(target, options=list(options))
     if api_key:
       self._channel = grpc.intercept_channel(self._channel, _KeyInterceptor(api_key))
@@ -159,7 +246,10 @@ class Client:
                          ("request_id", request_id)):
       if value is not None:
         setattr(request, field, value)
-    return GenerateStream(self._inference.Generate(request, timeout=timeout))
+    return GenerateStream(
+        lambda left, wait: self._inference.Generate(request, timeout=left,
+                                                    wait_for_ready=wait or None),
+        timeout, self.retry_s)
 
   def generate_text(self, model: str, prompt: str | None = None, **kwargs) -> str:
     """The whole generated text (empty for a model without a tokenizer)."""
@@ -170,12 +260,12 @@ class Client:
     return [t for chunk in self.generate(model, prompt, **kwargs) for t in chunk.token_ids]
 
   def list_models(self, timeout: float | None = _QUICK_CALL_TIMEOUT_S) -> list[RemoteModel]:
-    response = self._inference.ListModels(pb.ListModelsRequest(), timeout=timeout)
+    response = _unary(self._inference.ListModels, pb.ListModelsRequest(), timeout, self.retry_s)
     return [_remote_model(info) for info in response.models]
 
   def health(self, timeout: float | None = _QUICK_CALL_TIMEOUT_S) -> str:
     """The server's status: "SERVING", or "DRAINING" while it finishes in-flight requests."""
-    response = self._inference.Health(pb.HealthRequest(), timeout=timeout)
+    response = _unary(self._inference.Health, pb.HealthRequest(), timeout, self.retry_s)
     return pb.ServingStatus.Name(response.status)
 
   def stats(self, timeout: float | None = _QUICK_CALL_TIMEOUT_S) -> dict:
@@ -184,7 +274,7 @@ class Client:
     return json.loads(self.stats_proto(timeout).json)
 
   def stats_proto(self, timeout: float | None = _QUICK_CALL_TIMEOUT_S) -> pb.StatsResponse:
-    return self._admin.Stats(pb.StatsRequest(), timeout=timeout)
+    return _unary(self._admin.Stats, pb.StatsRequest(), timeout, self.retry_s)
 
   def load_model(self, name: str, timeout: float | None = None) -> RemoteModel:
     return _remote_model(self._admin.LoadModel(pb.LoadModelRequest(name=name),

@@ -2,18 +2,29 @@
 
 Shared by launch.coordinator and launch.worker (all of them) and launch.serve (the TLS ones,
 for its client-facing ports).
+
+Credentials by default: with neither --cluster_token_file nor --tls_*, the coordinator makes a
+random token in `<zoo>/cluster.token` (0600; reused when it restarts) and workers on the same
+host with the same --zoo read it (jblock.cluster.token_file). --insecure_cluster turns the
+checks off, on 127.0.0.1 only.
 """
+
+import logging
 
 from absl import app
 from absl import flags
 
 from jblock.cluster import security
+from jblock.cluster import token_file
 from jblock.cluster.links import ClusterLinks, StepDeadlines
 from jblock.errors import InvalidRequestError
 
 _TOKEN_FILE = flags.DEFINE_string(
     "cluster_token_file", None, "File holding the cluster's shared token (>= 16 bytes); every "
     "internal RPC and registration must carry it.")
+_INSECURE = flags.DEFINE_boolean(
+    "insecure_cluster", False, "No cluster token and no TLS: every local process may call the "
+    "internal RPCs (run blocks, unhost them, register workers). Listens on 127.0.0.1 only.")
 _TLS_CERT = flags.DEFINE_string("tls_cert", None, "PEM certificate this process presents.")
 _TLS_KEY = flags.DEFINE_string("tls_key", None, "PEM private key of --tls_cert.")
 _TLS_CA = flags.DEFINE_string("tls_ca", None, "PEM CA that signed every cluster member's "
@@ -29,8 +40,9 @@ _HOST_DEADLINE_S = flags.DEFINE_float(
     "the block from its zoo).", lower_bound=0.001)
 
 
-def credentials() -> security.ClusterCredentials:
-  """The credentials the flags name; a UsageError naming the flag when a file is bad."""
+def given_credentials() -> security.ClusterCredentials:
+  """The credentials the flags name (none when none are given); a UsageError naming the flag
+  when a file is bad."""
   try:
     return security.load_credentials(_TOKEN_FILE.value, _TLS_CERT.value, _TLS_KEY.value,
                                      _TLS_CA.value)
@@ -38,8 +50,32 @@ def credentials() -> security.ClusterCredentials:
     raise app.UsageError(str(e)) from None
 
 
-def links() -> ClusterLinks:
-  return ClusterLinks(credentials(), StepDeadlines(
+def credentials(zoo_dir: str, wait_s: float = 0.0, progress=logging.info
+                ) -> security.ClusterCredentials:
+  """A cluster member's credentials: the flags', else the zoo's token (made here when
+  `wait_s` is 0, the coordinator; waited for up to `wait_s` otherwise, a worker), else none
+  with --insecure_cluster (and a warning)."""
+  given = given_credentials()
+  if _INSECURE.value:
+    if given.configured:
+      raise app.UsageError("--insecure_cluster contradicts --cluster_token_file / --tls_*: "
+                           "pass one or the other")
+    logging.warning("jblock: --insecure_cluster: no cluster token or TLS; any local process may "
+                    "run, unhost or register blocks")
+    return given
+  if given.configured:
+    return given
+  path = token_file.default_path(zoo_dir)
+  try:
+    token = (token_file.wait_for_token(path, wait_s, progress=progress) if wait_s > 0
+             else token_file.ensure_token(path))
+  except InvalidRequestError as e:
+    raise app.UsageError(str(e)) from None
+  return security.ClusterCredentials(token=token)
+
+
+def links(zoo_dir: str) -> ClusterLinks:
+  return ClusterLinks(credentials(zoo_dir), StepDeadlines(
       step_s=_STEP_DEADLINE_S.value, first_compile_s=_FIRST_COMPILE_S.value,
       host_s=_HOST_DEADLINE_S.value))
 

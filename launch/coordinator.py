@@ -7,12 +7,20 @@ Waits for the workers to register, places the blocks on them by locality (a cros
 costs --placement_hop_cost_s per step, a block's compute its bytes / --placement_bytes_per_s;
 the planner weighs the hops against the busiest worker's compute under each worker's memory;
 `tools.client stats` shows the plan and its reasons), then serves the client API. Workers may
-join later and keep sending heartbeats; a
+join later (the placement is re-planned: --replan_on_join) and keep sending heartbeats; a
 worker silent for --dead_after_s (or whose RPC fails) is declared dead and its blocks are
 re-placed on the others, its requests replaying their KV there. SIGTERM drains as launch.serve
-does. Internal RPCs carry --cluster_token_file's token and/or use mutual TLS (--tls_cert,
---tls_key, --tls_ca; the client port serves TLS with the same certificate); with neither,
-every port listens on 127.0.0.1 only.
+does.
+
+The coordinator may die: its workers keep their blocks and register again when it is restarted
+with the same zoo and flags, and it places the blocks where they are (nothing is loaded again).
+Requests in flight when it died fail with UNAVAILABLE; jblock.client retries them once the
+coordinator is back, when nothing of them had been streamed yet.
+
+Internal RPCs carry the cluster token and/or use mutual TLS (--tls_cert, --tls_key, --tls_ca;
+the client port serves TLS with the same certificate). With neither flag, the token is made in
+`<zoo>/cluster.token` (mode 0600, reused on restart) and workers on this host with the same
+--zoo read it; --insecure_cluster turns the checks off and listens on 127.0.0.1 only.
 """
 
 from absl import app
@@ -54,6 +62,9 @@ _WORKER_MEMORY = flags.DEFINE_integer("placement_worker_memory_bytes", 0,
 _REPLAN_S = flags.DEFINE_float("replan_interval_s", 0.0,
                                 "Re-plan placement this often under the measured load (and when "
                                 "a worker joins); 0 = keep the first plan.", lower_bound=0.0)
+_REPLAN_ON_JOIN = flags.DEFINE_boolean(
+    "replan_on_join", True, "Re-plan placement when a worker joins a running cluster (it takes "
+    "the blocks the plan gives it).")
 _DRAIN_TIMEOUT_S = flags.DEFINE_float("drain_timeout_s", 30.0,
                                       "On SIGTERM, how long in-flight requests may finish.")
 
@@ -65,7 +76,7 @@ def main(argv):
   if _DEAD_AFTER_S.value <= _HEARTBEAT_S.value:
     raise app.UsageError(f"--dead_after_s ({_DEAD_AFTER_S.value}) must exceed "
                          f"--heartbeat_interval_s ({_HEARTBEAT_S.value})")
-  links = cluster_flags.links()
+  links = cluster_flags.links(engine_flags.zoo_dir())
   host = cluster_flags.bind_host(_HOST.value, links.credentials, "the worker registry")
   try:
     engine, registry = engine_flags.build_distributed_engine(
@@ -75,7 +86,7 @@ def main(argv):
                                           bytes_per_s=_BYTES_PER_S.value,
                                           max_replicas=_MAX_REPLICAS.value),
                             worker_memory_bytes=_WORKER_MEMORY.value,
-                            interval_s=_REPLAN_S.value))
+                            interval_s=_REPLAN_S.value, on_join=_REPLAN_ON_JOIN.value))
   except PlacementError as e:  # the models do not fit the workers' memory
     raise app.UsageError(f"{e} (--placement_worker_memory_bytes, --models, --num_workers)")
   try:

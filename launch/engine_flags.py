@@ -70,6 +70,10 @@ def mesh_shape():
   return shape
 
 
+def zoo_dir() -> str:
+  return _ZOO.value
+
+
 def prepare_zoo() -> str:
   """The zoo directory, built first when --demo asks for it and it is missing."""
   if _DEMO.value:

@@ -25,7 +25,9 @@ _PORT = flags.DEFINE_integer("port", 50051, "gRPC port; 0 picks a free one.", lo
 _HTTP_PORT = flags.DEFINE_integer("http_port", 8000,
                                   "OpenAI-compatible HTTP port; 0 picks a free one, -1 = off.",
                                   lower_bound=-1)
-_METRICS_PORT = flags.DEFINE_integer("metrics_port", 0, "Prometheus port; 0 = off.", lower_bound=0)
+_METRICS_PORT = flags.DEFINE_integer(
+    "metrics_port", 0, "Prometheus port; 0 = off. Per-tenant series need the admin key; without "
+    "--tenants it listens on 127.0.0.1 only.", lower_bound=0)
 _TENANTS = flags.DEFINE_string("tenants", None,
                                "Tenants JSON file (API key hashes, models, quotas); unset = an "
                                "open server on 127.0.0.1 only.")
@@ -34,10 +36,16 @@ _MAX_REQUEST_BYTES = flags.DEFINE_integer(
     "Largest HTTP body / gRPC message accepted.", lower_bound=1024)
 _TOKENIZE_WORKERS = flags.DEFINE_integer("tokenize_workers", 2,
                                          "Threads that tokenise prompts.", lower_bound=1)
-_MAX_WORKERS = flags.DEFINE_integer("max_workers", 64, "Concurrent RPCs served.", lower_bound=1)
+_MAX_WORKERS = flags.DEFINE_integer(
+    "max_workers", 0, "Concurrent RPCs served (a thread each); 0 = sized from the engine's "
+    "admission limit (--max_waiting plus running requests), so its queue bounds the streams.",
+    lower_bound=0)
 _DRAIN_TIMEOUT_S = flags.DEFINE_float("drain_timeout_s", 30.0,
                                       "On SIGTERM, how long in-flight requests may finish.")
 flags.adopt_module_key_flags(engine_flags)  # the engine's flags show in --help too
+# One server holds >= 1,000 concurrent streams by default: a waiting request costs the
+# scheduler a queue entry and the server a parked thread (see coordinator.build_server).
+flags.FLAGS.set_default("max_waiting", 1024)
 
 
 def main(argv):
@@ -49,13 +57,13 @@ def main(argv):
     tenants = frontend.tenants_from_flag(_TENANTS.value)
   except JBlockError as e:
     raise app.UsageError(str(e))
-  tls = cluster_flags.credentials()
+  tls = cluster_flags.given_credentials()
   if tls.token is not None:
     raise app.UsageError("--cluster_token_file: launch.serve has no cluster; its callers "
                          "present API keys (--tenants)")
   engine = engine_flags.build_engine()
   server.serve(engine, _PORT.value, _METRICS_PORT.value, host=_HOST.value,
-               max_workers=_MAX_WORKERS.value, drain_timeout_s=_DRAIN_TIMEOUT_S.value,
+               max_workers=_MAX_WORKERS.value or None, drain_timeout_s=_DRAIN_TIMEOUT_S.value,
                http_port=None if _HTTP_PORT.value < 0 else _HTTP_PORT.value, tenants=tenants,
                max_request_bytes=_MAX_REQUEST_BYTES.value,
                tokenize_workers=_TOKENIZE_WORKERS.value, tls=tls)

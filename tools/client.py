@@ -10,7 +10,8 @@
 
 generate streams the text to stdout (--output=tokens: the token ids) and the finish reason
 and usage to stderr. --server defaults to 127.0.0.1:50051; the key (a server with tenants)
-comes from --api_key or $JBLOCK_API_KEY. A gRPC error prints "ERROR <STATUS>: <message>" to stderr, exit 1.
+comes from --api_key or $JBLOCK_API_KEY. A server that cannot be reached is retried for
+--retry_s (a generate only until its first chunk). A gRPC error prints "ERROR <STATUS>: <message>" to stderr, exit 1.
 """
 
 import json
@@ -37,6 +38,9 @@ _SEED = flags.DEFINE_integer("seed", None, "Sampling seed.", lower_bound=0)
 _STOP_TOKEN_IDS = flags.DEFINE_list("stop_token_ids", [], "Token ids that end generation.")
 _STOP = flags.DEFINE_multi_string("stop", [], "Stop string (repeatable): the text ends before it.")
 _TIMEOUT = flags.DEFINE_float("timeout", None, "Deadline of the call in seconds.")
+_RETRY_S = flags.DEFINE_float(
+    "retry_s", 30.0, "How long to retry a server that cannot be reached (restarting): list, "
+    "stats, health, and a generate that has streamed nothing yet. 0 = never.", lower_bound=0.0)
 _OUTPUT = flags.DEFINE_enum("output", "text", ["text", "tokens"], "What generate prints.")
 
 COMMANDS = ("generate", "list", "stats", "health", "load", "unload")
@@ -90,7 +94,7 @@ def main(argv):
     raise app.UsageError(f"give one command: {' | '.join(COMMANDS)} (got {argv[1:]})")
   command = argv[1]
   try:
-    with Client(_SERVER.value, api_key=_API_KEY.value) as client:
+    with Client(_SERVER.value, api_key=_API_KEY.value, retry_s=_RETRY_S.value) as client:
       if command == "generate":
         _generate(client)
       elif command == "list":

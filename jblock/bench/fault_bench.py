@@ -76,6 +76,8 @@ def _run(engine, spec: FaultBenchSpec, models: list[str], kill=None) -> dict:
 
 
 def run(spec: FaultBenchSpec, zoo_dir: str, models: list[str], registry_port: int) -> dict:
+  from jblock.cluster import token_file
+  from jblock.cluster.links import ClusterLinks
   from jblock.serving.engines import distributed_engine
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   workers = [subprocess.Popen(
@@ -88,7 +90,8 @@ def run(spec: FaultBenchSpec, zoo_dir: str, models: list[str], registry_port: in
   try:
     engine, server = distributed_engine(
         zoo_dir, models, 2, registry_port, config=config, wait_s=120, progress=lambda *_: None,
-        membership=MembershipConfig(spec.heartbeat_interval_s, spec.dead_after_s))
+        membership=MembershipConfig(spec.heartbeat_interval_s, spec.dead_after_s),
+        links=ClusterLinks(token_file.zoo_credentials(zoo_dir)))
     _run(engine, spec, models)  # compiles every shape on both workers
     reference = _run(engine, spec, models)
     blocks = engine.stats()["blocks"]

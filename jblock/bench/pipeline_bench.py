@@ -109,6 +109,8 @@ def run_cluster(zoo: str, models, prompts, max_new_tokens: int, latency_s: float
   """One cluster at one injected latency; the designs take turns, `repeats` measured rounds
   each (after one warm-up round each), so a load that changes over time reaches all alike."""
   from jblock.bench import report
+  from jblock.cluster import token_file
+  from jblock.cluster.links import ClusterLinks
   from jblock.runtime.engine import EngineConfig
   from jblock.serving.engines import distributed_engine
   registry = report.free_loopback_port()
@@ -120,7 +122,8 @@ def run_cluster(zoo: str, models, prompts, max_new_tokens: int, latency_s: float
   engine = server = None
   try:
     engine, server = distributed_engine(zoo, models, 2, registry, config=config, wait_s=180,
-                                        progress=lambda *_: None, executor_factory=executors)
+                                        progress=lambda *_: None, executor_factory=executors,
+                                        links=ClusterLinks(token_file.zoo_credentials(zoo)))
     ledger = engine.replanner.placer.rows
     workers = {b["worker"] for b in engine.stats()["blocks"]}
     jobs = [(models[i % len(models)], prompts[i]) for i in range(streams)]

@@ -86,6 +86,14 @@ class Mailbox:
         self._drop(self._rows.pop(key)[0])
       return len(keys)
 
+  def clear(self) -> int:
+    """Frees every row (a new coordinator numbers its handles afresh); returns how many."""
+    with self._lock:
+      count = len(self._rows)
+      self._rows.clear()
+      self._bytes = 0
+      return count
+
   def _drop(self, part: _Part) -> None:
     part.left -= 1
     if part.left == 0:

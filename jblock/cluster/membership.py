@@ -4,7 +4,9 @@ Workers register at any time and then send a heartbeat every `heartbeat_interval
 device memory and load. A worker is declared dead when `dead_after_s` pass without a heartbeat,
 or at once when an RPC to it fails (`mark_dead`); listeners registered with `on_dead` are told
 (the engine re-places the worker's blocks). A dead worker stays dead: its next heartbeat gets
-NOT_FOUND and the worker exits (a restarted worker registers afresh).
+FAILED_PRECONDITION and the worker exits (a restarted worker registers afresh). A heartbeat from
+a worker this registry never saw (the coordinator restarted) gets NOT_FOUND: the worker registers
+again, listing the blocks it still hosts (`hosted`), so they are placed where they are.
 """
 
 import dataclasses
@@ -39,6 +41,7 @@ class Member:
   reason: str = ""  # why it was declared dead
   devices: list[dict] = dataclasses.field(default_factory=list)
   load: dict = dataclasses.field(default_factory=dict)
+  hosted: tuple[str, ...] = ()  # blocks it hosted when it registered (outliving a coordinator)
 
   def view(self, now: float) -> dict[str, Any]:
     return {"worker_id": self.worker_id, "address": self.address, "state": self.state,
@@ -77,7 +80,8 @@ class Membership(pb_grpc.RegistryServicer):
         context.abort(grpc.StatusCode.ALREADY_EXISTS,
                       f"worker_id: {worker_id!r} is registered at {old.address}")
       self._members[worker_id] = Member(worker_id, request.address, time.time(), time.monotonic(),
-                                        devices=_devices(request.devices))
+                                        devices=_devices(request.devices),
+                                        hosted=tuple(request.hosted_blocks))
       self._cond.notify_all()
       listeners = list(self._join_listeners)
     for listener in listeners:
@@ -89,17 +93,19 @@ class Membership(pb_grpc.RegistryServicer):
     validate.or_abort(context, validate.heartbeat, request)
     with self._cond:
       member = self._members.get(request.worker_id)
-      if member is None or member.state != ALIVE:
+      if member is None:  # this registry started after the worker joined: it registers again
         context.abort(grpc.StatusCode.NOT_FOUND,
-                      f"worker_id: {request.worker_id!r} is not a live member"
-                      + (f" (declared dead: {member.reason})" if member else ""))
+                      f"worker_id: {request.worker_id!r} is not a member; register again")
+      if member.state != ALIVE:  # its blocks were moved: it must not come back under this id
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                      f"worker_id: {request.worker_id!r} was declared dead: {member.reason}")
       member.last_heartbeat = time.monotonic()
       member.devices = _devices(request.devices) or member.devices
       load = request.load
       member.load = {"blocks_hosted": load.blocks_hosted, "resident_bytes": load.resident_bytes,
                      "kv_bytes": load.kv_bytes, "batches_run": load.batches_run,
                      "batches_running": load.batches_running, "mailbox_rows": load.mailbox_rows,
-                     "mailbox_bytes": load.mailbox_bytes}
+                     "mailbox_bytes": load.mailbox_bytes, "blocks_loaded": load.blocks_loaded}
     return pb.HeartbeatResponse()
 
   # ---- liveness -------------------------------------------------------------------------------
@@ -154,6 +160,17 @@ class Membership(pb_grpc.RegistryServicer):
         if left <= 0:
           raise UnavailableError(f"{len(alive)} of {count} workers registered within {timeout}s")
         self._cond.wait(min(left, 0.5))
+
+  def hosted(self) -> dict[str, list[str]]:
+    """Block id -> live workers that hosted it when they registered (blocks that outlived the
+    coordinator), in order of joining."""
+    out: dict[str, list[str]] = {}
+    with self._cond:
+      for m in sorted(self._members.values(), key=lambda m: m.joined):
+        if m.state == ALIVE:
+          for block in m.hosted:
+            out.setdefault(block, []).append(m.address)
+    return out
 
   def stats(self) -> list[dict[str, Any]]:
     now = time.monotonic()

@@ -39,6 +39,7 @@ class ReplanConfig:
   min_gain: float = 0.1  # a re-plan moves blocks only when it lowers the cost by this share
   interval_s: float = 0.0  # re-plan this often under the rates of the last interval (0: only
   # when asked); with it on, a worker joining also triggers a re-plan
+  on_join: bool = False  # re-plan when a worker joins (launch.coordinator turns it on)
   drain_s: float = 30.0  # a removed replica's requests finish there this long, then replay
 
 
@@ -99,12 +100,16 @@ def placement_inputs(zoo, engine_config, membership, config: ReplanConfig,
 
 
 def initial_plan(zoo, engine_config, membership, chains: Mapping[str, Sequence[str]],
-                 config: ReplanConfig | None = None) -> Plan:
+                 config: ReplanConfig | None = None,
+                 kept: Mapping[str, Sequence[str]] | None = None) -> Plan:
   """The plan before any traffic was measured (every chain at the same rate): where the
-  engine's instances are first hosted, before the engine (and its Replanner) exists."""
+  engine's instances are first hosted, before the engine (and its Replanner) exists. `kept`:
+  block id -> workers already hosting it (they outlived a coordinator); ties go to them, so
+  a restarted coordinator adopts those blocks instead of loading them again."""
   config = config or ReplanConfig()
+  previous = Plan({b: list(ws) for b, ws in kept.items()}, {}, {}) if kept else None
   return placement.plan(placement_inputs(zoo, engine_config, membership, config, chains),
-                        config.planner)
+                        config.planner, previous=previous)
 
 
 class Replanner:

@@ -351,13 +351,18 @@ def register(request) -> None:
     raise InvalidRequestError("worker_id", "longer than 128 characters")
   _address("address", request.address)
   _devices(request.devices)
+  if len(request.hosted_blocks) > 100_000:
+    raise InvalidRequestError("hosted_blocks", f"{len(request.hosted_blocks)} entries")
+  for i, block in enumerate(request.hosted_blocks):
+    if len(block) > 128:
+      raise InvalidRequestError(f"hosted_blocks[{i}]", "longer than 128 characters")
 
 
 def heartbeat(request) -> None:
   """A HeartbeatRequest: counts and bytes are never negative."""
   _devices(request.devices)
   for name in ("blocks_hosted", "resident_bytes", "kv_bytes", "batches_run", "batches_running",
-               "mailbox_rows", "mailbox_bytes"):
+               "mailbox_rows", "mailbox_bytes", "blocks_loaded"):
     if getattr(request.load, name) < 0:
       raise InvalidRequestError(f"load.{name}", f"{getattr(request.load, name)} is negative")
 

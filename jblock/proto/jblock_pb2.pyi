@@ -235,14 +235,16 @@ class Device(_message.Message):
     def __init__(self, id: _Optional[int] = ..., platform: _Optional[str] = ..., kind: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("worker_id", "address", "devices")
+    __slots__ = ("worker_id", "address", "devices", "hosted_blocks")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
+    HOSTED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
     devices: _containers.RepeatedCompositeFieldContainer[Device]
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ...) -> None: ...
+    hosted_blocks: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., hosted_blocks: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("worker_id", "heartbeat_interval_s")
@@ -253,7 +255,7 @@ class RegisterResponse(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("blocks_hosted", "resident_bytes", "kv_bytes", "batches_run", "batches_running", "mailbox_rows", "mailbox_bytes")
+    __slots__ = ("blocks_hosted", "resident_bytes", "kv_bytes", "batches_run", "batches_running", "mailbox_rows", "mailbox_bytes", "blocks_loaded")
     BLOCKS_HOSTED_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -261,6 +263,7 @@ class WorkerLoad(_message.Message):
     BATCHES_RUNNING_FIELD_NUMBER: _ClassVar[int]
     MAILBOX_ROWS_FIELD_NUMBER: _ClassVar[int]
     MAILBOX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_LOADED_FIELD_NUMBER: _ClassVar[int]
     blocks_hosted: int
     resident_bytes: int
     kv_bytes: int
@@ -268,7 +271,8 @@ class WorkerLoad(_message.Message):
     batches_running: int
     mailbox_rows: int
     mailbox_bytes: int
-    def __init__(self, blocks_hosted: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., batches_run: _Optional[int] = ..., batches_running: _Optional[int] = ..., mailbox_rows: _Optional[int] = ..., mailbox_bytes: _Optional[int] = ...) -> None: ...
+    blocks_loaded: int
+    def __init__(self, blocks_hosted: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., batches_run: _Optional[int] = ..., batches_running: _Optional[int] = ..., mailbox_rows: _Optional[int] = ..., mailbox_bytes: _Optional[int] = ..., blocks_loaded: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("worker_id", "devices", "load")

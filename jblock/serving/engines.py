@@ -1,6 +1,7 @@
 """Building the engine a server runs: in process (all-in-one) or over registered workers."""
 
 import concurrent.futures
+import logging
 import threading
 from typing import Callable, Sequence
 
@@ -11,17 +12,31 @@ from jblock.cluster.links import ClusterLinks
 from jblock.cluster.membership import Membership, MembershipConfig
 from jblock.cluster.remote import Placer, remote_factory
 from jblock.cluster.replan import ReplanConfig, Replanner, initial_plan
+from jblock.proto import jblock_pb2 as pb
 from jblock.proto import jblock_pb2_grpc as pb_grpc
 from jblock.runtime.engine import Engine, EngineConfig
 from jblock.zoo.loading import spec_from_zoo
 
 
 def zoo_models(zoo_dir: str, models: Sequence[str] | None) -> list[str]:
+  """The models to serve: those named (default: every model of the zoo) whose manifests pass
+  the zoo's integrity checks (jblock.zoo.integrity). A refused model is logged, one line with
+  its name and reason, and left out, so one bad manifest never stops the others; an unknown
+  name still fails start-up (NotFoundError), and so does a zoo whose every model is refused."""
+  import logging
+  from jblock.zoo.integrity import partition
   from jblock.zoo.store import Zoo
-  names = list(models) if models else Zoo(zoo_dir).models()
+  zoo = Zoo(zoo_dir)
+  names = list(models) if models else zoo.models()
   if not names:
     raise ValueError(f"the zoo at {zoo_dir} has no models (convert one with tools.convert)")
-  return names
+  servable, refused = partition(zoo, names)
+  for name, reason in refused.items():
+    logging.error("jblock: refusing model %r: %s", name, reason)
+  if not servable:
+    raise ValueError(f"every model was refused ({', '.join(refused)}): run python -m tools.zoo "
+                     "verify, and rehash the manifests you trust")
+  return servable
 
 
 def local_engine(zoo_dir: str, models: Sequence[str] | None, sharing: bool = True,
@@ -60,6 +75,23 @@ class ClusterEngine(Engine):
     return out
 
 
+def _release_unplanned(kept: dict[str, list[str]], hosts: dict[str, list[str]],
+                       links: ClusterLinks) -> None:
+  """Unhosts the blocks workers kept from an earlier coordinator that this plan puts elsewhere
+  (or nowhere), so they do not hold memory no chain uses. Best effort: a failure is logged."""
+  for block, workers in kept.items():
+    for address in workers:
+      if address in hosts.get(block, ()):
+        continue
+      try:
+        with links.channel(address) as channel:
+          pb_grpc.BlockHostStub(channel).UnhostBlock(
+              pb.UnhostBlockRequest(block_id=block), timeout=links.deadlines.unhost_s)
+      except grpc.RpcError as e:
+        logging.warning("jblock: could not release block %s on %s: %s", block[:12], address,
+                        e.code().name)
+
+
 def distributed_engine(zoo_dir: str, models: Sequence[str] | None, num_workers: int,
                        registry_port: int, host: str = "127.0.0.1", sharing: bool = True,
                        config: EngineConfig | None = None, wait_s: float = 120.0,
@@ -94,10 +126,14 @@ def distributed_engine(zoo_dir: str, models: Sequence[str] | None, num_workers: 
     cache = {}
     specs = [spec_from_zoo(zoo, name, cache, load_params=False) for name in names]
     placer = Placer(registry, {}, links)
-    plan = initial_plan(zoo, config, registry, {s.name: s.block_ids for s in specs}, replan)
+    kept = registry.hosted()  # blocks workers kept from an earlier coordinator
+    plan = initial_plan(zoo, config, registry, {s.name: s.block_ids for s in specs}, replan,
+                        kept=kept)
     placer.plan.update(plan.primary())
+    adopted = sum(1 for b, ws in plan.hosts.items() for w in ws if w in kept.get(b, ()))
     progress(f"jblock: placing {len(plan.hosts)} blocks on {', '.join(workers)} "
-             f"({plan.hops_per_s:g} cross-worker hops per chain step)")
+             f"({plan.hops_per_s:g} cross-worker hops per chain step"
+             + (f"; {adopted} already hosted there" if kept else "") + ")")
     factory = remote_factory(placer, zoo_dir, config)
     engine = ClusterEngine(
         specs, sharing=sharing, mesh_shape=(1, 1), config=config, zoo=zoo,
@@ -112,12 +148,13 @@ def distributed_engine(zoo_dir: str, models: Sequence[str] | None, num_workers: 
       except Exception:
         engine.close()
         raise
+    _release_unplanned(kept, plan.hosts, links)
     registry.on_dead(lambda address, reason: engine.placement_lost(f"worker:{address}", reason))
     registry.on_join(lambda address: engine.retry_lost())
-    if replanner.config.interval_s > 0:
+    if replanner.config.interval_s > 0 or replanner.config.on_join:
       registry.on_join(lambda address: threading.Thread(
           target=replanner.replan_safely, args=(f"worker {address} joined",), daemon=True).start())
-      replanner.start()
+    replanner.start()
     return engine, server
   except Exception:
     server.stop(0)

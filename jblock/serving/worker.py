@@ -58,6 +58,7 @@ class BlockHostServicer(pb_grpc.BlockHostServicer):
     self._hosted: dict[str, validate.Hosted] = {}  # what each hosted block accepts
     self._lock = threading.Lock()
     self._batches_run = 0
+    self._blocks_loaded = 0  # HostBlock calls that read the zoo (a block hosted again is not)
     self._running = 0  # RunBlock calls in progress
     self.mailbox = Mailbox(mailbox_bytes)  # rows for the batches this worker runs next
     self._peers = ClusterLinks(credentials)  # worker -> worker channels
@@ -74,7 +75,20 @@ class BlockHostServicer(pb_grpc.BlockHostServicer):
                          resident_bytes=sum(i.resident_bytes for i in instances),
                          kv_bytes=sum(i.kv_bytes for i in instances),
                          batches_run=self._batches_run, batches_running=self._running,
-                         mailbox_rows=mailbox["rows"], mailbox_bytes=mailbox["bytes"])
+                         mailbox_rows=mailbox["rows"], mailbox_bytes=mailbox["bytes"],
+                         blocks_loaded=self._blocks_loaded)
+
+  def hosted_blocks(self) -> list[str]:
+    """The blocks hosted here, sent when registering again with a restarted coordinator."""
+    with self._lock:
+      return sorted(self._instances)
+
+  def forget_coordinator(self) -> None:
+    """Before joining a new coordinator: rows kept for the old one's batches are dropped (the
+    new one numbers its handles afresh); blocks, their KV pools and banks stay. The KV pages'
+    contents are stale but never read: the new coordinator leases pages afresh and a request
+    reads only the positions it wrote."""
+    self.mailbox.clear()
 
   def _table_for(self, head: Block):
     """A tied head needs its embedding table: the hosted embed's buffer, or loaded for it."""
@@ -90,6 +104,10 @@ class BlockHostServicer(pb_grpc.BlockHostServicer):
       validate.host_block(request, self.zoo)
       with self._lock:
         inst = self._instances.get(request.block_id)
+        if inst is not None and not self._same_sizes(request):
+          # Hosted for an earlier coordinator with other sizes: host it afresh.
+          del self._instances[request.block_id], self._hosted[request.block_id]
+          inst = None
         if inst is None:
           block = load_on_devices(self.zoo, request.block_id,
                                   lambda shapes: mesh_lib.param_shardings(shapes, self.mesh))
@@ -102,12 +120,21 @@ class BlockHostServicer(pb_grpc.BlockHostServicer):
                                     max_leases=request.kv_slots, shared_table=table)
           self._instances[request.block_id] = inst
           self._hosted[request.block_id] = validate.hosted(inst, request)
+          self._blocks_loaded += 1
         if request.HasField("lora_bank"):
           self._host_bank(inst, request.lora_bank)
       return pb.HostBlockResponse(resident_bytes=inst.resident_bytes, placement=inst.placement,
                                   lora_bank_bytes=inst.lora_bank_bytes)
     except JBlockError as e:
       _abort(context, e)
+
+  def _same_sizes(self, request) -> bool:
+    """Whether the hosted copy of request.block_id has the batch, length and KV pool asked."""
+    held = self._hosted[request.block_id]
+    if held.batch_size != request.batch_size or held.max_len != request.max_len:
+      return False
+    pages = request.kv_pages or request.kv_slots * -(-request.max_len // 16)
+    return held.kind != LAYERS or (held.num_pages, held.page_size) == (pages, request.page_size or 16)
 
   def _host_bank(self, inst, bank) -> None:
     """Builds or grows an instance's adapter bank: LoRA targets (layers blocks) and

@@ -1,6 +1,7 @@
 """Membership over real gRPC on 127.0.0.1: registration, heartbeats, death by silence or by a
-failed RPC (listeners told once, with the reason), NOT_FOUND for a dead member, and the worker's
-heartbeat loop ending when its coordinator drops it or goes away."""
+failed RPC (listeners told once, with the reason), FAILED_PRECONDITION for a dead member, the
+worker's heartbeat loop ending when its coordinator drops it or stays away, and registering again
+(with the blocks it hosts) with a coordinator that restarted."""
 
 import concurrent.futures
 import threading
@@ -15,14 +16,19 @@ from jblock.proto import jblock_pb2 as pb
 from jblock.proto import jblock_pb2_grpc as pb_grpc
 
 
-@pytest.fixture
-def registry():
-  """(membership, channel to its Registry service); both stopped after the test."""
+def _registry_server(port: int = 0):
   membership = Membership(MembershipConfig(heartbeat_interval_s=0.05, dead_after_s=0.4))
   server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=4))
   pb_grpc.add_RegistryServicer_to_server(membership, server)
-  port = server.add_insecure_port("127.0.0.1:0")
+  port = server.add_insecure_port(f"127.0.0.1:{port}")
   server.start()
+  return membership, server, port
+
+
+@pytest.fixture
+def registry():
+  """(membership, channel to its Registry service); both stopped after the test."""
+  membership, server, port = _registry_server()
   channel = grpc.insecure_channel(f"127.0.0.1:{port}")
   yield membership, channel, server
   channel.close()
@@ -62,7 +68,8 @@ def test_silence_declares_a_worker_dead_and_its_heartbeats_then_end(registry):
   assert membership.alive() == [] and membership.stats()[0]["state"] == "dead"
   with pytest.raises(grpc.RpcError) as e:
     pb_grpc.RegistryStub(channel).Heartbeat(pb.HeartbeatRequest(worker_id="w-a"), timeout=5)
-  assert e.value.code() == grpc.StatusCode.NOT_FOUND and "declared dead" in e.value.details()
+  assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+  assert "declared dead" in e.value.details()
   # The worker's loop ends on that answer instead of serving nobody.
   why = heartbeat.run(channel, "w-a", 0.05, _load, threading.Event(), coordinator_timeout_s=5)
   assert why.startswith("the coordinator dropped this worker")
@@ -91,3 +98,45 @@ def test_failed_rpc_marks_dead_once_and_bad_registrations_are_refused(registry):
   t0 = time.monotonic()
   why = heartbeat.run(channel, "w-d", 0.05, _load, threading.Event(), coordinator_timeout_s=0.5)
   assert why.startswith("no answer from the coordinator for") and time.monotonic() - t0 < 5
+
+
+def test_a_worker_outlives_its_coordinator_and_joins_the_restarted_one_with_its_blocks():
+  membership, server, port = _registry_server()
+  channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+  hosted = ["b" * 64, "c" * 64]
+  rejoins, said = [], []
+
+  def rejoin():
+    rejoins.append(time.monotonic())
+    return heartbeat.register(channel, "w-r", "127.0.0.1:5555", timeout=5, hosted=hosted)
+
+  heartbeat.register(channel, "w-r", "127.0.0.1:5555", timeout=5)
+  stop = threading.Event()
+  ended = []
+  loop = threading.Thread(target=lambda: ended.append(heartbeat.run(
+      channel, "w-r", 0.05, _load, stop, coordinator_timeout_s=30, rejoin=rejoin,
+      progress=said.append)))
+  loop.start()
+  try:
+    time.sleep(0.2)
+    server.stop(0)  # the coordinator dies; the worker keeps trying
+    membership.stop()
+    time.sleep(1.5)
+    assert not ended and not rejoins
+    assert any("does not answer" in line for line in said)
+    restarted, server, _ = _registry_server(port)  # same address, knows nobody
+    try:
+      addresses = restarted.wait_for(1, timeout=10)
+      assert addresses == ["127.0.0.1:5555"] and len(rejoins) == 1
+      assert restarted.hosted() == {"b" * 64: ["127.0.0.1:5555"], "c" * 64: ["127.0.0.1:5555"]}
+      time.sleep(0.3)  # its heartbeats keep it alive in the new registry
+      assert restarted.alive() == ["127.0.0.1:5555"] and not ended
+      assert "jblock: registered again with a restarted coordinator" in said
+    finally:
+      restarted.stop()
+  finally:
+    stop.set()
+    loop.join(5)
+    server.stop(0)
+    channel.close()
+  assert ended == ["stopped"]

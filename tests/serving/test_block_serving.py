@@ -1,4 +1,5 @@
-"""The real block engine behind gRPC: in process, and with blocks split over two worker processes."""
+"""The real block engine behind gRPC: in process, and with blocks split over two worker processes
+that outlive a SIGKILLed coordinator and are adopted, blocks and all, by its restart."""
 
 import concurrent.futures
 import os
@@ -8,17 +9,20 @@ import subprocess
 import sys
 import time
 
+import grpc
 import pytest
 import torch
 import transformers
 
 import jblock
 from jblock.client import Client
+from jblock.proto import jblock_pb2 as pb
+from jblock.proto import jblock_pb2_grpc as pb_grpc
 from jblock.runtime.engine import Engine, EngineConfig
 from jblock.serving.coordinator import build_server
 from jblock.zoo.store import Zoo
 from tests import hf_models
-from tests.serving.serving_helpers import free_port
+from tests.serving.serving_helpers import free_port, wait_until
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODELS = ["base", "v1", "v2"]
@@ -54,6 +58,33 @@ def expected(zoo_dir):
     for i, prompt in enumerate(PROMPTS):
       out[name, i] = model.generate([prompt], NEW)[0].tolist()
   return out
+
+
+def _blocks_loaded(stats: dict) -> dict[str, int]:
+  """Worker address -> blocks it has read from its zoo since it started (its heartbeats); None
+  until every live worker has sent one."""
+  loaded = {w["address"]: w["load"].get("blocks_loaded") for w in stats["workers"]
+            if w["state"] == "alive"}
+  return loaded if loaded and None not in loaded.values() else None
+
+
+def _rogue_calls_are_refused(registry: str, stats: dict) -> None:
+  """A local process without the cluster token can neither run nor unhost a worker's blocks,
+  nor register a fake worker."""
+  block = next(b for b in stats["blocks"] if b["kind"] == "layers")
+  calls = []
+  with grpc.insecure_channel(block["worker"]) as channel:
+    host = pb_grpc.BlockHostStub(channel)
+    calls.append(lambda: host.RunBlock(pb.RunBlockRequest(block_id=block["block_id"]), timeout=10))
+    calls.append(lambda: host.UnhostBlock(pb.UnhostBlockRequest(block_id=block["block_id"]),
+                                          timeout=10))
+    with grpc.insecure_channel(registry) as registry_channel:
+      calls.append(lambda: pb_grpc.RegistryStub(registry_channel).Register(
+          pb.RegisterRequest(worker_id="rogue", address="127.0.0.1:1"), timeout=10))
+      for call in calls:
+        with pytest.raises(grpc.RpcError) as e:
+          call()
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, e.value.details()
 
 
 def _generate_all(target: str) -> dict:
@@ -105,14 +136,17 @@ def _wait_line(proc: subprocess.Popen, pattern: str, timeout: float) -> re.Match
   raise AssertionError(f"no line matching {pattern!r} within {timeout}s:\n{''.join(seen[-20:])}")
 
 
-def test_two_worker_processes_give_the_same_tokens(zoo_dir, expected):
+def test_two_worker_processes_give_the_same_tokens_and_outlive_their_coordinator(zoo_dir,
+                                                                                  expected):
   registry, port = free_port(), free_port()
   common = [f"--zoo={zoo_dir}", "--mesh_shape=1,1"]
-  procs = [_start(["launch.coordinator", *common[:1], "--num_workers=2", f"--registry_port={registry}",
-                   f"--port={port}", "--batch_size=4", "--kv_slots=8", "--max_seq_len=64",
-                   "--prefill_chunk=16", "--compilation_cache_dir=", "--worker_wait_s=120",
-                   # Hops free: the planner splits every chain to balance the two workers.
-                   "--placement_hop_cost_s=0"])]
+  coordinator = ["launch.coordinator", *common[:1], "--num_workers=2",
+                 f"--registry_port={registry}", f"--port={port}", "--batch_size=4",
+                 "--kv_slots=8", "--max_seq_len=64", "--prefill_chunk=16",
+                 "--compilation_cache_dir=", "--worker_wait_s=120",
+                 # Hops free: the planner splits every chain to balance the two workers.
+                 "--placement_hop_cost_s=0"]
+  procs = [_start(coordinator)]
   try:
     for _ in range(2):
       procs.append(_start(["launch.worker", f"--coordinator=127.0.0.1:{registry}", *common]))
@@ -125,6 +159,30 @@ def test_two_worker_processes_give_the_same_tokens(zoo_dir, expected):
     placed = stats["placement"]["blocks"]  # where every block lives and why (tools.client stats)
     assert set(placed) == {b["block_id"] for b in stats["blocks"]}
     assert all(p["workers"] and p["reason"].startswith("traffic") for p in placed.values())
+    # With no credential flags the cluster has a token only this user can read (the zoo's
+    # cluster.token, made by the coordinator, read by the workers).
+    assert os.stat(os.path.join(zoo_dir, "cluster.token")).st_mode & 0o777 == 0o600
+    _rogue_calls_are_refused(f"127.0.0.1:{registry}", stats)
+
+    # The coordinator is SIGKILLed mid-stream: that stream fails UNAVAILABLE; the workers keep
+    # their blocks, and the coordinator restarted with the same flags adopts them (nothing is
+    # loaded again) and serves; a client waiting meanwhile gets its tokens.
+    with Client(f"127.0.0.1:{port}") as client:
+      loaded = wait_until(lambda: _blocks_loaded(client.stats()), timeout=30)
+      stream = client.generate("v1", prompt_tokens=PROMPTS[5], max_tokens=40, timeout=300)
+      next(stream)
+      procs[0].kill()
+      procs[0].wait(timeout=30)
+      with pytest.raises(grpc.RpcError) as e:
+        list(stream)
+      assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    procs[0].stdout.close()
+    procs[0] = _start(coordinator)
+    with Client(f"127.0.0.1:{port}", retry_s=120) as client:
+      assert client.generate_tokens("v2", prompt_tokens=PROMPTS[3], max_tokens=NEW,
+                                    timeout=300) == expected["v2", 3]
+      assert wait_until(lambda: _blocks_loaded(client.stats()), timeout=30) == loaded
+    assert _generate_all(f"127.0.0.1:{port}") == expected
     procs[0].terminate()
     assert procs[0].wait(timeout=60) == 0
   finally:

@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from jblock.cluster import token_file
+from jblock.cluster.links import ClusterLinks
 from jblock.cluster.membership import MembershipConfig
 from jblock.errors import UnavailableError
 from jblock.runtime.engine import EngineConfig
@@ -49,7 +51,8 @@ def test_workers_join_fail_over_and_outlive_no_coordinator(zoo_dir, expected):
   try:
     engine, server = distributed_engine(zoo_dir, ["base", "v1"], 1, registry, config=CONFIG,
                                         wait_s=120, progress=lambda *_: None,
-                                        membership=MembershipConfig(0.2, 2.0))
+                                        membership=MembershipConfig(0.2, 2.0),
+                                        links=ClusterLinks(token_file.zoo_credentials(zoo_dir)))
     first = _address(procs[0])
 
     # A late joiner gets the blocks of the model loaded next (it hosts the fewest).

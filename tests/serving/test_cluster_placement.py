@@ -8,6 +8,8 @@ import time
 import pytest
 
 from jblock.bench.pipeline_bench import TimedExecutors
+from jblock.cluster import token_file
+from jblock.cluster.links import ClusterLinks
 from jblock.cluster.placement import PlannerConfig
 from jblock.cluster.replan import ReplanConfig
 from jblock.serving.engines import distributed_engine
@@ -40,7 +42,8 @@ def split_cluster(zoo_dir):
   try:
     engine, server = distributed_engine(zoo_dir, MODELS, 2, registry, config=CONFIG, wait_s=120,
                                         progress=lambda *_: None, replan=SPLIT,
-                                        executor_factory=executors)
+                                        executor_factory=executors,
+                                        links=ClusterLinks(token_file.zoo_credentials(zoo_dir)))
     yield engine, executors, {_address(p): p for p in procs}
   finally:
     stop_cluster(server, engine, procs)
