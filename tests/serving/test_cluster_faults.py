@@ -1,21 +1,27 @@
 """A coordinator (in process) with worker processes: late join, a block moved between workers
 mid-request, unload frees worker memory, a worker SIGKILLed mid-decode (every stream ends with its undisturbed tokens), no worker left
 (UNAVAILABLE naming why), a worker joining brings the lost blocks back, and workers exit by
-themselves once the coordinator is gone."""
+themselves once the coordinator is gone; a worker joining a running cluster takes blocks (the
+placement is re-planned on the join: launch.coordinator's default)."""
 
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
+from absl import flags
 
-from jblock.cluster import token_file
+from jblock.cluster import heartbeat, security, token_file
 from jblock.cluster.links import ClusterLinks
 from jblock.cluster.membership import MembershipConfig
+from jblock.cluster.placement import PlannerConfig
+from jblock.cluster.replan import ReplanConfig
 from jblock.errors import UnavailableError
 from jblock.runtime.engine import EngineConfig
 from jblock.serving.engines import distributed_engine
+from jblock.serving.worker import start_worker_server
 from tests.serving.serving_helpers import free_port, stop_cluster, wait_until
 from tests.serving.test_block_serving import MODELS, NEW, PROMPTS, REPO, _wait_line
 from tests.serving.test_block_serving import expected, zoo_dir  # noqa: F401 (fixtures)
@@ -126,3 +132,62 @@ def test_workers_join_fail_over_and_outlive_no_coordinator(zoo_dir, expected):
     assert "no answer from the coordinator" in procs[2].stdout.read()
   finally:
     stop_cluster(server, engine, procs)
+
+
+# Hops nearly free: a second worker always halves the busiest one's compute, so the plan pays.
+ON_JOIN = ReplanConfig(PlannerConfig(hop_cost_s=1e-6, bytes_per_s=1e9), min_gain=0.01,
+                       on_join=True)
+
+
+def test_launch_coordinator_replans_on_join_by_default():
+  import launch.coordinator  # noqa: F401 (defines the flag)
+  assert flags.FLAGS["replan_on_join"].default is True
+
+
+def test_a_joining_worker_gets_blocks_and_chains_keep_their_tokens(zoo_dir, expected):
+  registry = free_port()
+  stop, threads, servers = threading.Event(), [], []
+
+  def join() -> str:
+    server, port, host = start_worker_server(zoo_dir, 0, "127.0.0.1", (1, 1))
+    servers.append(server)
+    address = f"127.0.0.1:{port}"
+
+    def member():
+      with security.channel(f"127.0.0.1:{registry}", None) as channel:
+        joined = heartbeat.register(channel, "", address, timeout=60)
+        heartbeat.run(channel, joined.worker_id, 0.2, host.load, stop, 30.0)
+
+    threads.append(threading.Thread(target=member, daemon=True))
+    threads[-1].start()
+    return address
+
+  engine = registry_server = None
+  try:
+    first = join()
+    engine, registry_server = distributed_engine(
+        zoo_dir, ["base", "v1"], 1, registry, config=CONFIG, wait_s=60,
+        progress=lambda *_: None, replan=ON_JOIN)
+    assert {b["worker"] for b in engine.stats()["blocks"]} == {first}
+    assert engine.generate("v1", PROMPTS[2], max_new_tokens=NEW) == expected["v1", 2]
+
+    second = join()
+    replan = wait_until(lambda: next((h for h in engine.stats()["placement"]["replans"]
+                                      if h["reason"] == f"worker {second} joined"), None),
+                        timeout=60)
+    assert replan["moves"] and "failed" not in replan
+    assert second in {b["worker"] for b in engine.stats()["blocks"]}
+    handles = {(m, i): engine.submit(m, PROMPTS[i], max_new_tokens=NEW)
+               for m in ("base", "v1") for i in range(3)}
+    assert {k: h.result(timeout=120) for k, h in handles.items()} == {
+        k: expected[k] for k in handles}
+  finally:
+    if engine is not None:
+      engine.close()
+    stop.set()
+    for t in threads:
+      t.join(10)
+    if registry_server is not None:
+      registry_server.stop(0)
+    for server in servers:
+      server.stop(0)
