@@ -29,7 +29,7 @@ def stop_process(proc: subprocess.Popen, grace_s: float = 0.0) -> int | None:
   return proc.returncode
 
 
-def _child_env() -> dict[str, str]:
+def child_env() -> dict[str, str]:
   env = dict(os.environ)
   # Tests force several host devices; a bench server uses one, like a real CPU deployment.
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
@@ -50,7 +50,7 @@ class ServerProcess:
   def __init__(self, args: Sequence[str], cwd: str | None = None, log_path: str | None = None):
     self._log = open(log_path, "w") if log_path else subprocess.DEVNULL
     self.proc = subprocess.Popen([sys.executable, "-m", "jblock.bench.server_proc", *args],
-                                 cwd=cwd, env=_child_env(), stdout=subprocess.PIPE,
+                                 cwd=cwd, env=child_env(), stdout=subprocess.PIPE,
                                  stderr=self._log, text=True)
     self.port = None
     self.target = None
