@@ -55,14 +55,14 @@ def credentials(zoo_dir: str, wait_s: float = 0.0, progress=logging.info
   """A cluster member's credentials: the flags', else the zoo's token (made here when
   `wait_s` is 0, the coordinator; waited for up to `wait_s` otherwise, a worker), else none
   with --insecure_cluster (and a warning)."""
-  given = given_credentials()
   if _INSECURE.value:
-    if given.configured:
+    if any((_TOKEN_FILE.value, _TLS_CERT.value, _TLS_KEY.value, _TLS_CA.value)):
       raise app.UsageError("--insecure_cluster contradicts --cluster_token_file / --tls_*: "
                            "pass one or the other")
     logging.warning("jblock: --insecure_cluster: no cluster token or TLS; any local process may "
                     "run, unhost or register blocks")
-    return given
+    return security.ClusterCredentials()
+  given = given_credentials()
   if given.configured:
     return given
   path = token_file.default_path(zoo_dir)
