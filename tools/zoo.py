@@ -3,12 +3,18 @@
   python -m tools.zoo list            models: family, chain length, bytes, base model
   python -m tools.zoo show NAME       a model's config, lineage and chain (who shares each block)
   python -m tools.zoo stats           logical vs stored bytes, dedup ratio, block counts
-  python -m tools.zoo verify          re-hashes every block, checks manifests (exit 1 on problems)
+  python -m tools.zoo verify          re-hashes every block; checks every manifest's seal, its
+                                      chain against its blocks and its tokenizer path (exit 1
+                                      on problems); records the models that pass as verified
+  python -m tools.zoo rehash NAME...  re-seals manifests you trust (old ones have no seal, or
+                                      one you edited on purpose); the chain must still pass
   python -m tools.zoo export NAME --out=DIR
                                       writes the model as a Hugging Face checkpoint (a full
                                       fine-tune's compressed deltas materialised over its base)
-  python -m tools.zoo gc              removes blocks no model references (waits for conversions)
-                                      and the equivalence records of removed blocks or models
+  python -m tools.zoo gc [--force]    removes blocks no model references (waits for conversions)
+                                      and the equivalence records of removed blocks or models;
+                                      keeps blocks of a model's last verified manifest unless
+                                      --force
   python -m tools.zoo equiv --model=M [--block=ID_PREFIX] [--position=P] [--calibration=FILE]
                                       measures how replacing M's blocks with same-shape blocks of
                                       other models changes M; stores equivalence records
@@ -27,7 +33,7 @@ from jblock.zoo import cli
 from jblock.zoo.store import Zoo
 
 PROG = "zoo"
-COMMANDS = "list, show NAME, stats, verify, export NAME, gc, equiv, assemble"
+COMMANDS = "list, show NAME, stats, verify, rehash NAME..., export NAME, gc, equiv, assemble"
 
 _ZOO = flags.DEFINE_string("zoo", "checkpoints/zoo", "Zoo directory.")
 _MODEL = flags.DEFINE_string("model", None, "equiv/assemble: the model to evaluate or assemble from.")
@@ -51,6 +57,8 @@ _HOLDOUT = flags.DEFINE_float("holdout", 0.25, "equiv/assemble: held-out tail of
 _REPORT = flags.DEFINE_string("report", None, "equiv/assemble: also write the report as JSON here.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "assemble: replace a model named --name.")
 _OUT = flags.DEFINE_string("out", None, "export: the checkpoint directory to write (new or empty).")
+_FORCE = flags.DEFINE_bool("force", False, "gc: also remove blocks that only the last verified "
+                           "manifest of some model references.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "equiv/assemble: progress bars on stderr.")
 
 
@@ -87,9 +95,13 @@ def _equivalence(zoo: Zoo, command: str) -> list[str]:
 
 
 def run(zoo: Zoo, command: str, args: list[str]) -> int:
-  expected = 1 if command in ("show", "export") else 0
-  if len(args) != expected:
-    cli.fail(PROG, f"'{command}' takes {'a model NAME' if expected else 'no arguments'}")
+  if command == "rehash":
+    if not args:
+      cli.fail(PROG, "'rehash' takes one or more model NAMEs")
+  else:
+    expected = 1 if command in ("show", "export") else 0
+    if len(args) != expected:
+      cli.fail(PROG, f"'{command}' takes {'a model NAME' if expected else 'no arguments'}")
   if command == "list":
     lines = cli.list_lines(zoo)
   elif command == "show":
@@ -109,8 +121,10 @@ def run(zoo: Zoo, command: str, args: list[str]) -> int:
       cli.fail(PROG, "'export' needs --out=DIR")
     files = export_model(zoo, args[0], _OUT.value, progress=cli.progress_printer())
     lines = [f"exported {args[0]} to {_OUT.value}: {', '.join(files)}"]
+  elif command == "rehash":
+    lines = cli.rehash_lines(zoo, args)
   elif command == "gc":
-    lines = cli.gc_lines(zoo.gc())
+    lines = cli.gc_lines(zoo.gc(force=_FORCE.value))
   elif command in ("equiv", "assemble"):
     lines = _equivalence(zoo, command)
   else:

@@ -23,7 +23,6 @@ def zoo_models(zoo_dir: str, models: Sequence[str] | None) -> list[str]:
   the zoo's integrity checks (jblock.zoo.integrity). A refused model is logged, one line with
   its name and reason, and left out, so one bad manifest never stops the others; an unknown
   name still fails start-up (NotFoundError), and so does a zoo whose every model is refused."""
-  import logging
   from jblock.zoo.integrity import partition
   from jblock.zoo.store import Zoo
   zoo = Zoo(zoo_dir)

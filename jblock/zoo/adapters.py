@@ -29,7 +29,7 @@ def convert_peft(zoo, peft_dir: str, base: str, name: str, overwrite: bool = Fal
   `name` over model `base`."""
   say = progress or (lambda _: None)
   manifests.check_name(name)
-  base_manifest = zoo.manifest(base)
+  base_manifest = zoo.checked_manifest(base)  # an adapter must not inherit a tampered chain
   if base_manifest.get("deltas"):
     raise ConversionError(f"--base={base} is itself an adapter; name its base model instead")
   config = ModelConfig.from_dict(base_manifest["config"])
@@ -88,8 +88,7 @@ def convert_peft(zoo, peft_dir: str, base: str, name: str, overwrite: bool = Fal
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     tokenizer_src = peft_dir if os.path.isfile(os.path.join(peft_dir, "tokenizer.json")) else (
-        os.path.join(zoo.root, base_manifest["tokenizer"]) if base_manifest.get("tokenizer")
-        else None)
+        zoo.tokenizer_path(base_manifest))
     if previous is not None and not overwrite:
       manifest_written = False
     else:

@@ -23,7 +23,6 @@ loss budget measured against the original.
 import dataclasses
 import datetime
 import math
-import os
 from typing import Any, Sequence
 
 from jblock.errors import InvalidRequestError
@@ -169,7 +168,7 @@ def assemble(zoo, model: str, name: str, max_kl: float | None = None,
   else:  # every delta dropped: a plain chain, served like the base it now is
     for key in ("deltas", "delta_bytes", "adapter"):
       data.pop(key, None)
-  tokenizer = os.path.join(zoo.root, eq.manifest["tokenizer"]) if eq.manifest.get("tokenizer") else None
+  tokenizer = zoo.tokenizer_path(eq.manifest)
   written = zoo.publish_manifest(name, data, tokenizer_dir=tokenizer, overwrite=overwrite)
   return {"name": name, **provenance, "manifest_written": written}
 

@@ -7,7 +7,8 @@ from typing import Callable, NoReturn
 
 from absl import flags, logging
 
-from jblock.zoo import equiv_cli
+from jblock.errors import JBlockError
+from jblock.zoo import equiv_cli, integrity
 from jblock.zoo.reports import ConvertReport, GcReport, ZooStats
 from jblock.zoo.sizes import human_bytes
 from jblock.zoo.store import Zoo
@@ -69,7 +70,11 @@ def convert_lines(zoo: Zoo, report: ConvertReport) -> list[str]:
 def list_lines(zoo: Zoo) -> list[str]:
   rows = [("NAME", "FAMILY", "BLOCKS", "BYTES", "BASE")]
   for name in zoo.models():
-    m = zoo.manifest(name)
+    try:
+      m = zoo.manifest(name)
+    except JBlockError:  # one unreadable manifest must not hide the others (verify explains)
+      rows.append((name, "UNREADABLE", "-", "-", "-"))
+      continue
     rows.append((name, m.get("family", "?"), str(len(m["chain"])),
                  human_bytes(sum(m["block_bytes"])),
                  str(m.get("lineage", {}).get("base_model") or "-")))
@@ -84,7 +89,7 @@ def show_lines(zoo: Zoo, name: str) -> list[str]:
   config = m["config"]
   lineage = m.get("lineage", {})
   conversion = lineage.get("conversion", {})
-  users = Counter(i for other in zoo.models() for i in set(zoo.manifest(other)["chain"]))
+  users = Counter(i for chain in _readable_chains(zoo) for i in set(chain))
   lines = [
       f"model {name} ({m.get('family')}, {m.get('architecture')}), created {m.get('created')}",
       f"  config: vocab {config['vocab_size']}, hidden {config['hidden_size']}, "
@@ -94,6 +99,7 @@ def show_lines(zoo: Zoo, name: str) -> list[str]:
       f"{conversion.get('layers_per_block')}, from {lineage.get('source_dir')}",
       f"  base model: {lineage.get('base_model') or '-'}",
       f"  tokenizer: {m.get('tokenizer') or 'none'}",
+      f"  seal: {_seal_state(name, m)}",
       f"  chain: {len(m['chain'])} blocks, {human_bytes(sum(m['block_bytes']))}",
   ]
   for i, (block_id, nbytes) in enumerate(zip(m["chain"], m["block_bytes"])):
@@ -105,6 +111,24 @@ def show_lines(zoo: Zoo, name: str) -> list[str]:
   if extra:
     lines.append("  lineage: " + ", ".join(f"{k}={v}" for k, v in sorted(extra.items())))
   return lines + equiv_cli.show_lines(zoo, name)
+
+
+def _seal_state(name: str, m: dict) -> str:
+  recorded = m.get(integrity.HASH_FIELD)
+  if not recorded:
+    return f"none recorded (python -m tools.zoo rehash {name} seals it)"
+  state = "ok" if integrity.seal_problem(name, m) is None else "MISMATCH (changed after sealing)"
+  return f"{integrity.HASH_FIELD} {str(recorded)[:16]}, {state}"
+
+
+def _readable_chains(zoo: Zoo) -> list[list[str]]:
+  chains = []
+  for name in zoo.models():
+    try:
+      chains.append(zoo.manifest(name)["chain"])
+    except JBlockError:
+      continue  # verify reports it
+  return chains
 
 
 def _delta_lines(zoo: Zoo, m: dict) -> list[str]:
@@ -162,6 +186,17 @@ def _part_lines(stats: ZooStats) -> list[str]:
   ]
 
 
+def rehash_lines(zoo: Zoo, names: list[str]) -> list[str]:
+  lines = []
+  for name in names:
+    before = zoo.reseal(name)
+    after = zoo.manifest(name)[integrity.HASH_FIELD]
+    was = ("none recorded" if before is None else "unchanged" if before == after
+           else f"was {str(before)[:16]}")
+    lines.append(f"re-sealed {integrity.where(name)}: {integrity.HASH_FIELD} {after[:16]} ({was})")
+  return lines
+
+
 def gc_lines(report: GcReport) -> list[str]:
   lines = [f"removed block {block_id}" for block_id in report.removed]
   lines.append(f"removed {len(report.removed)} unreferenced blocks, freed "
@@ -169,4 +204,8 @@ def gc_lines(report: GcReport) -> list[str]:
                "temp entries")
   if report.records_removed:
     lines.append(f"removed {report.records_removed} equivalence records of removed blocks or models")
+  if report.kept:
+    lines.append(f"kept {len(report.kept)} blocks that the last verified manifests of "
+                 f"{', '.join(report.kept_for)} reference but no current manifest does (changed "
+                 "or removed by hand?); run verify, and gc --force to remove them")
   return lines

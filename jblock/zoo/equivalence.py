@@ -88,7 +88,7 @@ class Equivalence:
                progress: bool = False):
     self.zoo = zoo
     self.name = model
-    self.manifest = zoo.manifest(model)
+    self.manifest = zoo.checked_manifest(model)  # an assembled model is sealed from it
     self.chain: list[str] = list(self.manifest["chain"])
     self.delta_ids: list[str | None] = list(self.manifest.get("deltas") or [None] * len(self.chain))
     self.digest = records.chain_digest(self.chain, self.delta_ids)
@@ -117,8 +117,7 @@ class Equivalence:
     self._chains: dict[str, list[str]] = {}
 
   def _tokenizer_dir(self) -> str | None:
-    rel = self.manifest.get("tokenizer")
-    return os.path.join(self.zoo.root, rel) if rel else None
+    return self.zoo.tokenizer_path(self.manifest)
 
   def runner(self, split: str = FIT) -> ChainRunner:
     if split not in self._runners:

@@ -21,7 +21,7 @@ def export_model(zoo, name: str, out_dir: str,
   """Writes model `name` to `out_dir` (created; refused when it exists and is not empty).
   Returns the files written."""
   say = progress or (lambda _: None)
-  manifest = zoo.manifest(name)
+  manifest = zoo.checked_manifest(name)
   if os.path.isdir(out_dir) and os.listdir(out_dir):
     raise ConversionError(f"--out={out_dir}: exists and is not empty")
   deltas = manifest.get("deltas") or [None] * len(manifest["chain"])
@@ -43,7 +43,7 @@ def export_model(zoo, name: str, out_dir: str,
   with atomic.temp_dir(parent) as staging:
     hf.export(config, manifest["hf_config"], blocks, staging)
     # Every tokenizer file the zoo kept (tokenizer_dir() wants a tokenizer.json; this does not).
-    tokenizer = os.path.join(zoo.root, manifest["tokenizer"]) if manifest.get("tokenizer") else None
+    tokenizer = zoo.tokenizer_path(manifest)
     for entry in sorted(os.listdir(tokenizer)) if tokenizer and os.path.isdir(tokenizer) else ():
       src = os.path.join(tokenizer, entry)
       if os.path.isfile(src):

@@ -144,7 +144,7 @@ def convert_full_delta(zoo, hf_dir: str, base: str, name: str, opts: DeltaOption
   if opts.method not in ENCODINGS:
     raise ConversionError(f"--delta={opts.method}: one of {', '.join(ENCODINGS)}")
   try:
-    base_manifest = zoo.manifest(base)
+    base_manifest = zoo.checked_manifest(base)  # a delta model must not inherit a tampered chain
   except NotFoundError as e:
     raise NotFoundError(f"--delta_base={base}: no such model in the zoo") from e
   if base_manifest.get("deltas"):
@@ -227,8 +227,7 @@ def convert_full_delta(zoo, hf_dir: str, base: str, name: str, opts: DeltaOption
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     tokenizer_src = hf_dir if manifests.tokenizer_files(hf_dir) else (
-        os.path.join(zoo.root, base_manifest["tokenizer"]) if base_manifest.get("tokenizer")
-        else None)
+        zoo.tokenizer_path(base_manifest))
     if previous is not None and not overwrite:
       manifest_written = False
     else:

@@ -50,9 +50,10 @@ def load_on_devices(zoo, block_id: str, shardings_for: Callable[[Any], Any]) -> 
 def spec_from_zoo(zoo, name: str, cache: dict[str, Block], load_params: bool = True) -> ModelSpec:
   """A model's spec from its manifest; each block read (and hash-checked) once via `cache`.
 
-  Without params (blocks hosted by workers) only each block's kind and config are read.
+  Without params (blocks hosted by workers) only each block's kind and config are read. A
+  manifest that fails the zoo's integrity checks raises ManifestIntegrityError naming the model.
   """
-  manifest = zoo.manifest(name)
+  manifest = zoo.checked_manifest(name)
   deltas = None
   if manifest.get("deltas"):  # a LoRA adapter: delta blocks over its base's chain
     deltas = [Block(zoo.block_record(d)["kind"], zoo.block_record(d)["config"], {}) if d else None

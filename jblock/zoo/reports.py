@@ -40,3 +40,7 @@ class GcReport:
   freed_bytes: int  # on-disk bytes of the removed blocks
   stale_tmp: int  # leftovers of crashed writes removed from tmp/
   records_removed: int = 0  # equivalence records naming a removed block or a gone model
+  # Blocks kept only because a model's last verified manifest referenced them (jblock.zoo.verified;
+  # gc(force=True) removes them), and those models.
+  kept: list[str] = dataclasses.field(default_factory=list)
+  kept_for: list[str] = dataclasses.field(default_factory=list)

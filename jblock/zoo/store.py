@@ -6,6 +6,8 @@ Layout under the zoo root:
                             (jblock.zoo.experts); their block.json lists the parts
   models/<name>.json        manifest: config, chain of block ids, hf_config, lineage
   models/<name>.tokenizer/  tokenizer files copied from the HF directory (when it has any)
+  verified/<name>.json      the blocks of the model's last verified manifest: gc keeps them
+                            unless forced (jblock.zoo.verified)
   equivalence/<model>/      equivalence records (jblock.zoo.records); gc removes them with
                             their blocks
   tmp/                      staging: everything is written here first, then renamed into place
@@ -16,6 +18,11 @@ files, and two conversions may write into one zoo at once (a block both write is
 content; the second rename loses and its copy is dropped). gc takes the lock exclusively, so
 it never deletes a block a running conversion has written or chosen to reuse but not yet
 referenced from a manifest. Readers (load_*) take no lock: gc only removes unreferenced blocks.
+
+Integrity (jblock.zoo.integrity): every manifest is sealed with the sha256 of its canonical
+JSON when published; `checked_manifest` (loading, serving, verify) also checks its chain
+against the blocks' configs and keeps its tokenizer path inside the zoo. Errors name the model
+and its manifest's path relative to the zoo, never the zoo's absolute path.
 
 Converting an HF checkpoint lives in jblock.zoo.hf_import, a PEFT adapter in
 jblock.zoo.adapters, stats/verify/gc in jblock.zoo.upkeep; `Zoo` keeps their methods.
@@ -30,7 +37,7 @@ from jblock.blocks import Block
 from jblock.errors import CorruptedBlockError, NotFoundError
 from jblock.models.config import ModelConfig
 from jblock.models.reference import Model
-from jblock.zoo import atomic, blockio, experts, hf_import, records, upkeep
+from jblock.zoo import atomic, blockio, experts, hf_import, integrity, records, upkeep, verified
 from jblock.zoo import manifest as manifests
 from jblock.zoo.manifest import CorruptedManifestError, ModelExistsError
 from jblock.zoo.reports import ConvertReport, GcReport, ZooStats
@@ -71,7 +78,7 @@ class Zoo:
     """block.json: id, kind, config, nbytes, leaves {path: {dtype, shape}}."""
     directory = self._block_dir(block_id)
     if not self.has_block(block_id):
-      raise NotFoundError(f"no block {block_id} in the zoo at {self.root}")
+      raise NotFoundError(f"no block {block_id} in the zoo")
     try:
       record = blockio.read_record(directory)
     except (OSError, ValueError) as e:  # JSONDecodeError is a ValueError
@@ -165,22 +172,35 @@ class Zoo:
         data = json.load(f)
       manifests.validate(data)
     except FileNotFoundError:
-      raise NotFoundError(f"no model {name!r} in the zoo at {self.root}; "
+      raise NotFoundError(f"no model {name!r} in the zoo; "
                           f"known: {', '.join(self.models()) or 'none'}") from None
     except (OSError, ValueError) as e:
-      raise CorruptedManifestError(f"corrupted manifest of model {name!r} ({path}): {e}") from e
+      raise CorruptedManifestError(f"corrupted manifest of {integrity.where(name)}: "
+                                   f"{_first_line(e)}") from e
     return data
+
+  def checked_manifest(self, name: str) -> dict[str, Any]:
+    """The manifest, once its seal, its chain against the blocks' configs and its tokenizer
+    path pass (jblock.zoo.integrity); else ManifestIntegrityError naming the model."""
+    return integrity.check(self, name)
+
+  def tokenizer_path(self, data: dict[str, Any]) -> str | None:
+    """Absolute path of a manifest's tokenizer files (None when it names none); refuses a path
+    that would leave the zoo (ManifestIntegrityError)."""
+    try:
+      return integrity.tokenizer_path(self.root, data)
+    except ValueError as e:
+      raise integrity.ManifestIntegrityError(str(data.get("name")), [str(e)]) from None
 
   def tokenizer_dir(self, name: str) -> str | None:
     """Absolute path of the model's tokenizer files; None when it has no tokenizer.json
     (a checkpoint may bring only generation_config.json)."""
-    rel = self.manifest(name).get("tokenizer")
-    path = os.path.join(self.root, rel) if rel else None
+    path = self.tokenizer_path(dict(self.manifest(name), name=name))
     return path if path and os.path.isfile(os.path.join(path, "tokenizer.json")) else None
 
   def load_model(self, name: str) -> Model:
     """The model with every block loaded (and hash-checked) from the zoo."""
-    data = self.manifest(name)
+    data = self.checked_manifest(name)
     loaded: dict[str, Block] = {}
     for block_id in data["chain"]:
       if block_id not in loaded:  # a block repeated in one chain is loaded once
@@ -192,8 +212,9 @@ class Zoo:
     """Removes the manifest and tokenizer files; its blocks stay until gc()."""
     path = self._manifest_path(name)
     if not os.path.isfile(path):
-      raise NotFoundError(f"no model {name!r} in the zoo at {self.root}")
+      raise NotFoundError(f"no model {name!r} in the zoo")
     os.remove(path)  # the model disappears here, atomically
+    verified.remove(self.root, name)  # its blocks are no longer kept for it
     tokenizer = self._tokenizer_path(name)
     if os.path.isdir(tokenizer):
       atomic.remove_dir(tokenizer, self.tmp_dir)
@@ -248,7 +269,11 @@ class Zoo:
   def publish_model(self, name: str, data: dict[str, Any], hf_dir: str, overwrite: bool) -> bool:
     """Publishes manifest `data` (under `writing()`, its blocks stored) with `hf_dir`'s tokenizer
     files: the tokenizer dir first, then the manifest, so a visible manifest has its tokenizer.
-    False when the same chain is already there under `name`."""
+    The manifest is sealed (its own sha256) and its blocks recorded as verified; a chain its
+    blocks' configs contradict is refused. False when the same chain is already there."""
+    found = integrity.block_problems(data, self.has_block, self.block_record)
+    if found:
+      raise integrity.ManifestIntegrityError(name, found, verb="not published")
     os.makedirs(self.models_dir, exist_ok=True)
     files = manifests.tokenizer_files(hf_dir)
     with atomic.temp_dir(self.tmp_dir) as tmp:
@@ -259,8 +284,10 @@ class Zoo:
         for f in files:
           shutil.copy2(os.path.join(hf_dir, f), staged_tokenizer)
         data["tokenizer"] = os.path.relpath(tokenizer, self.root)
+      else:
+        data["tokenizer"] = None
       staged = os.path.join(tmp, "manifest.json")
-      atomic.write_json(staged, data)
+      atomic.write_json(staged, integrity.seal(data))
       final = self._manifest_path(name)
       if not overwrite and os.path.exists(final):
         return self._same_chain_or_raise(name, data["chain"])
@@ -269,6 +296,7 @@ class Zoo:
       elif os.path.isdir(tokenizer):
         atomic.remove_dir(tokenizer, tmp)  # left over from an older model of this name
       if atomic.publish_file(staged, final, overwrite):
+        verified.write(self.root, self.tmp_dir, name, data)
         return True
       # Another process created this name between our check and our link.
       return self._same_chain_or_raise(name, data["chain"])
@@ -285,13 +313,31 @@ class Zoo:
     return upkeep.stats(self, self._parts)
 
   def verify(self, progress: Callable[[str], None] | None = None) -> list[str]:
-    """Re-hashes every stored block and checks every manifest; returns the problems found."""
+    """Re-hashes every stored block and checks every manifest (seal, chain, tokenizer path);
+    returns the problems found, and records each model that passes as verified."""
     return upkeep.verify(self, progress)
 
-  def gc(self) -> GcReport:
+  def reseal(self, name: str) -> str | None:
+    """Seals model `name`'s manifest as it is now, on an operator's word (an old manifest, or
+    one edited on purpose); its chain must still pass. Returns the seal it had (None: none)."""
+    with self.writing():
+      data = self.manifest(name)
+      before = data.pop(integrity.HASH_FIELD, None)
+      found = integrity.problems(self, name, data, sealed=False)
+      if found:
+        raise integrity.ManifestIntegrityError(name, found, verb="not re-sealed")
+      with atomic.temp_dir(self.tmp_dir) as tmp:
+        staged = os.path.join(tmp, "manifest.json")
+        atomic.write_json(staged, integrity.seal(data))
+        atomic.publish_file(staged, self._manifest_path(name), overwrite=True)
+      verified.write(self.root, self.tmp_dir, name, data)
+    return before
+
+  def gc(self, force: bool = False) -> GcReport:
     """Removes blocks no manifest references, and leftovers of crashed writes in tmp/; waits
-    for running conversions, and refuses while some manifest is unreadable."""
-    return upkeep.gc(self, self._lock, self._parts)
+    for running conversions, and refuses while some manifest is unreadable. Blocks that a
+    model's last verified manifest referenced are kept unless `force`."""
+    return upkeep.gc(self, self._lock, self._parts, force=force)
 
 
 def _first_line(e: Exception) -> str:

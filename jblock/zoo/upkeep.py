@@ -1,5 +1,6 @@
 """Accounting and integrity of a zoo: its stats, verify (re-hash every block, check every
-manifest) and gc (remove what no manifest references, and leftovers of crashed writes).
+manifest: jblock.zoo.integrity) and gc (remove what no manifest references, and leftovers of
+crashed writes; blocks of a model's last verified manifest stay unless forced).
 
 Each takes the Zoo (jblock.zoo.store) it looks after, plus the collaborators of it that it
 needs (its expert-part store, its lock); the Zoo's own stats/verify/gc call these.
@@ -9,9 +10,8 @@ import os
 import shutil
 from typing import Any, Callable
 
-from jblock.blocks import EMBED, HEAD
 from jblock.errors import JBlockError, NotFoundError
-from jblock.zoo import atomic, blockio, experts, records
+from jblock.zoo import atomic, blockio, experts, integrity, records, verified
 from jblock.zoo.manifest import CorruptedManifestError
 from jblock.zoo.reports import GcReport, ZooStats
 
@@ -57,9 +57,12 @@ def stats(zoo, parts: experts.PartStore) -> ZooStats:
 
 
 def verify(zoo, progress: Callable[[str], None] | None = None) -> list[str]:
-  """Re-hashes every stored block and checks every manifest; returns the problems found."""
+  """Re-hashes every stored block and checks every manifest; returns the problems found.
+
+  Each model that passes (manifest and every block it references) is recorded as verified
+  (jblock.zoo.verified), so gc keeps its blocks even if its manifest is later tampered with."""
   say = progress or (lambda _: None)
-  problems = []
+  problems, bad_blocks = [], set()
   entries = sorted(os.listdir(zoo.blocks_dir)) if os.path.isdir(zoo.blocks_dir) else []
   for n, entry in enumerate(entries):
     if not blockio.BLOCK_ID.fullmatch(entry):
@@ -72,45 +75,40 @@ def verify(zoo, progress: Callable[[str], None] | None = None) -> list[str]:
         zoo.load_block(entry)
       except JBlockError as e:
         problems.append(str(e))
+        bad_blocks.add(entry)
+  passed = {}
   for name in zoo.models():
     try:
       data = zoo.manifest(name)
     except JBlockError as e:
       problems.append(str(e))
       continue
-    problems += _manifest_problems(zoo, name, data)
+    found = integrity.problems(zoo, name, data, skip=bad_blocks)
+    problems += [f"{integrity.where(name)}: {p}" for p in found]
+    if not found and not bad_blocks & set(verified.block_ids(data)):
+      passed[name] = data
+  problems += _record_verified(zoo, passed)
   return problems
 
 
-def _manifest_problems(zoo, name: str, data: dict[str, Any]) -> list[str]:
-  problems = []
-  chain = data["chain"]
-  for i, block_id in enumerate(chain):
-    if not zoo.has_block(block_id):
-      problems.append(f"model {name!r}: chain[{i}] block {block_id} is missing")
-  for i, block_id in enumerate(data.get("deltas") or ()):
-    if block_id and not zoo.has_block(block_id):
-      problems.append(f"model {name!r}: deltas[{i}] block {block_id} is missing")
-  if zoo.has_block(chain[0]) and zoo.has_block(chain[-1]):
-    try:
-      embed, head = zoo.block_record(chain[0]), zoo.block_record(chain[-1])
-    except JBlockError:
-      return problems  # already reported with the blocks
-    if embed["kind"] != EMBED or head["kind"] != HEAD:
-      problems.append(f"model {name!r}: chain does not run from an embed to a head block")
-    elif head["config"].get("tied_to") not in (None, chain[0]):
-      problems.append(f"model {name!r}: head is tied to {head['config']['tied_to']}, "
-                      f"not to the chain's embed block {chain[0]}")
-  if data.get("tokenizer") and not os.path.isdir(os.path.join(zoo.root, data["tokenizer"])):
-    problems.append(f"model {name!r}: tokenizer directory {data['tokenizer']} is missing")
-  return problems
+def _record_verified(zoo, passed: dict[str, dict[str, Any]]) -> list[str]:
+  try:
+    with zoo.writing():
+      for name, data in passed.items():
+        verified.write(zoo.root, zoo.tmp_dir, name, data)
+  except OSError as e:  # a read-only zoo still verifies; it only cannot remember the result
+    return [f"could not record verified models in {verified.VERIFIED_DIR}/: {e.strerror}"]
+  return []
 
 
-def gc(zoo, lock: atomic.ZooLock, parts: experts.PartStore) -> GcReport:
+def gc(zoo, lock: atomic.ZooLock, parts: experts.PartStore, force: bool = False) -> GcReport:
   """Removes blocks no manifest references, and leftovers of crashed writes in tmp/.
 
   Holds the zoo lock exclusively, so it waits for running conversions to finish. Refuses
   to run while some manifest is unreadable: it cannot know what that model references.
+  Keeps the blocks of each model's last verified manifest (a manifest tampered with or removed
+  by hand must not take them with it) unless `force`, which also drops the verified records
+  of models whose manifest is gone.
   """
   if not os.path.isdir(zoo.root):
     return GcReport([], 0, 0)
@@ -127,9 +125,13 @@ def gc(zoo, lock: atomic.ZooLock, parts: experts.PartStore) -> GcReport:
         raise JBlockError(f"gc refused: {e}") from e
       except NotFoundError:
         continue
+    kept = _kept_for_verified(zoo, referenced) if not force else {}
+    if force:
+      for name in set(verified.names(zoo.root)) - set(zoo.models()):
+        verified.remove(zoo.root, name)
     removed, freed = [], 0
     for block_id in zoo.block_ids():
-      if block_id not in referenced:
+      if block_id not in referenced and block_id not in kept:
         directory = os.path.join(zoo.blocks_dir, block_id)  # block_ids() lists only ids
         freed += dir_size(directory)
         atomic.remove_dir(directory, zoo.tmp_dir)
@@ -144,7 +146,23 @@ def gc(zoo, lock: atomic.ZooLock, parts: experts.PartStore) -> GcReport:
       else:
         os.remove(path)
       stale += 1
-  return GcReport(removed, freed, stale, pruned)
+  stored = set(zoo.block_ids())
+  kept_for = sorted({m for b, models in kept.items() if b in stored for m in models})
+  return GcReport(removed, freed, stale, pruned, kept=sorted(set(kept) & stored),
+                  kept_for=kept_for)
+
+
+def _kept_for_verified(zoo, referenced: set[str]) -> dict[str, set[str]]:
+  """{block id: models} for the blocks that only last verified manifests reference."""
+  kept: dict[str, set[str]] = {}
+  try:
+    records_ = verified.read_all(zoo.root)
+  except verified.UnreadableVerifiedRecordError as e:
+    raise JBlockError(f"gc refused: {e}; pass --force to ignore verified records") from e
+  for name, blocks in records_.items():
+    for block_id in blocks - referenced:
+      kept.setdefault(block_id, set()).add(name)
+  return kept
 
 
 def _gc_parts(zoo, parts: experts.PartStore) -> int:
