@@ -160,7 +160,7 @@ class GenerateStream:
   def __next__(self) -> GenerateChunk:
     while True:
       try:
-        chunk = _chunk(next(self._call))
+        chunk = self._named(_chunk(next(self._call)))
         self._received = True
         return chunk
       except grpc.RpcError as e:
@@ -170,6 +170,16 @@ class GenerateStream:
 
   def cancel(self) -> None:
     self._call.cancel()
+
+  request_id = ""  # the request's id, from the stream's first message
+
+  def _named(self, chunk: GenerateChunk) -> GenerateChunk:
+    """The chunk with the request id: the server sends it on the first and the last
+    messages only (a long id is not repeated per token); every chunk carries it here."""
+    if chunk.request_id:
+      self.request_id = chunk.request_id
+      return chunk
+    return dataclasses.replace(chunk, request_id=self.request_id)
 
   def __enter__(self):
     return self

@@ -15,6 +15,7 @@ Conventions every engine follows:
 
 import dataclasses
 import math
+import numbers
 import operator
 import threading
 import time
@@ -33,6 +34,8 @@ WAIT_POLL_S = 0.5
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
   max_new_tokens: int = 32
+  # Ranges (validate_sampling): temperature [0, 100], top_p (0, 1] (the most likely token is
+  # always kept), top_k [0, 2**31 - 1], seed [0, 2**64 - 1].
   temperature: float = 0.0  # 0 = greedy
   top_k: int = 0  # 0 = off
   top_p: float = 1.0  # 1 = off
@@ -56,11 +59,87 @@ def new_request_id() -> str:
   return uuid.uuid4().hex
 
 
+# The documented ranges of a request's fields: the one place both protocols are checked
+# against (HTTP and gRPC only check JSON / wire types before this).
+MAX_TEMPERATURE = 100.0  # float32 on device: far below its overflow, and already ~uniform
+MAX_TOP_K = 2**31 - 1  # int32 on device; 0 = off, a value above the vocabulary keeps it all
+MAX_SEED = 2**64 - 1  # uint64, as the proto allows (two 32-bit words on device)
+MAX_STOP_TOKEN_IDS = 1024  # the model's EOS ids included
+# A caller's request id is echoed back to it (gRPC) and names the request in logs.
+MAX_REQUEST_ID_BYTES = 256
+
+
+def _shown(value) -> str:
+  """A value for an error message: a hostile huge one is cut, not echoed whole."""
+  text = repr(value)
+  return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _as_int(value, field: str) -> int:
+  if isinstance(value, bool):
+    raise InvalidRequestError(field, f"must be an integer, got {value!r}")
+  try:
+    return operator.index(value)
+  except TypeError:
+    raise InvalidRequestError(field, f"must be an integer, got {_shown(value)}") from None
+
+
+def _as_finite(value, field: str) -> float:
+  """The value as a finite float; NaN, infinities, numbers past float's range and
+  non-numbers are refused."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise InvalidRequestError(field, f"must be a number, got {_shown(value)}")
+  try:
+    number = float(value)
+  except OverflowError:  # an int past 1.8e308
+    number = math.inf
+  if not math.isfinite(number):
+    raise InvalidRequestError(field, f"must be a finite number, got {_shown(value)}")
+  return number
+
+
 def _as_token_ids(values, field: str) -> list[int]:
   try:
     return [operator.index(v) for v in values]
   except TypeError:
     raise InvalidRequestError(field, "token ids must be integers") from None
+
+
+def validate_request_id(request_id) -> None:
+  """A caller-chosen request id: None/"" (the engine picks one) or a printable string of at
+  most MAX_REQUEST_ID_BYTES bytes of UTF-8."""
+  if request_id is None or request_id == "":
+    return
+  if not isinstance(request_id, str):
+    raise InvalidRequestError("request_id", "must be a string")
+  try:
+    size = len(request_id.encode("utf-8"))
+  except UnicodeEncodeError:
+    raise InvalidRequestError("request_id", "is not valid Unicode") from None
+  if size > MAX_REQUEST_ID_BYTES:
+    raise InvalidRequestError("request_id", f"is {size} bytes; at most "
+                              f"{MAX_REQUEST_ID_BYTES} bytes are allowed")
+  if not request_id.isprintable():  # no newlines or escapes in logs
+    raise InvalidRequestError("request_id", "must be printable (no control characters)")
+
+
+def validate_sampling(params: SamplingParams) -> None:
+  """The sampling fields' documented ranges (see the MAX_* constants); InvalidRequestError
+  naming the first field out of range."""
+  temperature = _as_finite(params.temperature, "temperature")
+  if not 0 <= temperature <= MAX_TEMPERATURE:
+    raise InvalidRequestError("temperature", f"must be in [0, {MAX_TEMPERATURE:g}] (0 = greedy), "
+                              f"got {_shown(params.temperature)}")
+  top_p = _as_finite(params.top_p, "top_p")
+  if not 0 < top_p <= 1:  # the sampler always keeps the most likely token, however small p is
+    raise InvalidRequestError("top_p", f"must be in (0, 1], got {_shown(params.top_p)}")
+  top_k = _as_int(params.top_k, "top_k")
+  if not 0 <= top_k <= MAX_TOP_K:
+    raise InvalidRequestError("top_k", f"must be in [0, 2**31 - 1] (0 = off), got {top_k}")
+  seed = _as_int(params.seed, "seed")
+  if not 0 <= seed <= MAX_SEED:
+    raise InvalidRequestError("seed", f"must be an integer in [0, 2**64 - 1], got "
+                              f"{_shown(params.seed)}")
 
 
 def validate_request(info: ModelInfo, prompt_tokens: Sequence[int], params: SamplingParams) -> None:
@@ -71,32 +150,24 @@ def validate_request(info: ModelInfo, prompt_tokens: Sequence[int], params: Samp
   for position, token in enumerate(prompt):
     if not 0 <= token < info.vocab_size:
       raise InvalidRequestError(
-          "prompt", f"token id {token} at position {position} is outside the vocabulary "
-          f"[0, {info.vocab_size}) of model {info.name!r}")
-  if params.max_new_tokens <= 0:
-    raise InvalidRequestError("max_tokens", f"must be positive, got {params.max_new_tokens}")
-  if len(prompt) + params.max_new_tokens > info.max_seq_len:
+          "prompt", f"token id {_shown(token)} at position {position} is outside the "
+          f"vocabulary [0, {info.vocab_size}) of model {info.name!r}")
+  max_new_tokens = _as_int(params.max_new_tokens, "max_tokens")
+  if max_new_tokens <= 0:
+    raise InvalidRequestError("max_tokens", f"must be positive, got {max_new_tokens}")
+  if len(prompt) + max_new_tokens > info.max_seq_len:
     raise InvalidRequestError(
-        "max_tokens", f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_new_tokens}) "
+        "max_tokens", f"prompt ({len(prompt)} tokens) + max_tokens ({_shown(max_new_tokens)}) "
         f"exceeds the maximum sequence length {info.max_seq_len} of model {info.name!r}")
-  # `not x >= 0` also rejects NaN.
-  if not params.temperature >= 0 or math.isinf(params.temperature):
-    raise InvalidRequestError("temperature",
-                              f"must be a finite number >= 0, got {params.temperature}")
-  if not 0 < params.top_p <= 1:
-    raise InvalidRequestError("top_p", f"must be in (0, 1], got {params.top_p}")
-  try:
-    seed = operator.index(params.seed)
-  except TypeError:
-    seed = None
-  if seed is None or isinstance(params.seed, bool) or not 0 <= seed < 1 << 64:
-    raise InvalidRequestError("seed", f"must be an integer in [0, 2**64), got {params.seed!r}")
-  if params.top_k < 0:
-    raise InvalidRequestError("top_k", f"must be >= 0 (0 = off), got {params.top_k}")
-  for token in _as_token_ids(params.stop_token_ids, "stop_token_ids"):
+  validate_sampling(params)
+  stop_ids = _as_token_ids(params.stop_token_ids, "stop_token_ids")
+  if len(stop_ids) > MAX_STOP_TOKEN_IDS:
+    raise InvalidRequestError("stop_token_ids", f"{len(stop_ids)} ids; at most "
+                              f"{MAX_STOP_TOKEN_IDS}, the model's EOS ids included")
+  for token in stop_ids:
     if not 0 <= token < info.vocab_size:
-      raise InvalidRequestError(
-          "stop_token_ids", f"token id {token} is outside the vocabulary [0, {info.vocab_size})")
+      raise InvalidRequestError("stop_token_ids", f"token id {_shown(token)} is outside the "
+                                f"vocabulary [0, {info.vocab_size})")
 
 
 class RequestHandle:

@@ -16,11 +16,14 @@ def _filter_top_k_top_p(scaled, top_k, top_p):
   k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
   kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)
   scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
-  # top-p: keep the smallest prefix of the sorted distribution whose mass reaches p.
-  sorted_desc = jnp.where(jnp.arange(vocab)[None, :] < k[:, None], sorted_desc, -jnp.inf)
+  # top-p: keep the smallest prefix of the sorted distribution whose mass reaches p, and
+  # always the most likely token (as vLLM does): a p that rounds to 0 in float32 (1e-50) would
+  # otherwise keep nothing and draw from all -inf.
+  rank = jnp.arange(vocab)[None, :]
+  sorted_desc = jnp.where(rank < k[:, None], sorted_desc, -jnp.inf)
   probs = jax.nn.softmax(sorted_desc, axis=-1)
   mass_before = jnp.cumsum(probs, axis=-1) - probs
-  keep = mass_before < top_p[:, None]
+  keep = (mass_before < top_p[:, None]) | (rank == 0)
   cutoff = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
   return jnp.where(scaled < cutoff, -jnp.inf, scaled)
 

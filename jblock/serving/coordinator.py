@@ -162,9 +162,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
       gone = lambda: generation.close(_gone_status(context).name)
       if not context.add_callback(gone):
         gone()
+      # The request id rides on the first and the last message only: on every message, a
+      # long id would be multiplied by the length of the stream.
+      request_id = generation.request_id
       for delta in generation:
-        yield pb.GenerateResponse(request_id=generation.request_id,
-                                  token_ids=delta.token_ids, text=delta.text)
+        yield pb.GenerateResponse(request_id=request_id, token_ids=delta.token_ids,
+                                  text=delta.text)
+        request_id = ""
       if not context.is_active():
         return  # the client is gone: nobody to send the last message to
       status = grpc.StatusCode.OK

@@ -26,7 +26,7 @@ from typing import Sequence
 
 from jblock.errors import InvalidRequestError, NotFoundError, OverloadedError
 from jblock.errors import UnavailableError
-from jblock.runtime.engine_api import Engine, ModelInfo
+from jblock.runtime.engine_api import Engine, ModelInfo, validate_request_id
 from jblock.serving import text
 from jblock.serving.generation import Generation
 from jblock.serving.prompts import ModelText, check_stop, utf8, validate_messages
@@ -35,6 +35,8 @@ from jblock.serving.tenants import OPEN, PermissionDeniedError, Principal, Tenan
 
 # A request body / gRPC message larger than this is refused before it is parsed.
 DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+# Model names (zoo names are at most 128 characters): a longer one is refused, not looked up.
+MAX_MODEL_NAME_BYTES = 256
 
 
 class DrainState:
@@ -147,6 +149,8 @@ class Frontend:
   def model(self, principal: Principal, name) -> ModelInfo:
     if not isinstance(name, str) or not name:
       raise InvalidRequestError("model", "is required")
+    if len(utf8(name, "model")) > MAX_MODEL_NAME_BYTES:
+      raise InvalidRequestError("model", f"is longer than {MAX_MODEL_NAME_BYTES} bytes")
     if principal.may_use(name):
       for info in self.engine.list_models():
         if info.name == name:
@@ -184,7 +188,9 @@ class Frontend:
     return list(request.token_ids)
 
   def _precheck(self, request: GenerationRequest, mt: ModelText) -> None:
-    """Cheap checks before any tokenising: the prompt's kind and byte size."""
+    """Cheap checks before any tokenising: the request id, the prompt's kind and byte size.
+    Sampling ranges are the engine's (engine_api.validate_request), for both protocols."""
+    validate_request_id(request.request_id)
     given = [x is not None for x in (request.text, request.token_ids, request.messages)]
     if sum(given) != 1:
       raise InvalidRequestError("prompt", "give exactly one of a text prompt, token ids or "
@@ -328,4 +334,4 @@ def tenants_from_flag(path: str | None) -> Tenants | None:
 
 
 __all__ = ["DEFAULT_MAX_REQUEST_BYTES", "DrainState", "Frontend", "Generation",
-           "GenerationRequest", "tenants_from_flag"]
+           "GenerationRequest", "MAX_MODEL_NAME_BYTES", "tenants_from_flag"]

@@ -30,6 +30,7 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                 503: "server_error", 500: "server_error", 504: "server_error"}
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_USER_CHARS = 256
 
 
 class BodyTooLargeError(InvalidRequestError):
@@ -79,27 +80,25 @@ async def _read_json(request: Request, limit: int) -> dict:
   return data
 
 
-def _int(data: dict, key: str, low: int | None = None, high: int | None = None):
+# Only JSON types are checked here; the ranges are the engine's (engine_api.validate_request),
+# the same for gRPC.
+def _int(data: dict, key: str):
   value = data.get(key)
   if value is None:
     return None
   if isinstance(value, bool) or not isinstance(value, int):
     raise InvalidRequestError(key, f"must be an integer, got {type(value).__name__}")
-  if (low is not None and value < low) or (high is not None and value > high):
-    raise InvalidRequestError(key, f"must be in [{low}, {high if high is not None else '∞'}], "
-                              f"got {value}")
   return value
 
 
-def _float(data: dict, key: str, low: float, high: float):
+def _number(data: dict, key: str):
+  """A JSON number as parsed (NaN and Infinity too: the engine refuses them, naming `key`)."""
   value = data.get(key)
   if value is None:
     return None
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-    raise InvalidRequestError(key, "must be a number")
-  if not low <= value <= high:
-    raise InvalidRequestError(key, f"must be in [{low}, {high}], got {value}")
-  return float(value)
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise InvalidRequestError(key, f"must be a number, got {type(value).__name__}")
+  return value
 
 
 def _bool(data: dict, key: str) -> bool:
@@ -126,7 +125,7 @@ def _common(data: dict, *, chat: bool) -> tuple[GenerationRequest, dict]:
   model = data.get("model")
   if not isinstance(model, str) or not model:
     raise InvalidRequestError("model", "is required (a model name from GET /v1/models)")
-  n = _int(data, "n", 1)
+  n = _int(data, "n")
   if n not in (None, 1):
     raise InvalidRequestError("n", "only n=1 is supported")
   for key in ("presence_penalty", "frequency_penalty", "logit_bias", "suffix", "tools",
@@ -144,15 +143,16 @@ def _common(data: dict, *, chat: bool) -> tuple[GenerationRequest, dict]:
     stop = []
   elif not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
     raise InvalidRequestError("stop", "must be a string or a list of strings")
-  max_tokens = _int(data, "max_completion_tokens", 1) if chat else None
+  user = data.get("user")  # OpenAI's end-user id: accepted, not used
+  if user is not None and (not isinstance(user, str) or len(user) > MAX_USER_CHARS):
+    raise InvalidRequestError("user", f"must be a string of at most {MAX_USER_CHARS} characters")
+  max_tokens = _int(data, "max_completion_tokens") if chat else None
   if max_tokens is None:
-    max_tokens = _int(data, "max_tokens", 1)
+    max_tokens = _int(data, "max_tokens")
   request = GenerationRequest(
-      model=model, max_tokens=max_tokens, temperature=_float(data, "temperature", 0.0, 2.0),
-      top_p=_float(data, "top_p", 0.0, 1.0), top_k=_int(data, "top_k", 0, 2**31 - 1),
-      seed=_int(data, "seed", 0, 2**63 - 1), stop=tuple(stop))
-  if request.top_p == 0.0:
-    raise InvalidRequestError("top_p", "must be in (0, 1]")
+      model=model, max_tokens=max_tokens, temperature=_number(data, "temperature"),
+      top_p=_number(data, "top_p"), top_k=_int(data, "top_k"), seed=_int(data, "seed"),
+      stop=tuple(stop))
   stream = _bool(data, "stream")
   options = data.get("stream_options")
   if options is not None and not isinstance(options, dict):

@@ -143,6 +143,19 @@ def test_top_k_one_is_greedy(shared_engine, expected):
   assert out == expected[0]
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_a_tiny_top_p_keeps_the_most_likely_token(shared_engine, expected):
+  # 1e-9 is tiny; 1e-50 rounds to 0 in float32 (it once kept no token: token 0, often EOS).
+  for top_p in (1e-9, 1e-50):
+    out = shared_engine.submit("v0", PROMPTS[0], max_new_tokens=NEW_TOKENS, temperature=1.0,
+                               top_p=top_p, seed=7).result(60)
+    assert out == expected[0], top_p
+  with pytest.raises(InvalidRequestError, match="top_p"):
+    shared_engine.submit("v0", PROMPTS[0], temperature=1.0, top_p=0.0)
+  with pytest.raises(InvalidRequestError, match="temperature"):
+    shared_engine.submit("v0", PROMPTS[0], temperature=1e300)
+
+
 def test_stop_tokens_end_the_request(shared_engine, expected):
   stop = expected[0][4]
   h = shared_engine.submit("v0", PROMPTS[0], max_new_tokens=NEW_TOKENS, stop_token_ids=[stop])

@@ -21,12 +21,28 @@ INFO = ModelInfo(name="m", family="mock", vocab_size=50, max_seq_len=64, chain=(
     ([1.5], SamplingParams(), "prompt", "integers"),
     ([1], SamplingParams(max_new_tokens=0), "max_tokens", "must be positive, got 0"),
     ([1] * 10, SamplingParams(max_new_tokens=55), "max_tokens", "maximum sequence length 64"),
-    ([1], SamplingParams(temperature=-0.1), "temperature", ">= 0"),
-    ([1], SamplingParams(temperature=float("nan")), "temperature", ">= 0"),
+    ([1], SamplingParams(max_new_tokens=True), "max_tokens", "integer"),
+    ([1], SamplingParams(max_new_tokens=10**400), "max_tokens", "...) exceeds the maximum"),
+    ([1], SamplingParams(temperature=-0.1), "temperature", "[0, 100]"),
+    ([1], SamplingParams(temperature=100.001), "temperature", "[0, 100]"),
+    ([1], SamplingParams(temperature=1e300), "temperature", "[0, 100]"),
+    ([1], SamplingParams(temperature=float("nan")), "temperature", "finite number, got nan"),
+    ([1], SamplingParams(temperature=float("inf")), "temperature", "finite number, got inf"),
+    ([1], SamplingParams(temperature=10**400), "temperature", "finite number, got 1000"),
+    ([1], SamplingParams(temperature="0.5"), "temperature", "must be a number"),
+    ([1], SamplingParams(temperature=True), "temperature", "must be a number"),
     ([1], SamplingParams(top_p=0.0), "top_p", "(0, 1]"),
+    ([1], SamplingParams(top_p=-1e-50), "top_p", "(0, 1]"),
     ([1], SamplingParams(top_p=1.01), "top_p", "(0, 1]"),
-    ([1], SamplingParams(top_k=-1), "top_k", ">= 0"),
+    ([1], SamplingParams(top_p=float("nan")), "top_p", "finite"),
+    ([1], SamplingParams(top_k=-1), "top_k", "[0, 2**31 - 1]"),
+    ([1], SamplingParams(top_k=2**31), "top_k", "[0, 2**31 - 1]"),
+    ([1], SamplingParams(top_k=2.0), "top_k", "integer"),
+    ([1], SamplingParams(seed=2**64), "seed", "[0, 2**64 - 1]"),
+    ([1], SamplingParams(seed=-1), "seed", "[0, 2**64 - 1]"),
+    ([1], SamplingParams(seed=1.5), "seed", "integer"),
     ([1], SamplingParams(stop_token_ids=(3, 99)), "stop_token_ids", "token id 99"),
+    ([1], SamplingParams(stop_token_ids=(1,) * 1025), "stop_token_ids", "at most 1024"),
 ])
 def test_validate_request_names_the_field(prompt, params, field, phrase):
   with pytest.raises(InvalidRequestError) as e:
@@ -43,6 +59,21 @@ def test_validate_request_accepts_the_edges():
   engine_api.validate_request(INFO, [1], SamplingParams(max_new_tokens=63, top_p=1e-6,
                                                         temperature=2.0, top_k=5,
                                                         stop_token_ids=(0, 49)))
+  # The documented ranges' other ends; a top_p that rounds to 0 in float32 is still > 0.
+  engine_api.validate_request(INFO, [1], SamplingParams(temperature=100, top_p=1e-50,
+                                                        top_k=2**31 - 1, seed=2**64 - 1,
+                                                        stop_token_ids=(1,) * 1024))
+
+
+def test_a_long_request_id_is_refused_naming_it():
+  for ok in (None, "", "req-7", "é" * 128, "x" * engine_api.MAX_REQUEST_ID_BYTES):
+    engine_api.validate_request_id(ok)
+  for bad, phrase in (("x" * 257, "257 bytes"), ("é" * 129, "258 bytes"),
+                      ("x" * 500_000, "at most 256 bytes"), ("a\nb", "printable"),
+                      ("\ud800", "Unicode"), (7, "string")):
+    with pytest.raises(InvalidRequestError) as e:
+      engine_api.validate_request_id(bad)
+    assert e.value.field == "request_id" and phrase in str(e.value), bad
 
 
 def test_request_handle_streams_and_finishes():
