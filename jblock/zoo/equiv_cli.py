@@ -14,7 +14,7 @@ def resolve_block(zoo, prefix: str) -> str:
     raise InvalidRequestError("block", f"{prefix!r}: give at least 6 hex digits of a block id")
   found = [b for b in zoo.block_ids() if b.startswith(prefix)]
   if not found:
-    raise NotFoundError(f"no block with id {prefix}... in the zoo at {zoo.root}")
+    raise NotFoundError(f"no block with id {prefix}... in the zoo")
   if len(found) > 1:
     raise InvalidRequestError("block", f"{prefix!r} matches {len(found)} blocks; give more digits")
   return found[0]

@@ -194,7 +194,7 @@ class Equivalence:
       unknown = [m for m in sources if m not in models]
       if unknown:
         raise InvalidRequestError("candidates", f"no model {', '.join(map(repr, unknown))} in "
-                                  f"the zoo at {self.zoo.root}")
+                                  "the zoo")
       return [m for m in sources if m != self.name]
     base = ((self.manifest.get("adapter") or {}).get("base_model")
             or (self.manifest.get("lineage") or {}).get("base_model"))
