@@ -176,7 +176,7 @@ class MeshChain:
 
   def __init__(self, zoo, model: str, mesh, batch_size: int, max_seq_len: int,
                page_size: int = 16, verify: bool = True):
-    manifest = zoo.manifest(model)
+    manifest = zoo.checked_manifest(model)
     if manifest.get("deltas"):
       raise ValueError(f"model {model!r} is a LoRA adapter: adapters are not run on a "
                        "multi-host mesh (serve its base, or the adapter on one host)")

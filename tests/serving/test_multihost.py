@@ -61,7 +61,7 @@ def started(zoo_dir, tmp_path_factory):
   head_id = Zoo(str(broken)).manifest("base")["chain"][-1]
   record_path = broken / "blocks" / head_id / "block.json"
   record = json.loads(record_path.read_text())
-  record["config"]["norm_eps"] *= 2
+  record["config"]["tampered"] = True  # a field no chain check compares: only the hash tells
   record_path.write_text(json.dumps(record))
   lone = lambda *args: [f"--dist_coordinator=127.0.0.1:{free_port()}", "--model=base",
                         "--prompt=1", *args]
