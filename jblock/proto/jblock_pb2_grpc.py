@@ -388,7 +388,8 @@ class RegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Heartbeat(self, request, context):
-        """NOT_FOUND: the coordinator does not know this worker (declared dead, or restarted).
+        """NOT_FOUND: the coordinator does not know this worker (it restarted): register again.
+        FAILED_PRECONDITION: it was declared dead (its blocks were moved): the worker exits.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
