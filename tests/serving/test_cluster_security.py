@@ -387,8 +387,9 @@ def test_a_worker_process_with_the_token_file_joins_and_one_without_is_refused(
   with_token = subprocess.Popen(common + [f"--cluster_token_file={token_file}"], cwd=REPO,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
-    without = subprocess.run(common + ["--host=0.0.0.0"], cwd=REPO, capture_output=True,
-                             text=True, timeout=120)
+    # An open worker (no token, no TLS) may not listen beyond loopback.
+    without = subprocess.run(common + ["--insecure_cluster", "--host=0.0.0.0"], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
     assert without.returncode != 0 and "--host: '0.0.0.0' is reachable" in without.stderr
     address = _wait_line(with_token, r"serving on (127\.0\.0\.1:\d+)", timeout=120).group(1)
     alive = {w["address"] for w in token_cluster.engine.stats()["workers"]
