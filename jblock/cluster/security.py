@@ -2,7 +2,9 @@
 
 Every internal RPC (coordinator -> worker BlockHost, worker -> coordinator Registry, worker ->
 worker) carries the cluster token as metadata; servers check it in constant time before any
-handler runs and answer UNAUTHENTICATED otherwise. With TLS configured, servers present their
+handler runs or any body is parsed and answer UNAUTHENTICATED otherwise; a body that is not the
+method's message gets INVALID_ARGUMENT (jblock parses it, not gRPC), and repeated failures are
+logged rate-limited (jblock.log_limits). With TLS configured, servers present their
 certificate and require the peer's, both signed by the cluster's CA. A process configured with
 neither listens on 127.0.0.1 only (`bind_host`), so only local callers can reach it.
 
@@ -10,6 +12,7 @@ Client-facing ports (Inference, Admin, HTTP) take the same certificate and key b
 for client certificates: tenants' API keys identify callers there.
 """
 
+import contextlib
 import dataclasses
 import hmac
 import ipaddress
@@ -19,6 +22,7 @@ from typing import Callable, Sequence
 import grpc
 
 from jblock.errors import InvalidRequestError, JBlockError
+from jblock.log_limits import limited
 
 TOKEN_METADATA = "x-jblock-cluster-token"
 LOOPBACK = "127.0.0.1"
@@ -104,68 +108,127 @@ def bind_host(host: str, credentials: ClusterCredentials | None, what: str, flag
 # ---- servers ----------------------------------------------------------------------------------
 
 
-def _rejecting_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str):
-  """A handler of the same kind as `handler` that aborts every call with `code`."""
+def _same_kind(handler: grpc.RpcMethodHandler, unary_fn, stream_fn, response_serializer):
+  """A handler of `handler`'s kind over raw request bytes (request_deserializer None): gRPC
+  never parses a body itself, so a garbage body cannot reach its "Exception deserializing
+  request" path (INTERNAL and a traceback per call); jblock parses it in `guard_handler`."""
+  kwargs = dict(request_deserializer=None, response_serializer=response_serializer)
+  if handler.unary_unary:
+    return grpc.unary_unary_rpc_method_handler(unary_fn, **kwargs)
+  if handler.unary_stream:
+    return grpc.unary_stream_rpc_method_handler(stream_fn, **kwargs)
+  if handler.stream_unary:
+    return grpc.stream_unary_rpc_method_handler(unary_fn, **kwargs)
+  return grpc.stream_stream_rpc_method_handler(stream_fn, **kwargs)
+
+
+def reject_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str):
+  """A handler of the same kind as `handler` that aborts every call with `code`, without
+  reading the request body."""
   def abort(request_or_iterator, context):
     context.abort(code, message)
 
-  kwargs = dict(request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-  if handler.unary_unary:
-    return grpc.unary_unary_rpc_method_handler(abort, **kwargs)
-  if handler.unary_stream:
-    return grpc.unary_stream_rpc_method_handler(abort, **kwargs)
-  if handler.stream_unary:
-    return grpc.stream_unary_rpc_method_handler(abort, **kwargs)
-  return grpc.stream_stream_rpc_method_handler(abort, **kwargs)
+  return _same_kind(handler, abort, abort, handler.response_serializer)
+
+
+_rejecting_handler = reject_handler  # the name it had
 
 
 def _status(error: Exception) -> grpc.StatusCode:
   return getattr(grpc.StatusCode, getattr(error, "grpc_code", ""), grpc.StatusCode.INTERNAL)
 
 
-def _guarded(handler: grpc.RpcMethodHandler, method: str):
-  """`handler` with unexpected exceptions turned into INTERNAL plus one log line (no
-  traceback, no UNKNOWN); aborts the handler itself made pass through unchanged."""
-  def wrap(fn):
-    def call(request_or_iterator, context):
+def _message_name(deserializer) -> str:
+  """'jblock.v1.GenerateRequest' for GenerateRequest.FromString."""
+  owner = getattr(deserializer, "__self__", None)
+  descriptor = getattr(owner, "DESCRIPTOR", None)
+  return getattr(descriptor, "full_name", None) or "request message"
+
+
+def _parser(deserializer, method: str):
+  """Raw bytes -> the request message; InvalidRequestError naming the message when the bytes
+  are not one (protobuf's DecodeError, or anything else the deserializer raises)."""
+  if deserializer is None:
+    return lambda raw: raw
+  name = _message_name(deserializer)
+
+  def parse(raw):
+    try:
+      return deserializer(raw)
+    except Exception:  # DecodeError; message text from the parser is not for clients
+      limited.warning(f"{method}: bad body", "jblock: %s: refused a %d-byte body that is not "
+                      "a valid %s", method, len(raw), name)
+      raise InvalidRequestError("request", f"the body of {method} is not a valid {name} "
+                                f"({len(raw)} bytes)") from None
+  return parse
+
+
+def guard_handler(handler: grpc.RpcMethodHandler, method: str, gate=None):
+  """`handler` reading raw bytes and parsing them itself (a bad body: INVALID_ARGUMENT), with
+  JBlockErrors turned into their status and unexpected exceptions into INTERNAL plus a
+  rate-limited log line (no traceback per call, no UNKNOWN); aborts the handler itself made
+  pass through unchanged. `gate`: a context manager factory entered around each call (it may
+  raise a JBlockError, e.g. OverloadedError, to refuse the call)."""
+  parse = _parser(handler.request_deserializer, method)
+  gate = gate or contextlib.nullcontext
+
+  def failed(context, e: Exception):
+    if isinstance(e, JBlockError):  # a bad field or a refusal: the status the error names
+      context.abort(_status(e), str(e))
+    if context.code() is not None:  # context.abort() raised: the status is already set
+      raise e
+    limited.error(f"{method}: {type(e).__name__}", "jblock: %s failed: %s: %s", method,
+                  type(e).__name__, e)
+    context.abort(grpc.StatusCode.INTERNAL, f"{method}: {type(e).__name__}: {e}")
+
+  def request(raw_or_iterator, streaming: bool):
+    if streaming:
+      return (parse(raw) for raw in raw_or_iterator)
+    return parse(raw_or_iterator)
+
+  def wrap(fn, streaming):
+    def call(raw_or_iterator, context):
       try:
-        return fn(request_or_iterator, context)
-      except JBlockError as e:  # a bad field or a refusal: the status the error names
-        context.abort(_status(e), str(e))
+        with gate():
+          return fn(request(raw_or_iterator, streaming), context)
       except Exception as e:
-        if context.code() is not None:  # context.abort() raised: the status is already set
-          raise
-        logging.error("jblock: %s failed: %s: %s", method, type(e).__name__, e)
-        context.abort(grpc.StatusCode.INTERNAL, f"{method}: {type(e).__name__}: {e}")
+        failed(context, e)
     return call
 
-  def wrap_stream(fn):
-    def call(request_or_iterator, context):
+  def wrap_stream(fn, streaming):
+    def call(raw_or_iterator, context):
       try:
-        yield from fn(request_or_iterator, context)
-      except JBlockError as e:
-        context.abort(_status(e), str(e))
+        with gate():
+          yield from fn(request(raw_or_iterator, streaming), context)
       except Exception as e:
-        if context.code() is not None:
-          raise
-        logging.error("jblock: %s failed: %s: %s", method, type(e).__name__, e)
-        context.abort(grpc.StatusCode.INTERNAL, f"{method}: {type(e).__name__}: {e}")
+        failed(context, e)
     return call
 
-  kwargs = dict(request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
   if handler.unary_unary:
-    return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary), **kwargs)
-  if handler.unary_stream:
-    return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream), **kwargs)
-  if handler.stream_unary:
-    return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary), **kwargs)
-  return grpc.stream_stream_rpc_method_handler(wrap_stream(handler.stream_stream), **kwargs)
+    unary, stream = wrap(handler.unary_unary, False), None
+  elif handler.unary_stream:
+    unary, stream = None, wrap_stream(handler.unary_stream, False)
+  elif handler.stream_unary:
+    unary, stream = wrap(handler.stream_unary, True), None
+  else:
+    unary, stream = None, wrap_stream(handler.stream_stream, True)
+  return _same_kind(handler, unary, stream, handler.response_serializer)
+
+
+_guarded = guard_handler  # the name it had
+
+
+def metadata_value(metadata, key: str):
+  """The first value of `key` in a call's invocation metadata (None when absent)."""
+  for k, value in metadata or ():
+    if k == key:
+      return value
+  return None
 
 
 class ClusterGuard(grpc.ServerInterceptor):
-  """Refuses calls without the cluster token (UNAUTHENTICATED) before any handler runs, and
+  """Refuses calls without the cluster token (UNAUTHENTICATED) before any handler runs or any
+  body is parsed, parses the bodies of the calls it lets in (garbage: INVALID_ARGUMENT), and
   keeps handler crashes from surfacing as UNKNOWN."""
 
   def __init__(self, token: bytes | None):
@@ -177,14 +240,14 @@ class ClusterGuard(grpc.ServerInterceptor):
       return None
     method = handler_call_details.method.rsplit("/", 1)[-1]
     if self._token is not None:
-      sent = b""
-      for key, value in handler_call_details.invocation_metadata or ():
-        if key == TOKEN_METADATA:
-          sent = value.encode() if isinstance(value, str) else value
+      sent = metadata_value(handler_call_details.invocation_metadata, TOKEN_METADATA) or b""
+      sent = sent.encode() if isinstance(sent, str) else sent
       if not hmac.compare_digest(sent, self._token):
-        return _rejecting_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
-                                  f"{method}: missing or wrong cluster token ({TOKEN_METADATA})")
-    return _guarded(handler, method)
+        limited.warning("cluster token refused", "jblock: %s: refused a call without the "
+                        "cluster token", method)
+        return reject_handler(handler, grpc.StatusCode.UNAUTHENTICATED,
+                              f"{method}: missing or wrong cluster token ({TOKEN_METADATA})")
+    return guard_handler(handler, method)
 
 
 def server_interceptors(credentials: ClusterCredentials | None) -> list[grpc.ServerInterceptor]:

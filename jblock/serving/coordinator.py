@@ -5,14 +5,19 @@ prompts, stop strings, text), like the OpenAI-compatible HTTP API (http.py). Eve
 reaches the client as a gRPC status with a readable message (a JBlockError's `grpc_code`,
 INTERNAL for bugs) and never takes the server down. A client that cancels or misses its
 deadline cancels its engine request, so its KV slots are freed at once. The caller's key is
-the metadata `authorization: Bearer KEY`; Admin needs the admin key. The server also serves
-grpc.health.v1 and server reflection.
+the metadata `authorization: Bearer KEY`, checked before the request body is parsed
+(FrontDoor: garbage without a key is UNAUTHENTICATED, with one INVALID_ARGUMENT); Admin needs
+the admin key. Errors name no filesystem path. The server also serves grpc.health.v1 and
+server reflection.
 """
 
+import contextlib
 import functools
 import json
-import logging
 import math
+import os
+import re
+import threading
 from concurrent import futures
 
 import grpc
@@ -22,7 +27,8 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jblock.cluster import security
-from jblock.errors import InvalidRequestError, JBlockError
+from jblock.errors import InvalidRequestError, JBlockError, OverloadedError
+from jblock.log_limits import limited
 from jblock.proto import jblock_pb2 as pb
 from jblock.proto import jblock_pb2_grpc as pb_grpc
 from jblock.runtime.engine_api import Engine, ModelInfo
@@ -82,20 +88,37 @@ def stats_proto(stats: dict) -> pb.StatsResponse:
   return response
 
 
-def _abort_on_error(context: grpc.ServicerContext, error: Exception) -> None:
+# An absolute path in an error message: "/" not inside a word, up to a space or punctuation.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/[^\s'\"():;,]*")
+
+
+def redact_paths(message: str, zoo_root: str | None = None) -> str:
+  """`message` without absolute filesystem paths, for clients: a path inside the zoo becomes
+  relative to it ("models/x.json"), the zoo itself "<zoo>", any other path its last part."""
+  if zoo_root:
+    root = zoo_root.rstrip("/")
+    message = message.replace(root + "/", "").replace(root, "<zoo>")
+  return _ABSOLUTE_PATH.sub(lambda m: os.path.basename(m.group(0).rstrip("/")) or "<path>",
+                            message)
+
+
+def _abort_on_error(context: grpc.ServicerContext, error: Exception,
+                    zoo_root: str | None = None) -> None:
   if isinstance(error, JBlockError):
     retry = getattr(error, "retry_after_s", None)
     if retry is not None:
       # A retry hint as trailing metadata (seconds) and in the message.
       context.set_trailing_metadata((("retry-after", str(max(1, math.ceil(retry)))),))
-    context.abort(status_code(error), str(error))
-  logging.exception("internal error serving a request")
+    context.abort(status_code(error), redact_paths(str(error), zoo_root))
+  # A traceback for the first of a kind per interval, not one per request.
+  limited.error(f"internal: {type(error).__name__}", "jblock: internal error serving a "
+                "request: %s", type(error).__name__, exc_info=error)
   context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
 
 
-def api_key(context: grpc.ServicerContext) -> str | None:
-  """The key in the call's metadata: 'authorization: Bearer KEY' (or 'x-api-key: KEY')."""
-  for key, value in context.invocation_metadata() or ():
+def key_from_metadata(metadata) -> str | None:
+  """The key in a call's metadata: 'authorization: Bearer KEY' (or 'x-api-key: KEY')."""
+  for key, value in metadata or ():
     if key == "authorization" and isinstance(value, str):
       scheme, _, token = value.partition(" ")
       return token.strip() if scheme.lower() == "bearer" else None
@@ -104,15 +127,20 @@ def api_key(context: grpc.ServicerContext) -> str | None:
   return None
 
 
+def api_key(context: grpc.ServicerContext) -> str | None:
+  return key_from_metadata(context.invocation_metadata())
+
+
 def _unary_errors(method):
-  """Maps exceptions of a unary handler to gRPC statuses."""
+  """Maps exceptions of a unary handler to gRPC statuses (paths in messages made relative to
+  the servicer's `_zoo_root`, if it has one)."""
 
   @functools.wraps(method)
   def handler(self, request, context):
     try:
       return method(self, request, context)
     except Exception as e:  # every error becomes a status; the server keeps serving
-      _abort_on_error(context, e)
+      _abort_on_error(context, e, getattr(self, "_zoo_root", None))
 
   return handler
 
@@ -211,6 +239,8 @@ class AdminServicer(pb_grpc.AdminServicer):
   def __init__(self, frontend: frontend_lib.Frontend):
     self._frontend = frontend
     self._engine = frontend.engine
+    # LoadModel's errors come from the zoo with its absolute path: clients see it relative.
+    self._zoo_root = getattr(getattr(self._engine, "zoo", None), "root", None)
 
   def _admin(self, context) -> None:
     self._frontend.require_admin(self._frontend.authenticate(api_key(context)))
@@ -278,7 +308,103 @@ class CoordinatorServer(grpc.Server):
     return self._server.wait_for_termination(timeout)
 
 
-def build_server(engine: Engine, port: int = 0, host: str = "127.0.0.1", max_workers: int = 64,
+# Capacity. gRPC's sync server runs each call on a pool thread, a Generate stream for as long as
+# it streams, and refuses calls past `maximum_concurrent_rpcs` with its own "Concurrent RPC limit
+# exceeded!". The pool is therefore sized from the engine's admission limit (its waiting queue
+# plus the requests holding KV), so the engine's queue, not a thread count, bounds the streams,
+# and a stream past it gets the engine's RESOURCE_EXHAUSTED ("admission queue is full"). Why not
+# grpc.aio: the engine hands tokens out through RequestHandle's blocking iterator (a condition
+# variable), so async handlers would still park a thread per waiting stream (as the HTTP API's
+# frontend.stream_pool does) or poll. Threads waiting on a condition cost little (pages of
+# stack, created on demand), and the sync server keeps the grpc.Server API launchers use.
+CALL_HEADROOM = 64  # calls beyond the admission limit: unary calls, probes, refusals
+# Pool threads kept for refusing calls past the limit (a refusal needs a thread too), so gRPC's
+# own limit, which names no cause, stays out of reach.
+REFUSAL_THREADS = 8
+_UNKNOWN_ADMISSION = 256 + 16  # EngineConfig's defaults: max_waiting + kv_slots
+
+
+def admission_limit(engine: Engine) -> int:
+  """Generations `engine` holds at once: its admission queue (EngineConfig.max_waiting) plus
+  the requests holding KV (every layers block's KV slots: an upper bound)."""
+  config = getattr(engine, "config", None)
+  waiting = getattr(config, "max_waiting", None) or getattr(engine, "max_waiting", None)
+  if not isinstance(waiting, int):
+    return _UNKNOWN_ADMISSION
+  try:
+    blocks = engine.stats().get("blocks", [])
+  except Exception:  # an engine that cannot say: its queue bound alone, plus the default slots
+    blocks = []
+  running = sum(int(b.get("kv_slots_used", 0)) + int(b.get("kv_slots_free", 0))
+                for b in blocks if b.get("kind") == "layers")
+  return waiting + (running or 16)
+
+
+class CallLimit:
+  """At most `limit` calls inside handlers at once; one more gets RESOURCE_EXHAUSTED that says
+  so (`enter` is a guard_handler gate)."""
+
+  def __init__(self, limit: int, why: str):
+    self.limit = limit
+    self._why = why
+    self._in_flight = 0
+    self._lock = threading.Lock()
+
+  @property
+  def in_flight(self) -> int:
+    return self._in_flight
+
+  @contextlib.contextmanager
+  def enter(self):
+    with self._lock:
+      full = self._in_flight >= self.limit
+      if not full:
+        self._in_flight += 1
+    if full:
+      limited.warning("call limit", "jblock: refused a call: %d calls in progress", self.limit)
+      raise OverloadedError(f"server busy: {self.limit} calls in progress, its limit "
+                            f"({self._why}); retry shortly")
+    try:
+      yield
+    finally:
+      with self._lock:
+        self._in_flight -= 1
+
+
+def _needs_key(full_method: str) -> bool:
+  """Inference and Admin calls need a key; health probes and reflection do not."""
+  service, _, method = full_method.strip("/").rpartition("/")
+  return service in SERVICE_NAMES[:2] and (service, method) != (SERVICE_NAMES[0], "Health")
+
+
+class FrontDoor(grpc.ServerInterceptor):
+  """The client API's guard. Runs on a call's metadata before its body is read: a call that
+  needs a key and lacks a valid one is refused UNAUTHENTICATED without being parsed; the
+  others get their body parsed by jblock (garbage: INVALID_ARGUMENT, not gRPC's INTERNAL),
+  their errors mapped to statuses with rate-limited logs, and a place under `calls`."""
+
+  def __init__(self, frontend: frontend_lib.Frontend, calls: CallLimit):
+    self._frontend = frontend
+    self.calls = calls
+
+  def intercept_service(self, continuation, handler_call_details):
+    handler = continuation(handler_call_details)
+    if handler is None:
+      return None
+    method = handler_call_details.method.rsplit("/", 1)[-1]
+    if self._frontend.tenants is not None and _needs_key(handler_call_details.method):
+      try:  # a SHA-256 and constant-time compares: cheap on gRPC's polling thread
+        self._frontend.authenticate(key_from_metadata(handler_call_details.invocation_metadata))
+      except JBlockError as e:
+        if method == "Generate":
+          self._frontend.observe_refused(e)  # counted as before, under "unauthenticated"
+        limited.warning("unauthenticated", "jblock: %s: refused a call: %s", method, e)
+        return security.reject_handler(handler, status_code(e), str(e))
+    return security.guard_handler(handler, method, gate=self.calls.enter)
+
+
+def build_server(engine: Engine, port: int = 0, host: str = "127.0.0.1",
+                 max_workers: int | None = None,
                  *, metrics: ServingMetrics | None = None,
                  frontend: frontend_lib.Frontend | None = None,
                  max_message_bytes: int = frontend_lib.DEFAULT_MAX_REQUEST_BYTES,
@@ -286,18 +412,26 @@ def build_server(engine: Engine, port: int = 0, host: str = "127.0.0.1", max_wor
                  ) -> tuple[CoordinatorServer, int]:
   """A server (not started yet) for `engine` on host:port (0 picks a free port).
 
-  Each streaming Generate holds one of `max_workers` threads while it runs; RPCs beyond
-  that get RESOURCE_EXHAUSTED at once instead of waiting unseen in a queue. Messages over
-  `max_message_bytes` are refused by gRPC (RESOURCE_EXHAUSTED) before they are parsed.
-  Serves grpc.health.v1 (NOT_SERVING once draining) and server reflection too.
+  At most `max_workers` calls are served at once (None: the engine's admission limit plus
+  CALL_HEADROOM, so the engine's queue bounds the streams); one more gets RESOURCE_EXHAUSTED
+  at once, naming the limit, instead of waiting unseen in a queue. API keys are checked from
+  metadata before a body is parsed (FrontDoor). Messages over `max_message_bytes` are refused
+  by gRPC (RESOURCE_EXHAUSTED) before they are parsed. Serves grpc.health.v1 (NOT_SERVING once
+  draining) and server reflection too.
   """
   # Metrics are counted by the frontend (both protocols); `metrics` is for a server built
   # without one.
   frontend = frontend or frontend_lib.Frontend(engine, metrics=metrics,
                                                max_request_bytes=max_message_bytes)
+  if max_workers:
+    calls = CallLimit(max_workers, "--max_workers")
+  else:
+    calls = CallLimit(admission_limit(engine) + CALL_HEADROOM,
+                      "the engine's admission queue, --max_waiting, plus its running requests")
+  threads = calls.limit + REFUSAL_THREADS
   server = grpc.server(
-      futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="jblock-rpc"),
-      maximum_concurrent_rpcs=max_workers,
+      futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="jblock-rpc"),
+      interceptors=[FrontDoor(frontend, calls)], maximum_concurrent_rpcs=threads,
       options=[("grpc.max_receive_message_length", max_message_bytes)])
   inference = InferenceServicer(frontend)
   admin = AdminServicer(frontend)

@@ -3,6 +3,8 @@
   GET  /v1/models, /v1/models/{model}
   POST /v1/completions, /v1/chat/completions   (stream: server-sent events, data: [DONE])
   GET  /health                                 (200 serving, 503 draining; no key needed)
+  GET  /metrics                                (Prometheus, as vLLM serves it on its API port;
+                                                per-tenant series only with the admin key)
 
 Errors come in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with the
 HTTP status of the error (400/401/403/404/429/503); 429 carries a Retry-After header. A
@@ -18,7 +20,8 @@ import time
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 import uvicorn
 
 from jblock.errors import InvalidRequestError, JBlockError
@@ -232,6 +235,17 @@ def build_app(frontend: Frontend, *, max_body_bytes: int | None = None) -> FastA
     if frontend.drain.draining:
       return JSONResponse({"status": "draining"}, status_code=503)
     return {"status": "serving"}
+
+  @app.get("/metrics")
+  def metrics(request: Request):  # sync: FastAPI runs it on a thread (engine.stats() blocks)
+    if frontend.metrics is None:
+      return JSONResponse({"error": {"message": "this server keeps no metrics",
+                                     "type": "invalid_request_error", "param": None,
+                                     "code": "not_found"}}, status_code=404)
+    # The metrics port's rule: tenant names only for the admin (anyone on an open server).
+    admin = frontend.tenants is None or frontend.tenants.is_admin(_api_key(request))
+    return Response(frontend.metrics.render(include_tenants=admin),
+                    media_type=CONTENT_TYPE_LATEST)
 
   @app.get("/v1/models")
   async def list_models(request: Request):

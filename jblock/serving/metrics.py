@@ -3,13 +3,25 @@
 Latencies come from the request handles' engine-side timestamps; engine gauges (queue
 depth, per-block occupancy and KV slots) are read from engine.stats() at scrape time, so
 they are never stale and need no refresher thread.
+
+Per-tenant series (`jblock_tenant_*`) name tenants, so a scrape gets them only with the admin
+key (`Authorization: Bearer KEY`); other scrapes get every other series. A metrics port with no
+admin key to check (no tenants file) listens on 127.0.0.1 only.
 """
 
+import logging
+import socket
+import socketserver
+import ssl
+import threading
+from wsgiref import simple_server
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client import start_http_server
+from prometheus_client import make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from jblock.cluster.security import LOOPBACK, is_loopback
 from jblock.runtime.engine_api import Engine, RequestHandle
 
 # Decode steps run from about a millisecond (GPU) to a second (big model on CPU).
@@ -85,11 +97,29 @@ def _counters(table: dict, section: dict):
     yield metric
 
 
+def bearer_key(authorization: str | None) -> str | None:
+  """KEY of an 'Authorization: Bearer KEY' header."""
+  scheme, _, token = (authorization or "").partition(" ")
+  return token.strip() if scheme.lower() == "bearer" else None
+
+
+class _ThreadingServer(socketserver.ThreadingMixIn, simple_server.WSGIServer):
+  daemon_threads = True
+
+
+class _QuietHandler(simple_server.WSGIRequestHandler):
+  def log_message(self, *args):  # no line per scrape
+    pass
+
+
 class ServingMetrics:
-  """Request latencies and outcomes, plus the engine's gauges when an engine is given."""
+  """Request latencies and outcomes, plus the engine's gauges when an engine is given.
+
+  `registry` holds every series; `public_registry` the same ones less the per-tenant series."""
 
   def __init__(self, engine: Engine | None = None):
     self.registry = CollectorRegistry()
+    self.public_registry = CollectorRegistry()
     self.ttft = Histogram("jblock_ttft_seconds", "Time to first token (submit to first token).",
                           buckets=_LATENCY_BUCKETS, registry=self.registry)
     self.tpot = Histogram(
@@ -110,8 +140,12 @@ class ServingMetrics:
     self.tenant_ttft = Histogram("jblock_tenant_ttft_seconds", "Time to first token by tenant.",
                                  labelnames=["tenant"], buckets=_LATENCY_BUCKETS,
                                  registry=self.registry)
+    for shared in (self.ttft, self.tpot, self.latency, self.requests):
+      self.public_registry.register(shared)
     if engine is not None:
-      self.registry.register(_EngineStatsCollector(engine))
+      stats = _EngineStatsCollector(engine)
+      self.registry.register(stats)
+      self.public_registry.register(stats)
     self._http = None
 
   def observe(self, status: str, handle: RequestHandle | None = None) -> None:
@@ -139,20 +173,41 @@ class ServingMetrics:
     if handle.first_token_at is not None:
       self.tenant_ttft.labels(tenant=tenant).observe(handle.first_token_at - handle.submitted_at)
 
-  def render(self) -> bytes:
-    """The exposition text a scrape returns."""
-    return generate_latest(self.registry)
+  def render(self, include_tenants: bool = True) -> bytes:
+    """The exposition text a scrape returns; per-tenant series only with `include_tenants`."""
+    return generate_latest(self.registry if include_tenants else self.public_registry)
 
   def start_http(self, port: int, host: str = "127.0.0.1",
-                 tls_files: tuple[str, str] | None = None) -> int:
+                 tls_files: tuple[str, str] | None = None, is_admin=None) -> int:
     """Serves /metrics on `port` (0 = off) — over HTTPS with `tls_files` (certificate and key
-    PEM paths, the client-facing ports' --tls_cert/--tls_key); returns the port, or 0 when off."""
+    PEM paths, the client-facing ports' --tls_cert/--tls_key); returns the port, or 0 when off.
+
+    `is_admin(key or None) -> bool` tells the admin key: a scrape bearing it gets the per-tenant
+    series. Without `is_admin` there is no key to check, every scrape gets every series, and
+    the port listens on 127.0.0.1 only, whatever `host` says."""
     if not port:
       return 0
-    certfile, keyfile = tls_files or (None, None)
-    self._http, _ = start_http_server(port, addr=host, registry=self.registry,
-                                      certfile=certfile, keyfile=keyfile)
-    return self._http.server_port
+    if is_admin is None and not is_loopback(host):
+      logging.warning("jblock: the metrics port has no admin key to check (no --tenants): "
+                      "listening on %s only, not %s", LOOPBACK, host)
+      host = LOOPBACK
+    full, public = make_wsgi_app(self.registry), make_wsgi_app(self.public_registry)
+
+    def app(environ, start_response):
+      admin = is_admin is None or is_admin(bearer_key(environ.get("HTTP_AUTHORIZATION")))
+      return (full if admin else public)(environ, start_response)
+
+    server_class = type("_Server", (_ThreadingServer,), {})
+    if ":" in host:
+      server_class.address_family = socket.AF_INET6
+    httpd = simple_server.make_server(host.strip("[]"), port, app, server_class, _QuietHandler)
+    if tls_files:
+      context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+      context.load_cert_chain(*tls_files)
+      httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, name="jblock-metrics", daemon=True).start()
+    self._http = httpd
+    return httpd.server_port
 
   def stop_http(self) -> None:
     if self._http is not None:

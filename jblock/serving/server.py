@@ -6,7 +6,7 @@ import threading
 
 from jblock.cluster.security import ClusterCredentials
 from jblock.runtime.engine_api import Engine
-from jblock.serving.coordinator import build_server
+from jblock.serving.coordinator import admission_limit, build_server
 from jblock.serving.frontend import DEFAULT_MAX_REQUEST_BYTES, Frontend
 from jblock.serving.metrics import ServingMetrics
 from jblock.serving.tenants import Tenants
@@ -18,7 +18,7 @@ OPEN_NOTE = "; open: no --tenants, so no API keys, Admin for anyone, 127.0.0.1 o
 
 
 def serve(engine: Engine, port: int, metrics_port: int = 0, *, host: str = "127.0.0.1",
-          max_workers: int = 64, drain_timeout_s: float = 30.0, close_engine: bool = True,
+          max_workers: int | None = None, drain_timeout_s: float = 30.0, close_engine: bool = True,
           stop: threading.Event | None = None, http_port: int | None = None,
           tenants: Tenants | None = None,
           max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, tokenize_workers: int = 2,
@@ -26,7 +26,11 @@ def serve(engine: Engine, port: int, metrics_port: int = 0, *, host: str = "127.
   """Serves `engine` over gRPC on host:port (0 = a free port), the OpenAI-compatible HTTP API
   on `http_port` (None = off, 0 = a free port) and Prometheus metrics on `metrics_port`
   (0 = off) until SIGTERM or SIGINT (or `stop` is set). With `tls` (certificate and key) the
-  gRPC and HTTP ports speak TLS.
+  gRPC and HTTP ports speak TLS. `max_workers`: calls served at once (None: sized from the
+  engine's admission limit; see coordinator.build_server).
+
+  Metrics: per-tenant series only for scrapes with the admin key; without `tenants` (no admin
+  key) the metrics port listens on 127.0.0.1 only.
 
   Without `tenants` the server is open, so it listens on 127.0.0.1 whatever `host` says.
   Then stops accepting requests (UNAVAILABLE / 503, health NOT_SERVING), lets in-flight ones
@@ -43,8 +47,14 @@ def serve(engine: Engine, port: int, metrics_port: int = 0, *, host: str = "127.
                     "anyone) and listens on 127.0.0.1 only")
   stop = stop or threading.Event()
   metrics = ServingMetrics(engine)
+  # Every stream's prompt passes the tokenizer pool before the engine's queue, so the pool's
+  # queue takes a burst as large as the engine admits (1,000 streams opened at once overflowed
+  # its default of 32). The queued work stays bounded: each prompt was refused by its byte size
+  # before queueing if its model's context cannot hold it (prompts.py), and the pool keeps its
+  # `tokenize_workers` threads.
   frontend = Frontend(engine, tenants, metrics=metrics, max_request_bytes=max_request_bytes,
-                      tokenize_workers=tokenize_workers)
+                      tokenize_workers=tokenize_workers,
+                      tokenize_queue=max(32, admission_limit(engine)))
   server, bound_port = build_server(engine, port, host, max_workers, metrics=metrics,
                                     frontend=frontend, max_message_bytes=max_request_bytes,
                                     tls=tls)
@@ -62,7 +72,8 @@ def serve(engine: Engine, port: int, metrics_port: int = 0, *, host: str = "127.
                                tls_files=(tls.cert_path, tls.key_path) if tls and tls.tls else None)
       http_server.start()
     metrics_bound = metrics.start_http(
-        metrics_port, host, tls_files=(tls.cert_path, tls.key_path) if tls and tls.tls else None)
+        metrics_port, host, tls_files=(tls.cert_path, tls.key_path) if tls and tls.tls else None,
+        is_admin=tenants.is_admin if tenants is not None else None)
     http = f"on {host}:{http_server.port}" if http_server else "off"
     print(READY_LINE.format(host=host, port=bound_port, metrics_port=metrics_bound, http=http,
                             note="" if tenants is not None else OPEN_NOTE), flush=True)

@@ -201,6 +201,10 @@ class Tenants:
       raise UnauthenticatedError("invalid API key")
     return Principal(tenant=found)
 
+  def is_admin(self, api_key: str | None) -> bool:
+    """True for the admin key (constant-time); False for anything else, no key included."""
+    return bool(api_key) and hmac.compare_digest(key_sha256(api_key), self._admin)
+
   def acquire(self, principal: Principal) -> None:
     """Counts one request against the tenant's quotas; QuotaExceededError when over."""
     tenant = principal.tenant

@@ -99,3 +99,47 @@ def test_reroute_adapter_bank_and_prefix_cache_counters_come_from_engine_stats()
   assert _sample(text, "jblock_prefix_cache_hits_total") == 640
   assert _sample(text, "jblock_prefix_cache_replay_reused_total") == 32
   assert _sample(text, "jblock_prefix_cache_evicted_pages_total") == 3
+
+
+def _scrape(url: str, key: str | None = None) -> str:
+  headers = {"Authorization": f"Bearer {key}"} if key else {}
+  with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as r:
+    return r.read().decode()
+
+
+def test_tenant_names_only_for_the_admin_key_on_the_metrics_port_and_http(engine):
+  from jblock.serving.frontend import Frontend, GenerationRequest
+  from jblock.serving.http import HttpServer
+  from jblock.serving.tenants import Tenants, key_sha256, parse_tenants
+  tenants = Tenants(*parse_tenants({"admin_key_sha256": key_sha256("admin-key"), "tenants": [
+      {"name": "acme-corp", "api_key_sha256": key_sha256("acme-key"), "models": ["*"]}]}))
+  metrics = ServingMetrics(engine)
+  frontend = Frontend(engine, tenants, metrics=metrics)
+  generation = frontend.generate(frontend.authenticate("acme-key"),
+                                 GenerationRequest(model="mock-ids", token_ids=[1, 2], max_tokens=2))
+  list(generation)
+  port = metrics.start_http(free_port(), "0.0.0.0", is_admin=tenants.is_admin)
+  http = HttpServer(frontend, 0)
+  http.start()
+  try:
+    for url in (f"http://127.0.0.1:{port}/metrics", f"http://127.0.0.1:{http.port}/metrics"):
+      for key in (None, "acme-key", "wrong"):
+        text = _scrape(url, key)
+        assert "acme-corp" not in text and "jblock_tenant_" not in text, (url, key)
+        assert _sample(text, 'jblock_requests_total{status="OK"}') == 1  # the rest is there
+        assert "jblock_queue_depth" in text
+      text = _scrape(url, "admin-key")
+      assert 'tenant="acme-corp"' in text and _sample(text, "jblock_ttft_seconds_count") == 1
+  finally:
+    http.stop()
+    metrics.stop_http()
+    frontend.close()
+
+
+def test_a_metrics_port_without_an_admin_key_listens_on_loopback_only(engine):
+  metrics = ServingMetrics(engine)
+  metrics.start_http(free_port(), "0.0.0.0")  # no tenants: no key to check
+  try:
+    assert metrics._http.server_address[0] == "127.0.0.1"
+  finally:
+    metrics.stop_http()
