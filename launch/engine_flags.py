@@ -35,7 +35,10 @@ _MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 256, "Prompt + generated toke
                                     lower_bound=2)
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 64, "Longest prompt piece per step.",
                                       lower_bound=1)
-_MAX_WAITING = flags.DEFINE_integer("max_waiting", 256, "Admission queue bound.", lower_bound=1)
+# One server (all-in-one or coordinator) holds >= 1,000 concurrent streams by default: a waiting
+# request costs the scheduler a queue entry and the server a parked thread
+# (jblock.serving.coordinator.build_server).
+_MAX_WAITING = flags.DEFINE_integer("max_waiting", 1024, "Admission queue bound.", lower_bound=1)
 _MAX_WAITING_PER_MODEL = flags.DEFINE_integer("max_waiting_per_model", 0, "Admission queue bound "
                                               "per model; 0 = --max_waiting.", lower_bound=0)
 _WARMUP = flags.DEFINE_boolean("warmup", True, "Compile every decode batch/page-width bucket and "

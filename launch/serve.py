@@ -43,9 +43,6 @@ _MAX_WORKERS = flags.DEFINE_integer(
 _DRAIN_TIMEOUT_S = flags.DEFINE_float("drain_timeout_s", 30.0,
                                       "On SIGTERM, how long in-flight requests may finish.")
 flags.adopt_module_key_flags(engine_flags)  # the engine's flags show in --help too
-# One server holds >= 1,000 concurrent streams by default: a waiting request costs the
-# scheduler a queue entry and the server a parked thread (see coordinator.build_server).
-flags.FLAGS.set_default("max_waiting", 1024)
 
 
 def main(argv):
