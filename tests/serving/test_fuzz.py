@@ -1,12 +1,14 @@
-"""Fuzzed gRPC calls, with and without API keys: every answer is a status naming what is wrong,
-never INTERNAL or UNKNOWN; the server keeps serving, no KV slot stays leased, and the log
-grows by a bounded number of lines however many bad calls come."""
+"""Fuzzed gRPC calls and HTTP bodies, with and without API keys: every answer is a status naming
+what is wrong, never INTERNAL, UNKNOWN or a 5xx; the server keeps serving, no KV slot stays
+leased, and the log grows by a bounded number of lines however many bad calls come."""
 
+import json
 import logging
 import random
 import string
 
 import grpc
+import httpx2 as httpx
 import pytest
 
 from jblock.proto import jblock_pb2 as pb
@@ -14,6 +16,7 @@ from jblock.proto import jblock_pb2_grpc as pb_grpc
 from jblock.runtime.mock_engine import MockEngine
 from jblock.serving.coordinator import build_server
 from jblock.serving.frontend import Frontend
+from jblock.serving.http import HttpServer
 from jblock.serving.tenants import Tenant, Tenants, key_sha256
 from tests.serving.serving_helpers import kv_slots_used, wait_until
 
@@ -74,9 +77,12 @@ def fuzzed_server(catalog):
   frontend = Frontend(engine, tenants)
   server, port = build_server(engine, 0, frontend=frontend)
   server.start()
+  http = HttpServer(frontend, 0)
+  http.start()
   channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-  yield channel, engine
+  yield channel, engine, f"http://127.0.0.1:{http.port}"
   channel.close()
+  http.stop()
   server.stop(0).wait(5)
   frontend.close()
   engine.close()
@@ -94,7 +100,7 @@ def _code(call) -> grpc.StatusCode:
 
 
 def test_fuzzed_calls_get_named_statuses_and_leave_the_server_idle(fuzzed_server, caplog):
-  channel, engine = fuzzed_server
+  channel, engine, _ = fuzzed_server
   rng = random.Random(0)
   inference, admin = pb_grpc.InferenceStub(channel), pb_grpc.AdminStub(channel)
   keys = [None, "wrong-key", TENANT, ADMIN]
@@ -130,3 +136,70 @@ def test_fuzzed_calls_get_named_statuses_and_leave_the_server_idle(fuzzed_server
   lines = len(caplog.records) - before
   assert lines <= 60, f"{lines} log lines for {CASES} fuzzed calls"
   assert not any(r.exc_info for r in caplog.records[before:])
+
+
+def _json_value(rng: random.Random, depth: int = 0):
+  kinds = ["int", "float", "str", "bool", "null"] + (["list", "dict"] if depth < 2 else [])
+  kind = rng.choice(kinds)
+  if kind == "int":
+    return _int(rng, rng.choice([31, 63, 70]))
+  if kind == "float":
+    return rng.choice([0.5, -1.0, 1e300, 101.0, 1e-50])
+  if kind == "str":
+    return _text(rng, rng.choice([5, 40]))
+  if kind == "bool":
+    return rng.random() < 0.5
+  if kind == "list":
+    return [_json_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+  if kind == "dict":
+    return {_text(rng, 6): _json_value(rng, depth + 1) for _ in range(rng.randrange(3))}
+  return None
+
+
+FIELDS = ["model", "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "seed",
+          "stop", "stream", "n", "user", "logprobs", "echo", "stream_options", "suffix"]
+
+
+def _body(rng: random.Random, chat: bool) -> bytes:
+  kind = rng.randrange(10)
+  if kind == 0:  # not JSON at all
+    return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64)))
+  body = {"model": rng.choice(["mock-a", "mock-ids", "nope", "", 7, None]),
+          ("messages" if chat else "prompt"): (
+              [{"role": rng.choice(["user", "system", "x", 3]), "content": _json_value(rng)}
+               for _ in range(rng.randrange(3))] if chat else
+              rng.choice([_text(rng, 30), [1, 2, 3], [], _json_value(rng)]))}
+  for field in rng.sample(FIELDS, rng.randrange(5)):
+    body[field] = _json_value(rng)
+  if "max_tokens" not in body or rng.random() < 0.5:
+    body["max_tokens"] = rng.randrange(1, 6)
+  return json.dumps(body).encode()
+
+
+def test_fuzzed_http_bodies_get_4xx_never_5xx_and_leave_the_server_idle(fuzzed_server, caplog):
+  channel, engine, base = fuzzed_server
+  rng = random.Random(1)
+  keys = [None, "wrong-key", TENANT, ADMIN]
+  statuses: dict[int, int] = {}
+  caplog.set_level(logging.INFO)
+  before = len(caplog.records)
+  with httpx.Client(base_url=base, timeout=30) as http:
+    for i in range(CASES):
+      key = keys[i % len(keys)]
+      headers = {"Authorization": f"Bearer {key}"} if key else {}
+      path = rng.choice(["/v1/completions", "/v1/chat/completions", "/v1/models", "/metrics",
+                         "/health", "/v1/nope"])
+      if path in ("/v1/models", "/metrics", "/health"):
+        response = http.get(path, headers=headers)
+      else:
+        response = http.post(path, content=_body(rng, "chat" in path),
+                             headers={"Content-Type": "application/json", **headers})
+      statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+  assert all(code < 500 for code in statuses), statuses
+  assert {200, 400, 401} <= set(statuses), statuses
+  with httpx.Client(base_url=base, timeout=30) as http:
+    assert http.get("/health").status_code == 200
+  wait_until(lambda: set(kv_slots_used(engine.stats()).values()) <= {0}, timeout=10)
+  lines = [r for r in caplog.records[before:] if not r.name.startswith("httpx")]  # the server's
+  assert len(lines) <= 60, f"{len(lines)} log lines for {CASES} fuzzed bodies"
+  assert not any(r.exc_info for r in lines)
