@@ -31,6 +31,7 @@ from jblock.cluster.placement import PlacementError, PlannerConfig
 from jblock.cluster.replan import ReplanConfig
 from jblock.zoo.cli import quiet_libraries
 from launch import cluster_flags
+from launch.console import run_script
 from launch import engine_flags
 from jblock.serving import server
 
@@ -97,4 +98,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_script(main, __name__)

@@ -15,6 +15,7 @@ from absl import flags
 
 from jblock.zoo.cli import quiet_libraries
 from launch import cluster_flags
+from launch.console import run_script
 from launch import engine_flags
 from jblock.serving import frontend
 from jblock.serving import server
@@ -68,7 +69,7 @@ def main(argv):
 
 def run():
   """The jblock-serve console script."""
-  app.run(main)
+  run_script(main, __name__)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from jblock.cluster import security
 from jblock.zoo.cli import quiet_libraries
 from jblock.serving import worker
 from launch import cluster_flags
+from launch.console import run_script
 
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of the coordinator's registry.")
 _ZOO = flags.DEFINE_string("zoo", "checkpoints/zoo", "Block zoo directory (same blocks as the coordinator's).")
@@ -100,4 +101,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_script(main, __name__)

@@ -23,6 +23,7 @@ from absl import flags
 import grpc
 
 from jblock.client import Client
+from launch.console import run_script
 
 _SERVER = flags.DEFINE_string("server", "127.0.0.1:50051", "host:port of the jblock server.")
 _API_KEY = flags.DEFINE_string("api_key", os.environ.get("JBLOCK_API_KEY"),
@@ -115,7 +116,7 @@ def main(argv):
 
 def console() -> None:
   """The jblock-client console script."""
-  app.run(main)
+  run_script(main, __name__)
 
 
 if __name__ == "__main__":

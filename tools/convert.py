@@ -18,7 +18,7 @@ again. The logic lives in jblock.zoo; this script only reads flags and prints.
 
 import os
 
-from absl import app, flags
+from absl import flags
 
 from jblock.convert.hf import DTYPES
 from jblock.errors import InvalidRequestError, JBlockError
@@ -26,6 +26,7 @@ from jblock.zoo import cli, manifest
 from jblock.zoo.sizes import human_bytes
 from jblock.zoo.full_deltas import ENCODINGS, DeltaOptions, convert_full_delta
 from jblock.zoo.store import Zoo
+from launch.console import run_script
 
 PROG = "convert"
 
@@ -141,7 +142,7 @@ def _convert_full_delta() -> None:
 
 def console() -> None:
   """The console script (pyproject's [project.scripts])."""
-  app.run(main, flags_parser=cli.flags_parser(PROG))
+  run_script(main, __name__, flags_parser=cli.flags_parser(PROG))
 
 
 if __name__ == "__main__":

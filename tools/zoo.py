@@ -26,11 +26,12 @@ All take --zoo=DIR (default checkpoints/zoo). The logic lives in jblock.zoo.
 
 import os
 
-from absl import app, flags
+from absl import flags
 
 from jblock.errors import JBlockError
 from jblock.zoo import cli
 from jblock.zoo.store import Zoo
+from launch.console import run_script
 
 PROG = "zoo"
 COMMANDS = "list, show NAME, stats, verify, rehash NAME..., export NAME, gc, equiv, assemble"
@@ -147,7 +148,7 @@ def main(argv: list[str]) -> int:
 
 def console() -> None:
   """The console script (pyproject's [project.scripts])."""
-  app.run(main, flags_parser=cli.flags_parser(PROG))
+  run_script(main, __name__, flags_parser=cli.flags_parser(PROG))
 
 
 if __name__ == "__main__":
