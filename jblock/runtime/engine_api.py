@@ -152,6 +152,10 @@ def validate_request(info: ModelInfo, prompt_tokens: Sequence[int], params: Samp
       raise InvalidRequestError(
           "prompt", f"token id {_shown(token)} at position {position} is outside the "
           f"vocabulary [0, {info.vocab_size}) of model {info.name!r}")
+  if len(prompt) >= info.max_seq_len:  # no room for even one new token: the prompt's fault
+    raise InvalidRequestError(
+        "prompt", f"{len(prompt)} tokens leave no room for a new token within the maximum "
+        f"sequence length {info.max_seq_len} of model {info.name!r}")
   max_new_tokens = _as_int(params.max_new_tokens, "max_tokens")
   if max_new_tokens <= 0:
     raise InvalidRequestError("max_tokens", f"must be positive, got {max_new_tokens}")

@@ -91,6 +91,9 @@ class GenerationRequest:
   token_ids: Sequence[int] | None = None
   messages: list[dict] | None = None
   max_tokens: int | None = None
+  # With max_tokens unset: run to the model's maximum length (OpenAI chat, as vLLM does)
+  # instead of the engine's default of 32.
+  max_tokens_to_context: bool = False
   temperature: float | None = None
   top_p: float | None = None
   top_k: int | None = None
@@ -265,6 +268,8 @@ class Frontend:
       value = getattr(request, field)
       if value is not None:
         kwargs[name] = value
+    if request.max_tokens is None and request.max_tokens_to_context:
+      kwargs["max_new_tokens"] = max(mt.info.max_seq_len - len(prompt), 1)
     try:
       handle = self.engine.submit(mt.info.name, prompt, **kwargs)
     except NotFoundError:

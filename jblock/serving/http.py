@@ -189,6 +189,7 @@ def chat_request(data: dict) -> tuple[GenerationRequest, dict]:
   if not isinstance(messages, list) or not messages:
     raise InvalidRequestError("messages", "must be a non-empty list")
   request.messages = messages
+  request.max_tokens_to_context = request.max_tokens is None
   return request, options
 
 

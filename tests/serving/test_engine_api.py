@@ -21,6 +21,9 @@ INFO = ModelInfo(name="m", family="mock", vocab_size=50, max_seq_len=64, chain=(
     ([1.5], SamplingParams(), "prompt", "integers"),
     ([1], SamplingParams(max_new_tokens=0), "max_tokens", "must be positive, got 0"),
     ([1] * 10, SamplingParams(max_new_tokens=55), "max_tokens", "maximum sequence length 64"),
+    # A prompt that fills the context is the prompt's fault, whatever max_tokens says.
+    ([1] * 64, SamplingParams(max_new_tokens=1), "prompt", "64 tokens leave no room"),
+    ([1] * 70, SamplingParams(), "prompt", "maximum sequence length 64"),
     ([1], SamplingParams(max_new_tokens=True), "max_tokens", "integer"),
     ([1], SamplingParams(max_new_tokens=10**400), "max_tokens", "...) exceeds the maximum"),
     ([1], SamplingParams(temperature=-0.1), "temperature", "[0, 100]"),

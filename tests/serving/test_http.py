@@ -159,6 +159,17 @@ def test_stop_strings_cut_the_text_exactly_on_both_protocols(stack, catalog, tok
   wait_until(lambda: not any(kv_slots_used(s.engine.stats()).values()))
 
 
+def test_chat_without_max_tokens_runs_to_the_context_limit(stack, catalog):
+  """As vLLM's does; gRPC keeps the engine's default of 32."""
+  s = stack(MockEngine(catalog))
+  messages = [{"role": "user", "content": "hello world"}]
+  chat = s.openai().chat.completions.create(model="mock-a", messages=messages)
+  assert chat.choices[0].finish_reason == "length"
+  assert chat.usage.prompt_tokens + chat.usage.completion_tokens == catalog["mock-a"].max_seq_len
+  assert chat.usage.completion_tokens > 32
+  assert len(s.grpc_client().generate_tokens("mock-a", messages=messages)) == 32
+
+
 def test_chat_template_is_applied_as_transformers_does(tmp_path, tokenizer_dir, catalog):
   import shutil
   from transformers import AutoTokenizer
