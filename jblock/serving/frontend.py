@@ -301,6 +301,33 @@ class Frontend:
       self._observe(principal, e)
       raise
 
+  # --- text only (HTTP /tokenize and /detokenize): no quota, no engine
+
+  async def atokenize(self, principal: Principal, model: str, *, text: str | None = None,
+                      messages: list | None = None) -> tuple[list[int], ModelInfo]:
+    """The token ids a generation of `model` would start from (text, or chat messages through
+    the chat template), tokenised in the pool, as a generation's prompt is."""
+    info = self.model(principal, model)
+    mt = self._model_text(info)
+    request = GenerationRequest(model=model, text=text, messages=messages)
+    self._precheck(request, mt)
+    return await asyncio.wrap_future(self._tokenize_async(request, mt)), info
+
+  def detokenize(self, principal: Principal, model: str, token_ids) -> str:
+    """The text of `token_ids` (special tokens skipped), as a finished generation shows it."""
+    info = self.model(principal, model)
+    mt = self._model_text(info)
+    if mt.tokenizer is None:
+      raise InvalidRequestError("tokens", f"model {info.name!r} has no tokenizer")
+    if not isinstance(token_ids, list) or len(token_ids) > info.max_seq_len:
+      raise InvalidRequestError("tokens", f"must be a list of at most {info.max_seq_len} token "
+                                "ids")
+    for i, t in enumerate(token_ids):
+      if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < info.vocab_size:
+        raise InvalidRequestError("tokens", f"entry {i} is not a token id in [0, "
+                                  f"{info.vocab_size}) of model {info.name!r}")
+    return mt.tokenizer.decode(token_ids, skip_special_tokens=True)
+
   def _observe(self, principal: Principal | None, error: BaseException | None,
                generation: Generation | None = None, status: str | None = None) -> None:
     """Counts one generation (or refused request) in the metrics, once."""

@@ -264,6 +264,32 @@ def build_app(frontend: Frontend, *, max_body_bytes: int | None = None) -> FastA
     except Exception as e:
       return error_response(e)
 
+  @app.post("/tokenize")
+  async def tokenize(request: Request):
+    """vLLM's shape: {"model", "prompt"} or {"model", "messages"} -> {"count", "max_model_len",
+    "tokens"}."""
+    try:
+      principal = frontend.authenticate(_api_key(request))
+      data = await _read_json(request, limit)
+      if ("prompt" in data) == ("messages" in data):
+        raise InvalidRequestError("prompt", "give exactly one of prompt and messages")
+      tokens, info = await frontend.atokenize(principal, data.get("model"),
+                                              text=data.get("prompt"),
+                                              messages=data.get("messages"))
+      return {"count": len(tokens), "max_model_len": info.max_seq_len, "tokens": tokens}
+    except Exception as e:
+      return error_response(e)
+
+  @app.post("/detokenize")
+  async def detokenize(request: Request):
+    """{"model", "tokens"} -> {"prompt"}: the text, special tokens skipped."""
+    try:
+      principal = frontend.authenticate(_api_key(request))
+      data = await _read_json(request, limit)
+      return {"prompt": frontend.detokenize(principal, data.get("model"), data.get("tokens"))}
+    except Exception as e:
+      return error_response(e)
+
   async def _generate(request: Request, chat: bool):
     try:
       principal = frontend.authenticate(_api_key(request))

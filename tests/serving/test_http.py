@@ -170,6 +170,32 @@ def test_chat_without_max_tokens_runs_to_the_context_limit(stack, catalog):
   assert len(s.grpc_client().generate_tokens("mock-a", messages=messages)) == 32
 
 
+def test_tokenize_and_detokenize_as_generation_sees_the_prompt(stack, catalog, tokenizer):
+  s = stack(MockEngine(catalog), _tenants())
+  url = s.base_url.removesuffix("/v1")
+  text = "café naïve: hello world"
+  got = _post(f"{url}/tokenize", {"model": "mock-a", "prompt": text}, KEY_A).json()
+  completion = s.openai(KEY_A).completions.create(model="mock-a", prompt=text, max_tokens=1)
+  assert got == {"count": completion.usage.prompt_tokens, "max_model_len": 128,
+                 "tokens": tokenizer.encode(text).ids}
+  back = _post(f"{url}/detokenize", {"model": "mock-a", "tokens": got["tokens"]}, KEY_A)
+  assert back.json() == {"prompt": text}
+  messages = [{"role": "user", "content": "hello"}]
+  chat = s.openai(KEY_A).chat.completions.create(model="mock-a", messages=messages, max_tokens=1)
+  counted = _post(f"{url}/tokenize", {"model": "mock-a", "messages": messages}, KEY_A).json()
+  assert counted["count"] == chat.usage.prompt_tokens
+  # Keys and models as for generation; bad input named.
+  assert _post(f"{url}/tokenize", {"model": "mock-a", "prompt": "x"}).status_code == 401
+  assert _post(f"{url}/tokenize", {"model": "mock-b", "prompt": "x"}, KEY_A).status_code == 404
+  for body, field in (({"model": "mock-a"}, "prompt"), ({"model": "mock-a", "prompt": 3}, "prompt"),
+                      ({"model": "mock-ids", "prompt": "x"}, "prompt")):
+    r = _post(f"{url}/tokenize", body, KEY_A)
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.json()
+  for tokens in ([1, 10**6], "12", [True], list(range(200))):
+    r = _post(f"{url}/detokenize", {"model": "mock-a", "tokens": tokens}, KEY_A)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens", r.json()
+
+
 def test_chat_template_is_applied_as_transformers_does(tmp_path, tokenizer_dir, catalog):
   import shutil
   from transformers import AutoTokenizer
