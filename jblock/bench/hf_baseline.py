@@ -118,6 +118,10 @@ class HFEngine:
   def unload_model(self, name: str) -> None:
     raise NotFoundError("the transformers baseline does not unload models")
 
+  def admission_limit(self) -> int:
+    """The admission queue plus one batch per model running."""
+    return self.max_waiting + self.batch_size * len(self._infos)
+
   def stats(self) -> dict:
     resident = sum(p.numel() * p.element_size() for m in self._models.values()
                    for p in m.parameters())

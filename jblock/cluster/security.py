@@ -131,8 +131,6 @@ def reject_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, messag
   return _same_kind(handler, abort, abort, handler.response_serializer)
 
 
-_rejecting_handler = reject_handler  # the name it had
-
 
 def _status(error: Exception) -> grpc.StatusCode:
   return getattr(grpc.StatusCode, getattr(error, "grpc_code", ""), grpc.StatusCode.INTERNAL)
@@ -214,8 +212,6 @@ def guard_handler(handler: grpc.RpcMethodHandler, method: str, gate=None):
     unary, stream = None, wrap_stream(handler.stream_stream, True)
   return _same_kind(handler, unary, stream, handler.response_serializer)
 
-
-_guarded = guard_handler  # the name it had
 
 
 def metadata_value(metadata, key: str):

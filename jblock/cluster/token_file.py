@@ -16,6 +16,7 @@ import stat
 import time
 from typing import Callable
 
+from jblock.cluster.security import ClusterCredentials
 from jblock.errors import InvalidRequestError
 
 TOKEN_NAME = "cluster.token"
@@ -85,8 +86,7 @@ def wait_for_token(path: str, timeout_s: float, flag: str = "--zoo",
       time.sleep(0.2)
 
 
-def zoo_credentials(zoo_dir: str):
+def zoo_credentials(zoo_dir: str) -> ClusterCredentials:
   """What launch.coordinator uses with no credential flags: the zoo's token, made if missing
   (for coordinators built in process whose workers are `launch.worker --zoo=zoo_dir`)."""
-  from jblock.cluster.security import ClusterCredentials
   return ClusterCredentials(token=ensure_token(default_path(zoo_dir)))

@@ -321,6 +321,13 @@ class Engine:
                                 self._adapters, self._rerouter, self._replicas,
                                 self._recovery.events, self.cluster_stats)
 
+  def admission_limit(self) -> int:
+    """The admission queue (max_waiting) plus every layers block's KV slots (an upper bound on
+    the requests running)."""
+    running = sum(b["kv_slots_used"] + b["kv_slots_free"] for b in self.stats()["blocks"]
+                  if b["kind"] == "layers")
+    return self.config.max_waiting + (running or self.config.kv_slots)
+
   def trace(self) -> list[dict[str, Any]]:
     """The latest batches: which segment ran with which requests, dispatched and done times
     (time.perf_counter); two batches overlap when one was dispatched before the other was done."""

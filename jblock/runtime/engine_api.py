@@ -333,6 +333,11 @@ class Engine(Protocol):
     other model uses."""
     ...
 
+  def admission_limit(self) -> int:
+    """Requests the engine holds at once: its admission queue plus those running. The servers
+    size their call capacity from it, so the engine's queue, not a thread count, bounds them."""
+    ...
+
   def stats(self) -> dict:
     """JSON-able: {"blocks": [{"block_id", "kind", "models", "resident_bytes", "batch_size",
     "batches_run", "mean_occupancy", "kv_slots_used", "kv_slots_free", "placement"}],

@@ -92,24 +92,20 @@ def stats_proto(stats: dict) -> pb.StatsResponse:
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/[^\s'\"():;,]*")
 
 
-def redact_paths(message: str, zoo_root: str | None = None) -> str:
-  """`message` without absolute filesystem paths, for clients: a path inside the zoo becomes
-  relative to it ("models/x.json"), the zoo itself "<zoo>", any other path its last part."""
-  if zoo_root:
-    root = zoo_root.rstrip("/")
-    message = message.replace(root + "/", "").replace(root, "<zoo>")
+def redact_paths(message: str) -> str:
+  """`message` without absolute filesystem paths, for clients: each becomes its last part (zoo
+  errors already name their files relative to the zoo, as "models/x.json")."""
   return _ABSOLUTE_PATH.sub(lambda m: os.path.basename(m.group(0).rstrip("/")) or "<path>",
                             message)
 
 
-def _abort_on_error(context: grpc.ServicerContext, error: Exception,
-                    zoo_root: str | None = None) -> None:
+def _abort_on_error(context: grpc.ServicerContext, error: Exception) -> None:
   if isinstance(error, JBlockError):
     retry = getattr(error, "retry_after_s", None)
     if retry is not None:
       # A retry hint as trailing metadata (seconds) and in the message.
       context.set_trailing_metadata((("retry-after", str(max(1, math.ceil(retry)))),))
-    context.abort(status_code(error), redact_paths(str(error), zoo_root))
+    context.abort(status_code(error), redact_paths(str(error)))
   # A traceback for the first of a kind per interval, not one per request.
   limited.error(f"internal: {type(error).__name__}", "jblock: internal error serving a "
                 "request: %s", type(error).__name__, exc_info=error)
@@ -132,15 +128,14 @@ def api_key(context: grpc.ServicerContext) -> str | None:
 
 
 def _unary_errors(method):
-  """Maps exceptions of a unary handler to gRPC statuses (paths in messages made relative to
-  the servicer's `_zoo_root`, if it has one)."""
+  """Maps exceptions of a unary handler to gRPC statuses (no filesystem paths in messages)."""
 
   @functools.wraps(method)
   def handler(self, request, context):
     try:
       return method(self, request, context)
     except Exception as e:  # every error becomes a status; the server keeps serving
-      _abort_on_error(context, e, getattr(self, "_zoo_root", None))
+      _abort_on_error(context, e)
 
   return handler
 
@@ -239,8 +234,6 @@ class AdminServicer(pb_grpc.AdminServicer):
   def __init__(self, frontend: frontend_lib.Frontend):
     self._frontend = frontend
     self._engine = frontend.engine
-    # LoadModel's errors come from the zoo with its absolute path: clients see it relative.
-    self._zoo_root = getattr(getattr(self._engine, "zoo", None), "root", None)
 
   def _admin(self, context) -> None:
     self._frontend.require_admin(self._frontend.authenticate(api_key(context)))
@@ -321,23 +314,6 @@ CALL_HEADROOM = 64  # calls beyond the admission limit: unary calls, probes, ref
 # Pool threads kept for refusing calls past the limit (a refusal needs a thread too), so gRPC's
 # own limit, which names no cause, stays out of reach.
 REFUSAL_THREADS = 8
-_UNKNOWN_ADMISSION = 256 + 16  # EngineConfig's defaults: max_waiting + kv_slots
-
-
-def admission_limit(engine: Engine) -> int:
-  """Generations `engine` holds at once: its admission queue (EngineConfig.max_waiting) plus
-  the requests holding KV (every layers block's KV slots: an upper bound)."""
-  config = getattr(engine, "config", None)
-  waiting = getattr(config, "max_waiting", None) or getattr(engine, "max_waiting", None)
-  if not isinstance(waiting, int):
-    return _UNKNOWN_ADMISSION
-  try:
-    blocks = engine.stats().get("blocks", [])
-  except Exception:  # an engine that cannot say: its queue bound alone, plus the default slots
-    blocks = []
-  running = sum(int(b.get("kv_slots_used", 0)) + int(b.get("kv_slots_free", 0))
-                for b in blocks if b.get("kind") == "layers")
-  return waiting + (running or 16)
 
 
 class CallLimit:
@@ -426,7 +402,7 @@ def build_server(engine: Engine, port: int = 0, host: str = "127.0.0.1",
   if max_workers:
     calls = CallLimit(max_workers, "--max_workers")
   else:
-    calls = CallLimit(admission_limit(engine) + CALL_HEADROOM,
+    calls = CallLimit(engine.admission_limit() + CALL_HEADROOM,
                       "the engine's admission queue, --max_waiting, plus its running requests")
   threads = calls.limit + REFUSAL_THREADS
   server = grpc.server(

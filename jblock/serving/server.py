@@ -6,7 +6,7 @@ import threading
 
 from jblock.cluster.security import ClusterCredentials
 from jblock.runtime.engine_api import Engine
-from jblock.serving.coordinator import admission_limit, build_server
+from jblock.serving.coordinator import build_server
 from jblock.serving.frontend import DEFAULT_MAX_REQUEST_BYTES, Frontend
 from jblock.serving.metrics import ServingMetrics
 from jblock.serving.tenants import Tenants
@@ -54,7 +54,7 @@ def serve(engine: Engine, port: int, metrics_port: int = 0, *, host: str = "127.
   # `tokenize_workers` threads.
   frontend = Frontend(engine, tenants, metrics=metrics, max_request_bytes=max_request_bytes,
                       tokenize_workers=tokenize_workers,
-                      tokenize_queue=max(32, admission_limit(engine)))
+                      tokenize_queue=max(32, engine.admission_limit()))
   server, bound_port = build_server(engine, port, host, max_workers, metrics=metrics,
                                     frontend=frontend, max_message_bytes=max_request_bytes,
                                     tls=tls)

@@ -1,9 +1,47 @@
-"""Helpers shared by the serving tests (bounded polling, free ports, a cluster's clean-up)."""
+"""Helpers shared by the serving tests (bounded polling, free ports, workers in this process,
+a cluster's clean-up)."""
 
 import socket
+import threading
 import time
 
 from jblock.bench.servers import stop_process
+
+
+class InProcessWorkers:
+  """Workers served by this process, each registered with `registry` (host:port) and sending
+  heartbeats; close() stops them all."""
+
+  def __init__(self, zoo_dir: str, registry: str, credentials=None):
+    self.zoo_dir, self.registry, self.credentials = zoo_dir, registry, credentials
+    self.stop = threading.Event()
+    self.threads: list[threading.Thread] = []
+    self.servers = []
+
+  def join(self) -> str:
+    """Starts one more worker; returns its address."""
+    from jblock.cluster import heartbeat, security
+    from jblock.serving.worker import start_worker_server
+    server, port, host = start_worker_server(self.zoo_dir, 0, "127.0.0.1", (1, 1),
+                                             self.credentials)
+    self.servers.append(server)
+    address = f"127.0.0.1:{port}"
+
+    def member():
+      with security.channel(self.registry, self.credentials) as channel:
+        joined = heartbeat.register(channel, "", address, timeout=60)
+        heartbeat.run(channel, joined.worker_id, 0.2, host.load, self.stop, 30.0)
+
+    self.threads.append(threading.Thread(target=member, daemon=True))
+    self.threads[-1].start()
+    return address
+
+  def close(self) -> None:
+    self.stop.set()
+    for t in self.threads:
+      t.join(10)
+    for server in self.servers:
+      server.stop(0)
 
 
 def free_port() -> int:

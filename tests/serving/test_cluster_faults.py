@@ -7,13 +7,12 @@ placement is re-planned on the join: launch.coordinator's default)."""
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 from absl import flags
 
-from jblock.cluster import heartbeat, security, token_file
+from jblock.cluster import token_file
 from jblock.cluster.links import ClusterLinks
 from jblock.cluster.membership import MembershipConfig
 from jblock.cluster.placement import PlannerConfig
@@ -21,8 +20,7 @@ from jblock.cluster.replan import ReplanConfig
 from jblock.errors import UnavailableError
 from jblock.runtime.engine import EngineConfig
 from jblock.serving.engines import distributed_engine
-from jblock.serving.worker import start_worker_server
-from tests.serving.serving_helpers import free_port, stop_cluster, wait_until
+from tests.serving.serving_helpers import InProcessWorkers, free_port, stop_cluster, wait_until
 from tests.serving.test_block_serving import MODELS, NEW, PROMPTS, REPO, _wait_line
 from tests.serving.test_block_serving import expected, zoo_dir  # noqa: F401 (fixtures)
 
@@ -146,32 +144,17 @@ def test_launch_coordinator_replans_on_join_by_default():
 
 def test_a_joining_worker_gets_blocks_and_chains_keep_their_tokens(zoo_dir, expected):
   registry = free_port()
-  stop, threads, servers = threading.Event(), [], []
-
-  def join() -> str:
-    server, port, host = start_worker_server(zoo_dir, 0, "127.0.0.1", (1, 1))
-    servers.append(server)
-    address = f"127.0.0.1:{port}"
-
-    def member():
-      with security.channel(f"127.0.0.1:{registry}", None) as channel:
-        joined = heartbeat.register(channel, "", address, timeout=60)
-        heartbeat.run(channel, joined.worker_id, 0.2, host.load, stop, 30.0)
-
-    threads.append(threading.Thread(target=member, daemon=True))
-    threads[-1].start()
-    return address
-
+  workers = InProcessWorkers(zoo_dir, f"127.0.0.1:{registry}")
   engine = registry_server = None
   try:
-    first = join()
+    first = workers.join()
     engine, registry_server = distributed_engine(
         zoo_dir, ["base", "v1"], 1, registry, config=CONFIG, wait_s=60,
         progress=lambda *_: None, replan=ON_JOIN)
     assert {b["worker"] for b in engine.stats()["blocks"]} == {first}
     assert engine.generate("v1", PROMPTS[2], max_new_tokens=NEW) == expected["v1", 2]
 
-    second = join()
+    second = workers.join()
     replan = wait_until(lambda: next((h for h in engine.stats()["placement"]["replans"]
                                       if h["reason"] == f"worker {second} joined"), None),
                         timeout=60)
@@ -184,10 +167,6 @@ def test_a_joining_worker_gets_blocks_and_chains_keep_their_tokens(zoo_dir, expe
   finally:
     if engine is not None:
       engine.close()
-    stop.set()
-    for t in threads:
-      t.join(10)
+    workers.close()
     if registry_server is not None:
       registry_server.stop(0)
-    for server in servers:
-      server.stop(0)

@@ -6,24 +6,20 @@ Malformed installs get INVALID_ARGUMENT naming the field.
 
 Coordinator and two workers run in this process (real gRPC servers on 127.0.0.1)."""
 
-import threading
-
 import grpc
 import numpy as np
 import pytest
 
-from jblock.cluster import heartbeat, security
 from jblock.proto import jblock_pb2 as pb
 from jblock.proto import jblock_pb2_grpc as pb_grpc
 from jblock.proto.tensor_codec import to_tensor_map
 from jblock.runtime.engine import Engine, EngineConfig
 from jblock.serving.engines import distributed_engine
-from jblock.serving.worker import start_worker_server
 from jblock.zoo.full_deltas import DeltaOptions, convert_full_delta
 from jblock.zoo.store import Zoo
 from tests import hf_models
 from tests.lora_adapters import make_adapter
-from tests.serving.serving_helpers import free_port
+from tests.serving.serving_helpers import InProcessWorkers, free_port
 
 PROMPTS = [[5, 17, 3, 88, 42, 7], [9, 1, 64, 33], [70, 2, 2, 19, 8]]
 MODELS = ("base", "a1", "a2", "d1")
@@ -70,35 +66,21 @@ def in_process(zoo_dir):
 @pytest.fixture(scope="module")
 def cluster(zoo_dir):
   """Two in-process workers heartbeating to a coordinator engine over them."""
-  stop, threads, workers = threading.Event(), [], []
   registry = f"127.0.0.1:{free_port()}"
+  workers = InProcessWorkers(zoo_dir, registry)
   engine = registry_server = None
   try:
-    for _ in range(2):
-      server, port, host = start_worker_server(zoo_dir, 0, "127.0.0.1", (1, 1))
-      workers.append((server, f"127.0.0.1:{port}"))
-
-      def member(address=f"127.0.0.1:{port}", host=host):
-        with security.channel(registry, None) as channel:
-          joined = heartbeat.register(channel, "", address, timeout=60)
-          heartbeat.run(channel, joined.worker_id, 0.2, host.load, stop, 30.0)
-
-      threads.append(threading.Thread(target=member, daemon=True))
-      threads[-1].start()
+    addresses = [workers.join() for _ in range(2)]
     engine, registry_server = distributed_engine(
         zoo_dir, list(MODELS), 2, int(registry.rsplit(":", 1)[1]), config=CONFIG, wait_s=60,
         progress=lambda *_: None)
-    yield engine, [a for _, a in workers]
+    yield engine, addresses
   finally:
     if engine is not None:
       engine.close()
-    stop.set()
-    for t in threads:
-      t.join(10)
+    workers.close()
     if registry_server is not None:
       registry_server.stop(0)
-    for server, _ in workers:
-      server.stop(0)
 
 
 def _layers_blocks(engine) -> list[dict]:
