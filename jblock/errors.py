@@ -53,6 +53,11 @@ class UnavailableError(JBlockError):
   grpc_code = "UNAVAILABLE"
 
 
+class StaleBatchError(UnavailableError):
+  """A batch was not run: some of its requests were paused after it was built. Nothing was
+  sent, so its other rows are queued again rather than failed."""
+
+
 class InstanceLostError(UnavailableError):
   """The process hosting a block instance is gone; `placement` names it (an executor key)."""
 

@@ -25,7 +25,7 @@ import numpy as np
 from jblock.blocks import LAYERS, Block
 from jblock.cluster import rows as rows_lib
 from jblock.cluster.links import ClusterLinks
-from jblock.errors import InstanceLostError, UnavailableError
+from jblock.errors import InstanceLostError, StaleBatchError, UnavailableError
 from jblock.proto import jblock_pb2 as pb
 from jblock.proto import jblock_pb2_grpc as pb_grpc
 from jblock.proto.tensor_codec import from_tensor_map, to_tensor_map
@@ -169,7 +169,7 @@ class RemoteBlockInstance(InstanceBase):
     if any(it.epoch != it.req.epoch for it in batch.items):
       # Built before its requests paused for a lost worker, and now bound for the block's new
       # worker: its writes would land in the KV being replayed there.
-      raise UnavailableError(f"batch for block {self.block_id[:12]} outlived its worker")
+      raise StaleBatchError(f"batch for block {self.block_id[:12]} outlived its worker")
     ledger = self._placer.rows
     x, sources, by_reference = rows_lib.stage(batch, address)
     ints, floats = batch.meta.pack()

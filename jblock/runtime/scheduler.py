@@ -27,7 +27,7 @@ import itertools
 import time
 from typing import Any, Callable
 
-from jblock.errors import JBlockError, OverloadedError
+from jblock.errors import JBlockError, OverloadedError, StaleBatchError
 from jblock.runtime.engine_api import RequestHandle, SamplingParams
 from jblock.runtime import prefix as prefix_lib
 from jblock.runtime.kv import Lease
@@ -340,7 +340,9 @@ class Scheduler:
       req.in_flight = False
       if req.done:
         continue
-      if error is not None:
+      if isinstance(error, StaleBatchError):
+        self._enqueue(item)  # not run (other rows went stale): the same step goes again
+      elif error is not None:
         self.finish(req, "error", error if isinstance(error, JBlockError) else JBlockError(
             f"block {batch.segment.instances[0].block_id[:12]} failed: {error!r}"))
       elif req.handle.cancelled:

@@ -4,8 +4,9 @@ import itertools
 
 import pytest
 
-from jblock.errors import OverloadedError
+from jblock.errors import OverloadedError, StaleBatchError
 from jblock.runtime.engine_api import RequestHandle, SamplingParams
+from jblock.runtime import replay
 from jblock.runtime.instance import InstanceBase
 from jblock.runtime.kv import PagePool
 from jblock.runtime.scheduler import Scheduler, SchedulerConfig
@@ -173,6 +174,18 @@ def test_a_failed_batch_fails_only_its_rows():
   [out] = sched.complete(failed, None, RuntimeError("boom"))
   assert out.handle is a.handle and out.finish == "error" and "boom" in str(out.error)
   assert b in sched.active
+
+
+def test_a_batch_not_run_for_a_paused_row_queues_its_other_rows_again():
+  segs = plan_segments(chains())
+  sched = Scheduler(CONFIG)
+  a, b = submit(sched, segs, "a"), submit(sched, segs, "b")
+  [batch] = sched.schedule()  # both in the shared segment
+  replay.pause(sched, a)  # a lost worker paused `a` after the batch was built
+  assert sched.complete(batch, None, StaleBatchError("outlived its worker")) == []
+  assert b in sched.active and not b.done and a.item is None
+  [again] = sched.schedule()
+  assert [it.req for it in again.items] == [b] and again.items[0].start == 0
 
 
 def test_seeds_fold_into_two_words():
