@@ -25,6 +25,7 @@ import numpy as np
 from jblock.blocks import LAYERS, Block
 from jblock.cluster import rows as rows_lib
 from jblock.cluster.links import ClusterLinks
+from jblock.cluster.validate import HEAD_PREFIX
 from jblock.errors import InstanceLostError, StaleBatchError, UnavailableError
 from jblock.proto import jblock_pb2 as pb
 from jblock.proto import jblock_pb2_grpc as pb_grpc
@@ -178,6 +179,8 @@ class RemoteBlockInstance(InstanceBase):
                   request.inputs)
     if batch.meta.lora_cols is not None:  # the adapter bank columns this batch's rows use
       to_tensor_map({"lora_cols": batch.meta.lora_cols}, request.inputs)
+    if batch.meta.head is not None:  # logprobs, penalties, bias, masks (jblock.runtime.head_rows)
+      to_tensor_map({HEAD_PREFIX + k: v for k, v in batch.meta.head.items()}, request.inputs)
     if not batch.segment.ends_at_head and ledger.worker_to_worker:
       rows_lib.route(request, batch, address, ledger.new_handle())
     sent = 0 if x is None else x.nbytes
@@ -200,9 +203,10 @@ class RemoteBlockInstance(InstanceBase):
       raise UnavailableError(message) from e
     if request.output_handle:
       return rows_lib.received(ledger, request, response, address)
-    y = from_tensor_map(response.outputs)["y"]
-    ledger.count(address, token_bytes_received=y.nbytes)
-    return y
+    outputs = from_tensor_map(response.outputs)
+    ledger.count(address, token_bytes_received=sum(a.nbytes for a in outputs.values()))
+    y = outputs.pop("y")
+    return {"tokens": y, **outputs} if outputs else y
 
   def ensure_lora_bank(self, slots: int, max_rank: int, targets) -> None:
     """Its worker holds an adapter bank covering `targets` (HostBlock again: the bank grows;

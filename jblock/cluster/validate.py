@@ -17,6 +17,13 @@ from jblock.proto.tensor_codec import from_tensor
 from jblock.runtime.step import _FLOAT_FIELDS, _INT_FIELDS
 
 RUN_INPUTS = ("x", "ints", "floats")
+HEAD_PREFIX = "head."  # the optional head inputs (jblock.runtime.head_rows), by name
+# name -> (dtype, trailing dims: "T" the batch's tokens, "W" mask words, an int a bound)
+_HEAD_INPUTS = {"logprobs": ("int32", ()), "targets": ("int32", ("T",)),
+                "penalties": ("float32", (3,)), "history": ("int32", (1 << 21,)),
+                "history_output": ("int32", ("history",)), "bias_ids": ("int32", (512,)),
+                "bias": ("float32", ("bias_ids",)), "min_p": ("float32", ()),
+                "bitmask": ("int32", ("W",))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +118,8 @@ def run_block(request, spec: Hosted, mailbox=None):
   With `sources` (rows kept in this worker's mailbox, jblock.cluster.mailbox), x is instead a
   list of (array, index) per real row: mailbox rows, and the rows of inputs['x'] in order.
   """
-  names = set(request.inputs.keys()) - {"lora_cols"}  # checked by lora_cols()
+  names = {n for n in request.inputs.keys()  # lora_cols(), head_inputs() check the others
+           if n != "lora_cols" and not n.startswith(HEAD_PREFIX)}
   expected = set(RUN_INPUTS)
   if request.sources and "x" not in names:
     expected.discard("x")  # every row comes from the mailbox
@@ -371,3 +379,48 @@ def free_slots(request, spec: Hosted) -> None:
   for i, slot in enumerate(request.slots):
     if slot < 0:
       raise InvalidRequestError(f"slots[{i}]", f"{slot} is negative")
+
+
+def head_inputs(request, spec: Hosted, rows: int, tokens: int) -> dict | None:
+  """The optional head inputs of a RunBlockRequest (inputs named head.*), each checked for its
+  dtype and shape [rows, ...]; None if there are none."""
+  given = [n for n in request.inputs.keys() if n.startswith(HEAD_PREFIX)]
+  if not given:
+    return None
+  if spec.kind != HEAD:
+    raise InvalidRequestError("inputs", f"head inputs {sorted(given)} sent to a {spec.kind} block")
+  out = {}
+  for name in given:
+    key = name[len(HEAD_PREFIX):]
+    if key not in _HEAD_INPUTS:
+      raise InvalidRequestError(f"inputs[{name!r}]", f"unknown; expected head.{{"
+                                f"{', '.join(_HEAD_INPUTS)}}}")
+    out[key] = _tensor(request, name)
+  for key, array in out.items():
+    dtype, dims = _HEAD_INPUTS[key]
+    field = f"inputs['{HEAD_PREFIX}{key}']"
+    if array.dtype != np.dtype(dtype) or array.ndim != 1 + len(dims) or array.shape[0] != rows:
+      raise InvalidRequestError(field, f"{dtype} [{rows}{''.join(', ' + str(d) for d in dims)}] "
+                                f"expected, got {array.dtype.name} {list(array.shape)}")
+    for got, want in zip(array.shape[1:], dims):
+      bound = {"T": tokens, "W": math.ceil(spec.vocab_size / 32)}.get(want)
+      if isinstance(want, str) and want in out:  # the same shape as that input
+        if array.shape != out[want].shape:
+          raise InvalidRequestError(field, f"shape {list(array.shape)} differs from {want}'s")
+      elif bound is not None and got != bound:
+        raise InvalidRequestError(field, f"{got} columns; {bound} expected")
+      elif isinstance(want, int) and not 1 <= got <= want:
+        raise InvalidRequestError(field, f"{got} columns; 1..{want} allowed")
+  if ("history" in out) != ("penalties" in out) or ("bias" in out) != ("bias_ids" in out):
+    raise InvalidRequestError("inputs", "head.penalties come with head.history, head.bias with "
+                              "head.bias_ids")
+  if "history" in out and "history_output" not in out:
+    raise InvalidRequestError("inputs", "head.history comes with head.history_output")
+  for key in ("bias_ids", "history", "targets"):
+    if key in out and out[key].size and (out[key].min() < -1 or out[key].max() >= spec.vocab_size):
+      raise InvalidRequestError(f"inputs['{HEAD_PREFIX}{key}']", f"token ids must lie in "
+                                f"[-1, {spec.vocab_size})")
+  for key in ("penalties", "bias", "min_p"):
+    if key in out and np.isnan(out[key]).any():
+      raise InvalidRequestError(f"inputs['{HEAD_PREFIX}{key}']", "must not be NaN")
+  return out

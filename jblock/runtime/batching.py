@@ -1,6 +1,7 @@
 """A batch's step metadata, built from its rows' requests: padded sizes (compiled buckets), page
 tables per layers instance (read-only prefix pages encoded), per-row sampling and adapters."""
 
+from jblock.runtime import head_rows
 from jblock.runtime.kv import pages_for
 from jblock.runtime.lora import has_lora
 from jblock.runtime.step import StepItem, StepMeta
@@ -28,6 +29,8 @@ def batch_meta(cfg, seg, items: list[StepItem], t_pad: int, adapters) -> tuple[i
       meta.top_p[row] = p.top_p
       meta.set_seed(row, p.seed)
       meta.step[row] = len(req.generated)
+  if seg.ends_at_head:
+    meta.head = head_rows.build(items, b_pad, t_pad, seg.instances[-1].config.get("vocab_size", 0))
   # Bank columns serve one-token rows only: a prompt chunk multiplies each row by its own
   # slot's factors (jblock.models.lora.delta), so it compiles without a column list.
   if adapters is not None and t_pad == 1 and seg.layers and any(has_lora(i.lora_bank) for i in seg.layers):

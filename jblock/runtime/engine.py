@@ -31,7 +31,8 @@ from jblock.models import rope as rope_lib
 from jblock.runtime import mesh as mesh_lib
 from jblock.runtime import replicas as replicas_lib
 from jblock.runtime import views
-from jblock.runtime.engine_api import ModelInfo, RequestHandle, SamplingParams, validate_request
+from jblock.runtime.engine_api import (ModelInfo, RequestHandle, TokenConstraint, sampling_params,
+                                       validate_request)
 from jblock.runtime.engine_config import EngineConfig, InstanceFactory
 from jblock.runtime.executor import LocalExecutor, ThreadExecutor, start_thread
 from jblock.runtime.lora import AdapterBanks
@@ -191,16 +192,15 @@ class Engine:
 
   # ---- requests -----------------------------------------------------------------------------
 
-  def submit(self, model: str, prompt_tokens, *, max_new_tokens: int = 32, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop_token_ids=(),
-             request_id: str | None = None, tenant: str | None = None,
-             accuracy_budget: float | None = None) -> RequestHandle:
-    """accuracy_budget: the top-1 disagreement the tenant accepts when its steps are rerouted
-    onto equivalent blocks (jblock.runtime.reroute); None = the engine's default."""
+  def submit(self, model: str, prompt_tokens, *, request_id: str | None = None,
+             tenant: str | None = None, accuracy_budget: float | None = None,
+             constraint: TokenConstraint | None = None, **sampling) -> RequestHandle:
+    """engine_api.Engine.submit. accuracy_budget: the top-1 disagreement the tenant accepts when
+    its steps are rerouted onto equivalent blocks (jblock.runtime.reroute); None = the engine's
+    default."""
     if accuracy_budget is not None and not 0.0 <= accuracy_budget <= 1.0:
       raise InvalidRequestError("accuracy_budget", f"must be in [0, 1], got {accuracy_budget}")
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                            top_p=top_p, seed=seed, stop_token_ids=tuple(stop_token_ids))
+    params = sampling_params(**sampling)
     self._adapters.stage(model)  # an adapter's host->device copy, before the lock (no-op else)
     with self._lock:
       if self._closed:
@@ -217,11 +217,13 @@ class Engine:
       prompt = [int(t) for t in prompt_tokens]
       rid = request_id or f"req-{next(self._request_ids)}"
       handle = RequestHandle(rid, model, len(prompt), params, on_cancel=self._cancel)
-      stop = frozenset(params.stop_token_ids) | frozenset(spec.config.eos_token_ids)
+      eos = () if params.ignore_eos else spec.config.eos_token_ids
+      stop = frozenset(params.stop_token_ids) | frozenset(eos)
       self._requests[handle] = self._scheduler.add(
           handle, model, tenant or "", prompt, params, self._segments[model], stop,
           kv_salt=",".join(d or "" for d in spec.delta_ids or ()),
-          recompute_at=_recompute_length(spec), accuracy_budget=accuracy_budget)
+          recompute_at=_recompute_length(spec), accuracy_budget=accuracy_budget,
+          constraint=constraint)
       self._scheduler.admit()  # leases its KV now if it fits: no wait for the loop
       self._deliver(self._scheduler.take_outputs())
     return handle
@@ -238,9 +240,11 @@ class Engine:
     """Hands the scheduler's outputs to the request handles, in order; under the lock, so a
     request's tokens never arrive out of order."""
     for out in outputs:
-      if out.finish is None:
-        out.handle._emit(out.token)
-      else:
+      if out.prompt_logprobs:
+        out.handle._add_prompt_logprobs(out.prompt_logprobs)
+      if out.token is not None:
+        out.handle._emit(out.token, out.logprobs)
+      if out.finish is not None:
         out.handle._finish(out.finish, out.error)
         self._requests.pop(out.handle, None)
     self._lock.notify_all()

@@ -20,7 +20,7 @@ import operator
 import threading
 import time
 import uuid
-from typing import Callable, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 from jblock.errors import InvalidRequestError
 
@@ -33,14 +33,73 @@ WAIT_POLL_S = 0.5
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
+  """How one request samples. Ranges: validate_sampling / validate_request. Every control is
+  applied per row on the device; a batch none of whose rows use one pays nothing for it."""
   max_new_tokens: int = 32
-  # Ranges (validate_sampling): temperature [0, 100], top_p (0, 1] (the most likely token is
-  # always kept), top_k [0, 2**31 - 1], seed [0, 2**64 - 1].
-  temperature: float = 0.0  # 0 = greedy
-  top_k: int = 0  # 0 = off
-  top_p: float = 1.0  # 1 = off
-  seed: int = 0
+  temperature: float = 0.0  # [0, 100]; 0 = greedy
+  top_k: int = 0  # [0, 2**31 - 1]; 0 = off
+  top_p: float = 1.0  # (0, 1]; 1 = off (the most likely token is always kept)
+  seed: int = 0  # [0, 2**64 - 1]
   stop_token_ids: tuple[int, ...] = ()
+  min_p: float = 0.0  # [0, 1]: drop tokens below min_p x the top token's probability; 0 = off
+  # Penalties (vLLM's and transformers' definitions): presence and frequency [-2, 2] subtract
+  # from the logits of tokens already generated (once / per occurrence); repetition (0, 10]
+  # divides positive and multiplies negative logits of tokens in the prompt or generated.
+  presence_penalty: float = 0.0
+  frequency_penalty: float = 0.0
+  repetition_penalty: float = 1.0
+  logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, [-100, 100]) added to its logit
+  min_tokens: int = 0  # stop ids (EOS included) cannot end the request before this many tokens
+  ignore_eos: bool = False  # the model's EOS ids do not stop it (requested stop ids still do)
+  # Logprobs of the model's raw distribution (log_softmax of the logits, before temperature,
+  # penalties, bias or grammar): None = off, else the chosen token's and the top `logprobs`
+  # (0-20) alternatives per generated token; `prompt_logprobs` the same for every prompt token
+  # after the first (computed in prefill).
+  logprobs: int | None = None
+  prompt_logprobs: int | None = None
+
+  @property
+  def uses_penalties(self) -> bool:
+    return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+
+def sampling_params(**fields) -> SamplingParams:
+  """SamplingParams from Engine.submit's keywords: sequences become tuples, a logit_bias
+  mapping (as OpenAI sends it) becomes (token, bias) pairs. Unknown names raise TypeError."""
+  if "stop_token_ids" in fields:
+    fields["stop_token_ids"] = tuple(fields["stop_token_ids"])
+  bias = fields.get("logit_bias")
+  if bias is not None:
+    pairs = bias.items() if isinstance(bias, dict) else bias
+    try:
+      fields["logit_bias"] = tuple((operator.index(int(t) if isinstance(t, str) else t), b)
+                                   for t, b in pairs)
+    except (TypeError, ValueError):
+      raise InvalidRequestError("logit_bias", "must map token ids to numbers") from None
+  return SamplingParams(**fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprobs:
+  """One position's logprobs: the token's own, and the most likely tokens (best first)."""
+  token: int
+  logprob: float
+  top: tuple[tuple[int, float], ...] = ()
+
+
+@runtime_checkable
+class TokenConstraint(Protocol):
+  """Which tokens a request may generate next (a grammar: jblock.serving.grammar). The engine
+  applies `mask()` on the device before sampling and reports each sampled token to `accept`."""
+  width: int  # int32 words of the mask: ceil(vocab_size / 32)
+
+  def mask(self) -> Any:
+    """int32 [width] bitmask of the allowed next tokens (bit t % 32 of word t // 32)."""
+    ...
+
+  def accept(self, token: int) -> bool:
+    """Advances by the sampled token (False: it was not allowed); may start the next mask."""
+    ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +124,10 @@ MAX_TEMPERATURE = 100.0  # float32 on device: far below its overflow, and alread
 MAX_TOP_K = 2**31 - 1  # int32 on device; 0 = off, a value above the vocabulary keeps it all
 MAX_SEED = 2**64 - 1  # uint64, as the proto allows (two 32-bit words on device)
 MAX_STOP_TOKEN_IDS = 1024  # the model's EOS ids included
+MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI allows
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+MAX_PENALTY = 2.0  # presence and frequency, as OpenAI allows
+MAX_REPETITION_PENALTY = 10.0
 # A caller's request id is echoed back to it (gRPC) and names the request in logs.
 MAX_REQUEST_ID_BYTES = 256
 
@@ -140,6 +203,31 @@ def validate_sampling(params: SamplingParams) -> None:
   if not 0 <= seed <= MAX_SEED:
     raise InvalidRequestError("seed", f"must be an integer in [0, 2**64 - 1], got "
                               f"{_shown(params.seed)}")
+  min_p = _as_finite(params.min_p, "min_p")
+  if not 0 <= min_p <= 1:
+    raise InvalidRequestError("min_p", f"must be in [0, 1] (0 = off), got {_shown(params.min_p)}")
+  for field in ("presence_penalty", "frequency_penalty"):
+    value = _as_finite(getattr(params, field), field)
+    if not -MAX_PENALTY <= value <= MAX_PENALTY:
+      raise InvalidRequestError(field, f"must be in [-2, 2], got {_shown(value)}")
+  repetition = _as_finite(params.repetition_penalty, "repetition_penalty")
+  if not 0 < repetition <= MAX_REPETITION_PENALTY:
+    raise InvalidRequestError("repetition_penalty", f"must be in (0, {MAX_REPETITION_PENALTY:g}] "
+                              f"(1 = off), got {_shown(repetition)}")
+  for field in ("logprobs", "prompt_logprobs"):
+    value = getattr(params, field)
+    if value is not None and not 0 <= _as_int(value, field) <= MAX_LOGPROBS:
+      raise InvalidRequestError(field, f"must be in [0, {MAX_LOGPROBS}], got {_shown(value)}")
+  if len(params.logit_bias) > MAX_LOGIT_BIAS:
+    raise InvalidRequestError("logit_bias", f"{len(params.logit_bias)} entries; at most "
+                              f"{MAX_LOGIT_BIAS}")
+  for token, bias in params.logit_bias:
+    _as_int(token, "logit_bias")
+    if not -100 <= _as_finite(bias, "logit_bias") <= 100:
+      raise InvalidRequestError("logit_bias", f"token {token}: bias must be in [-100, 100], got "
+                                f"{_shown(bias)}")
+  if _as_int(params.min_tokens, "min_tokens") < 0:
+    raise InvalidRequestError("min_tokens", f"must be >= 0, got {params.min_tokens}")
 
 
 def validate_request(info: ModelInfo, prompt_tokens: Sequence[int], params: SamplingParams) -> None:
@@ -172,6 +260,13 @@ def validate_request(info: ModelInfo, prompt_tokens: Sequence[int], params: Samp
     if not 0 <= token < info.vocab_size:
       raise InvalidRequestError("stop_token_ids", f"token id {_shown(token)} is outside the "
                                 f"vocabulary [0, {info.vocab_size})")
+  for token, _ in params.logit_bias:
+    if not 0 <= token < info.vocab_size:
+      raise InvalidRequestError("logit_bias", f"token id {_shown(token)} is outside the "
+                                f"vocabulary [0, {info.vocab_size})")
+  if params.min_tokens > max_new_tokens:
+    raise InvalidRequestError("min_tokens", f"{params.min_tokens} is more than max_tokens "
+                              f"({max_new_tokens})")
 
 
 class RequestHandle:
@@ -198,6 +293,8 @@ class RequestHandle:
     self._on_cancel = on_cancel
     self._cond = threading.Condition()
     self._tokens: list[int] = []
+    self._logprobs: list[TokenLogprobs | None] = []  # per token, when the request asked
+    self._prompt_logprobs: list[TokenLogprobs | None] = []  # per prompt token (None: the first)
     self._cancel_requested = False
 
   # --- consumer side
@@ -262,6 +359,17 @@ class RequestHandle:
     with self._cond:
       return list(self._tokens)
 
+  def logprobs(self, start: int = 0, end: int | None = None) -> list["TokenLogprobs | None"]:
+    """The logprobs of tokens [start, end) (None where the request did not ask)."""
+    with self._cond:
+      return self._logprobs[start:end]
+
+  @property
+  def prompt_logprobs(self) -> list["TokenLogprobs | None"]:
+    """Per prompt token (the first has none: nothing precedes it), once prefill is done."""
+    with self._cond:
+      return list(self._prompt_logprobs)
+
   @property
   def done(self) -> bool:
     return self.finish_reason is not None
@@ -273,16 +381,21 @@ class RequestHandle:
 
   # --- engine side
 
-  def _emit(self, token: int) -> bool:
+  def _emit(self, token: int, logprobs: "TokenLogprobs | None" = None) -> bool:
     """Appends a produced token; False (and dropped) if the request already finished."""
     with self._cond:
       if self.finish_reason is not None:
         return False
       if self.first_token_at is None:
         self.first_token_at = time.monotonic()
+      self._logprobs.append(logprobs)
       self._tokens.append(int(token))
       self._cond.notify_all()
     return True
+
+  def _add_prompt_logprobs(self, logprobs: Sequence["TokenLogprobs | None"]) -> None:
+    with self._cond:
+      self._prompt_logprobs.extend(logprobs)
 
   def _finish(self, reason: str, error: BaseException | None = None) -> bool:
     """Ends the request; the first call wins. False if it had already finished."""
@@ -308,16 +421,17 @@ class RequestHandle:
 class Engine(Protocol):
   """What the serving layer needs from an engine. Every method is thread-safe."""
 
-  def submit(self, model: str, prompt_tokens: Sequence[int], *, max_new_tokens: int = 32,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             stop_token_ids: Sequence[int] = (), request_id: str | None = None,
-             tenant: str | None = None, accuracy_budget: float | None = None) -> RequestHandle:
-    """Admits a request. Raises NotFoundError (unknown model), InvalidRequestError
-    (validate_request), OverloadedError (the bounded queue is full), UnavailableError (the
-    model is being unloaded). `tenant` names whose request it is: admission is fair across
-    tenants. `accuracy_budget`: the top-1 disagreement the tenant accepts when its steps are
-    rerouted onto equivalent blocks (None: the engine's default; an engine that never reroutes
-    ignores it)."""
+  def submit(self, model: str, prompt_tokens: Sequence[int], *, request_id: str | None = None,
+             tenant: str | None = None, accuracy_budget: float | None = None,
+             constraint: TokenConstraint | None = None, **sampling) -> RequestHandle:
+    """Admits a request; `sampling` holds SamplingParams fields (max_new_tokens, temperature,
+    ...). Raises NotFoundError (unknown model), InvalidRequestError (validate_request, or a
+    control this engine cannot apply), OverloadedError (the bounded queue is full),
+    UnavailableError (the model is being unloaded). `tenant` names whose request it is:
+    admission is fair across tenants. `accuracy_budget`: the top-1 disagreement the tenant
+    accepts when its steps are rerouted onto equivalent blocks (None: the engine's default; an
+    engine that never reroutes ignores it). `constraint`: the tokens it may generate (a
+    grammar); the handle's tokens then follow it."""
     ...
 
   def list_models(self) -> list[ModelInfo]:

@@ -54,14 +54,15 @@ def stage_input(batch: BlockBatch):
                       for src, row in (it.x for it in items)], batch.b_pad)
 
 
-def run_local_segment(seg, x, ints, floats, lora_cols=None):
+def run_local_segment(seg, x, ints, floats, lora_cols=None, head=None):
   """Dispatches one fused segment call on this process's devices and swaps in the updated
-  (donated) KV pools; returns y as a device array. Callers hold the lock that guards the pools.
-  `lora_cols`: the batch's LoRA bank columns (StepMeta.lora_cols), None = all."""
+  (donated) KV pools; returns y (device arrays). Callers hold the lock that guards the pools.
+  `lora_cols`: the batch's LoRA bank columns (StepMeta.lora_cols), None = all; `head`: the
+  optional head inputs (StepMeta.head)."""
   layers = seg.layers
   y, kvs = local_segment_fn(seg)([i.run_params for i in seg.instances], [i.kv for i in layers],
                                  x, ints, floats,
-                                 [i.lora_bank for i in seg.instances], lora_cols)
+                                 [i.lora_bank for i in seg.instances], lora_cols, head)
   for inst, kv in zip(layers, kvs):
     inst.kv = kv
   return y
@@ -83,7 +84,7 @@ class LocalExecutor:
       x = stage_input(batch)
       ints, floats = batch.meta.pack()
       with self.dispatch_lock:
-        y = run_local_segment(seg, x, ints, floats, batch.meta.lora_cols)
+        y = run_local_segment(seg, x, ints, floats, batch.meta.lora_cols, batch.meta.head)
       seg.instances[0].dispatch_s += time.perf_counter() - t0
     except Exception as e:  # a failed batch fails its requests, never the engine
       self._on_done(batch, None, e)
@@ -95,7 +96,7 @@ class LocalExecutor:
 
   def _fetch_tokens(self, batch: BlockBatch, y) -> None:
     try:
-      tokens = np.asarray(y)  # the one device->host copy per step
+      tokens = jax.device_get(y)  # the one device->host copy per step (a dict with logprobs)
     except Exception as e:
       self._on_done(batch, None, e)
       return

@@ -20,6 +20,7 @@ from jblock.runtime import engine_api
 from jblock.runtime.engine import Engine, EngineConfig, ModelSpec
 from jblock.runtime.engine_api import ModelInfo, RequestHandle, SamplingParams
 from jblock.runtime.executor import stage_input
+from jblock.runtime.head_rows import TOP
 from jblock.runtime.instance import instance_stats
 from jblock.runtime.instance import InstanceBase
 from jblock.runtime.kv import PagePool
@@ -105,7 +106,15 @@ class FakeInstance(InstanceBase):
     last = np.maximum(meta.n_valid - 1, 0)
     sums = x[np.arange(x.shape[0]), last, 1]
     salt = np.where(meta.temperature > 0, _seeds(meta) * 7919, 0)
-    return ((sums * 31 + meta.step + salt) % self.config["vocab_size"]).astype(np.int32)
+    vocab = self.config["vocab_size"]
+    tokens = ((sums * 31 + meta.step + salt) % vocab).astype(np.int32)
+    if meta.head is None or "logprobs" not in meta.head:
+      return tokens
+    # A fake distribution for logprobs: the token has probability 1/2, the next ids 1/4, 1/8...
+    top_ids = (tokens[:, None] + np.arange(TOP)[None, :]) % vocab
+    top_logprobs = np.tile(np.log(0.5) * (1 + np.arange(TOP, dtype=np.float32)), (len(tokens), 1))
+    return {"tokens": tokens, "logprob": top_logprobs[:, 0].copy(),
+            "top_ids": top_ids.astype(np.int32), "top_logprobs": top_logprobs}
 
   def _layers(self, x, meta, table_index: int):
     encoded = meta.page_tables[table_index]

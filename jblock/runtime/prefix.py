@@ -140,8 +140,8 @@ class PrefixCaching:
     bound) chain found cached; its last prompt token is always computed, for its logits."""
     self.counts["requests"] += 1
     self.counts["prompt_tokens"] += len(req.prompt)
-    if not self.enabled:
-      return 0
+    if not self.enabled or req.params.prompt_logprobs is not None:
+      return 0  # prompt logprobs need the logits of every position: computed, never adopted
     ps = self.page_size
     hit = min(reusable(req, ps), (len(req.prompt) - 1) // ps * ps)
     self.counts["hit_tokens"] += hit

@@ -36,9 +36,19 @@ def row_key(seed_lo, seed_hi, step):
   return jax.random.fold_in(key, step)
 
 
-def sample(logits, temperature, top_k, top_p, seed_lo, seed_hi, step):
+def _filter_min_p(scaled, min_p):
+  """Drops tokens whose probability is below min_p x the most likely one's (in logit space:
+  below the top logit + log(min_p)); no sort needed."""
+  top = jnp.max(scaled, axis=-1, keepdims=True)
+  floor = jnp.where(min_p[:, None] > 0, top + jnp.log(jnp.maximum(min_p[:, None], 1e-30)),
+                    -jnp.inf)
+  return jnp.where(scaled < floor, -jnp.inf, scaled)
+
+
+def sample(logits, temperature, top_k, top_p, seed_lo, seed_hi, step, min_p=None):
   """logits [B, V] f32; temperature/top_p f32 [B]; top_k/seed_lo/seed_hi/step int32 [B]
-  -> tokens int32 [B]. seed_lo/seed_hi are the two 32-bit words of a uint64 seed."""
+  -> tokens int32 [B]. seed_lo/seed_hi are the two 32-bit words of a uint64 seed. min_p
+  (f32 [B], optional: jblock.runtime.logits passes it only when a row uses it)."""
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
   def draw_rows(_):
@@ -46,6 +56,8 @@ def sample(logits, temperature, top_k, top_p, seed_lo, seed_hi, step):
     needs_filter = jnp.any((temperature > 0) & ((top_k > 0) | (top_p < 1.0)))
     scaled = jax.lax.cond(needs_filter, lambda s: _filter_top_k_top_p(s, top_k, top_p),
                           lambda s: s, scaled)
+    if min_p is not None:
+      scaled = _filter_min_p(scaled, min_p)
 
     def draw(row_logits, lo, hi, row_step):
       return jax.random.categorical(row_key(lo, hi, row_step), row_logits).astype(jnp.int32)

@@ -28,7 +28,9 @@ import time
 from typing import Any, Callable
 
 from jblock.errors import JBlockError, OverloadedError, StaleBatchError
-from jblock.runtime.engine_api import RequestHandle, SamplingParams
+from jblock.runtime import head_rows
+from jblock.runtime.engine_api import (RequestHandle, SamplingParams, TokenConstraint,
+                                       TokenLogprobs)
 from jblock.runtime import prefix as prefix_lib
 from jblock.runtime.kv import Lease
 from jblock.runtime.segments import Segment
@@ -63,6 +65,8 @@ class RequestOutput:
   token: int | None = None
   finish: str | None = None
   error: BaseException | None = None
+  logprobs: TokenLogprobs | None = None  # the token's, when the request asked
+  prompt_logprobs: list | None = None  # the next prompt tokens', when the request asked
 
 
 @dataclasses.dataclass(eq=False)
@@ -95,6 +99,8 @@ class Request:
   kv_salt: str = ""  # what changes its KV besides the chain's blocks (an adapter's delta ids)
   token_hashes: list = dataclasses.field(default_factory=list)  # per full page (jblock.runtime.kv)
   committed_pages: int = 0  # full pages of its KV last offered to the prefix cache
+  constraint: TokenConstraint | None = None  # the tokens it may generate next (a grammar)
+  prompt_logprobs_sent: int = 0  # prompt positions whose logprobs went out (a replay skips them)
 
   @property
   def tokens_needed(self) -> int:
@@ -104,6 +110,8 @@ class Request:
   def last_kv_segment(self) -> int:
     """Index of the last segment that writes KV or feeds the head's input."""
     last = len(self.segments) - 1
+    if self.params.prompt_logprobs is not None and not self.replay_to:
+      return last  # every prompt chunk goes through the head, for its logprobs
     return last - 1 if len(self.segments[last].instances) == 1 and self.segments[last].ends_at_head \
         and last > 0 else last
 
@@ -141,7 +149,8 @@ class Scheduler:
   def add(self, handle: RequestHandle, model: str, tenant: str, prompt: list[int],
           params: SamplingParams, segments: list[Segment], stop_ids: frozenset[int],
           kv_salt: str = "", recompute_at: int = 0,
-          accuracy_budget: float | None = None) -> Request:
+          accuracy_budget: float | None = None,
+          constraint: TokenConstraint | None = None) -> Request:
     """Queues a request; OverloadedError when the waiting bounds are reached. `kv_salt`: what
     besides its chain's blocks changes its KV (an adapter's deltas): keys its cached prefixes.
     `recompute_at`: the cached length at which the model's KV is computed again (0 = never).
@@ -153,7 +162,8 @@ class Scheduler:
     if sum(len(q) for (t, m), q in self.waiting.items() if m == model) >= per_model:
       raise OverloadedError(f"admission queue of model {model!r} is full ({per_model} waiting)")
     req = Request(handle, model, tenant, prompt, params, segments, stop_ids, next(self._arrivals),
-                  kv_salt=kv_salt, recompute_at=recompute_at, accuracy_budget=accuracy_budget)
+                  kv_salt=kv_salt, recompute_at=recompute_at, accuracy_budget=accuracy_budget,
+                  constraint=constraint)
     self.waiting.setdefault((tenant, model), collections.deque()).append(req)
     return req
 
@@ -353,6 +363,14 @@ class Scheduler:
 
   def _route(self, item: StepItem, seg: Segment, y, row: int) -> None:
     req = item.req
+    if seg.ends_at_head:
+      token, logprobs, prompt = head_rows.row_result(y, row, item)
+      if prompt:
+        first = 0 if item.start == 0 else item.start + 1  # the prompt index of prompt[0]
+        prompt = prompt[max(req.prompt_logprobs_sent - first, 0):]
+        req.prompt_logprobs_sent = max(req.prompt_logprobs_sent, first + len(prompt))
+        if prompt:
+          self._outbox.append(RequestOutput(req.handle, prompt_logprobs=prompt))
     if not item.final and item.pos >= req.last_kv_segment:
       req.cached = item.start + item.n  # this chunk is in every KV pool: send the next one
       self.prefix_cache.commit(req)
@@ -367,12 +385,14 @@ class Scheduler:
       return
     req.cached = item.start + item.n
     self.prefix_cache.commit(req)
-    token = int(y[row])
     req.generated.append(token)
-    if token in req.stop_ids:  # a stop token ends the request and is not emitted
-      self.finish(req, "stop")
+    if token in req.stop_ids and len(req.generated) > req.params.min_tokens:
+      self.finish(req, "stop")  # a stop token ends the request and is not emitted
       return
-    self._outbox.append(RequestOutput(req.handle, token=token))
+    if req.constraint is not None and not req.constraint.accept(token):
+      self.finish(req, "error", JBlockError(f"token {token} broke the request's grammar"))
+      return
+    self._outbox.append(RequestOutput(req.handle, token=token, logprobs=logprobs))
     if len(req.generated) >= req.params.max_new_tokens:
       self.finish(req, "length")
     elif req.cached and req.cached == req.recompute_at:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jblock.blocks import EMBED, HEAD, LAYERS
 from jblock.models import blocks as block_fns
 from jblock.runtime import mesh as mesh_lib
-from jblock.runtime.sampling import sample
+from jblock.runtime.logits import head_outputs, prompt_outputs
 from jblock.runtime.step import unpack
 
 
@@ -105,8 +105,9 @@ def plan_segments(chains: dict[str, Sequence[Any]], fuse: bool = True,
 def segment_fn(structure: tuple[tuple[str, str], ...], kv_shardings: tuple, mesh):
   """The jitted step of a segment with this structure ((kind, config JSON) per block).
 
-  fn(params list, KV pools list (donated), x, ints, floats, banks) -> (y, KV pools): y is the
-  hidden state [B, T, D], or the sampled tokens [B] int32 when the segment ends at the head.
+  fn(params list, KV pools list (donated), x, ints, floats, banks, lora_cols, head) -> (y, KV
+  pools): y is the hidden state [B, T, D], or at the head the sampled tokens [B] int32 (a dict
+  with the logprobs too when `head`, the optional head inputs of jblock.runtime.head_rows, asks).
   `ints` and `floats` are a packed StepMeta; `banks` (optional) has one adapter bank or None per
   block (jblock.runtime.lora: LoRA on layers blocks, compressed deltas on any), applied per row by StepMeta.adapter over the bank
   columns `lora_cols` (StepMeta.lora_cols; one compiled shape per column bucket). One compiled
@@ -117,7 +118,7 @@ def segment_fn(structure: tuple[tuple[str, str], ...], kv_shardings: tuple, mesh
   n_tables = sum(kind == LAYERS for kind, _ in structure)
   rep = mesh_lib.replicated(mesh)
 
-  def step(params, kvs, x, ints, floats, banks=None, lora_cols=None):
+  def step(params, kvs, x, ints, floats, banks=None, lora_cols=None, head=None):
     m = unpack(ints, floats, n_tables)
     base = {"starts": m["starts"], "n_valid": m["n_valid"], "rope_len": m["rope_len"]}
     new_kvs, li = [], 0
@@ -132,12 +133,16 @@ def segment_fn(structure: tuple[tuple[str, str], ...], kv_shardings: tuple, mesh
         li += 1
       elif kind == EMBED:
         x, _ = apply(p, {}, x, meta)
-      else:  # head: only each row's last real token, then sampling on device
+      else:  # head: each row's last real token (every token for prompt logprobs), sampled here
         last = jnp.maximum(m["n_valid"] - 1, 0)
-        h = x[jnp.arange(x.shape[0]), last][:, None]
-        logits = apply(p, {}, h, meta)[0][:, 0]
-        x = sample(logits, m["temperature"], m["top_k"], m["top_p"], m["seed_lo"], m["seed_hi"],
-                   m["step"])
+        rows = jnp.arange(x.shape[0])
+        if head is not None and "targets" in head:
+          all_logits = apply(p, {}, x, meta)[0]
+          prompt = prompt_outputs(all_logits, head["targets"])
+          x = {**head_outputs(all_logits[rows, last], m, head), **prompt}
+        else:
+          logits = apply(p, {}, x[rows, last][:, None], meta)[0][:, 0]
+          x = head_outputs(logits, m, head)
     return x, new_kvs
 
   kv_out = [{"k": s, "v": s} for s in kv_shardings]

@@ -36,6 +36,9 @@ class StepMeta:
   # int32 [C]: LoRA bank columns the batch's adapters use (slot * max rank + j, -1 = padding);
   # None = every column. Not packed: local segments take it beside the banks.
   lora_cols: np.ndarray | None = None
+  # The optional per-row head inputs (jblock.runtime.head_rows: logprobs, penalties, bias,
+  # grammar masks...); None when no row of the batch uses any. Not packed, like lora_cols.
+  head: dict[str, np.ndarray] | None = None
 
   @classmethod
   def empty(cls, batch: int, n_tables: int, width: int) -> "StepMeta":

@@ -181,10 +181,11 @@ class BlockHostServicer(pb_grpc.BlockHostServicer):
       try:
         if request.sources:  # rows from the mailbox (and x): one [rows, T, D] batch on device
           x = gather_rows(x, ints.shape[0])
+        head = validate.head_inputs(request, spec, ints.shape[0], x.shape[1])
         with self._lock:  # one batch at a time per worker swaps the KV buffers
-          y = run_local_segment(Segment([inst], 0), x, ints, floats, lora_cols)
+          y = run_local_segment(Segment([inst], 0), x, ints, floats, lora_cols, head)
           if not request.output_handle:
-            y = np.asarray(y)
+            y = jax.device_get(y)
       finally:
         self._running -= 1
         self.mailbox.consume(read)
@@ -194,7 +195,10 @@ class BlockHostServicer(pb_grpc.BlockHostServicer):
       if request.output_handle:
         self._route_rows(request, y, response)
       else:
-        to_tensor_map({"y": np.asarray(y)}, response.outputs)
+        # At a head: the tokens as y, and the logprobs (a dict) under their names.
+        outputs = {"y": y["tokens"], **y} if isinstance(y, dict) else {"y": y}
+        to_tensor_map({k: np.asarray(v) for k, v in outputs.items() if k != "tokens"},
+                      response.outputs)
       return response
     except KeyError as e:
       context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"RunBlock input {e} is missing")

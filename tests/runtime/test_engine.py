@@ -211,3 +211,123 @@ def test_per_block_kv_slots_and_batch_size(variants):
     assert blocks[shared_layer]["kv_slots_free"] == 9 and blocks[shared_layer]["batch_size"] == 6
     other = specs[0].block_ids[2]
     assert blocks[other]["kv_slots_free"] == 3 and blocks[other]["batch_size"] == 2
+
+
+# ---- per-row sampling controls and logprobs (jblock.runtime.logits, head_rows) ---------------
+
+def _torch_logprobs(variants, model: int, tokens: list[int]) -> torch.Tensor:
+  torch_model = transformers.AutoModelForCausalLM.from_pretrained(variants[0][model],
+                                                                  dtype=torch.float32).eval()
+  with torch.no_grad():
+    return torch.log_softmax(torch_model(torch.tensor([tokens])).logits[0].float(), -1)
+
+
+def test_logprobs_and_prompt_logprobs_match_transformers(shared_engine, variants, expected):
+  prompt = [int(t) for t in PROMPTS[3]]  # 19 tokens: two prefill chunks through the head
+  plain = shared_engine.submit("v0", prompt, max_new_tokens=4)
+  asks = shared_engine.submit("v0", prompt, max_new_tokens=4, logprobs=5, prompt_logprobs=2)
+  tokens = asks.result(timeout=300)
+  assert tokens == plain.result(timeout=300) == expected[3][:4]
+  assert plain.logprobs() == [None] * 4 and plain.prompt_logprobs == []  # only rows that ask
+  ref = _torch_logprobs(variants, 0, prompt + tokens)
+  n = len(prompt)
+  for i, got in enumerate(asks.logprobs()):
+    assert got.token == tokens[i] and abs(got.logprob - ref[n - 1 + i, tokens[i]].item()) <= 1e-4
+    values, ids = ref[n - 1 + i].topk(5)
+    assert [t for t, _ in got.top] == ids.tolist()
+    assert np.allclose([v for _, v in got.top], values.numpy(), atol=1e-4)
+  lps = asks.prompt_logprobs
+  assert len(lps) == n and lps[0] is None
+  assert [lp.token for lp in lps[1:]] == prompt[1:]
+  assert max(abs(lps[j].logprob - ref[j - 1, prompt[j]].item()) for j in range(1, n)) <= 1e-4
+  assert all(len(lp.top) == 2 and lp.top[0][0] == ref[j - 1].argmax().item()
+             for j, lp in enumerate(lps[1:], 1))
+
+
+def _greedy_reference(variants, prompt, steps, process) -> list[int]:
+  """Greedy tokens with `process(logits, generated)` applied to transformers' logits."""
+  torch_model = transformers.AutoModelForCausalLM.from_pretrained(variants[0][0],
+                                                                  dtype=torch.float32).eval()
+  out = []
+  for _ in range(steps):
+    with torch.no_grad():
+      logits = torch_model(torch.tensor([prompt + out])).logits[0, -1].double()
+    out.append(int(process(logits, out).argmax()))
+  return out
+
+
+def test_penalties_and_logit_bias_match_their_definitions(shared_engine, variants):
+  prompt = [int(t) for t in PROMPTS[0]]
+
+  def penalised(logits, generated):
+    for t in set(prompt + generated):  # repetition: transformers' RepetitionPenaltyLogitsProcessor
+      logits[t] = logits[t] / 1.3 if logits[t] > 0 else logits[t] * 1.3
+    for t in set(generated):  # OpenAI's presence and frequency
+      logits[t] -= 0.4 + 0.7 * generated.count(t)
+    logits[5] += 2.5
+    return logits
+
+  got = shared_engine.submit("v0", prompt, max_new_tokens=8, repetition_penalty=1.3,
+                             presence_penalty=0.4, frequency_penalty=0.7,
+                             logit_bias={"5": 2.5}).result(timeout=300)
+  assert got == _greedy_reference(variants, prompt, 8, penalised)
+  forced = shared_engine.submit("v0", prompt, max_new_tokens=3, logit_bias={9: 100})
+  assert forced.result(timeout=300) == [9, 9, 9]
+
+
+def test_min_tokens_holds_back_the_stop_ids_and_min_p_one_is_greedy(shared_engine, expected):
+  first = expected[1][0]
+  stopped = shared_engine.submit("v1", PROMPTS[1], max_new_tokens=4, stop_token_ids=[first])
+  assert stopped.result(timeout=300) == [] and stopped.finish_reason == "stop"
+  held = shared_engine.submit("v1", PROMPTS[1], max_new_tokens=4, stop_token_ids=[first],
+                              min_tokens=2).result(timeout=300)
+  assert len(held) >= 2 and held[0] != first
+  top_only = shared_engine.submit("v1", PROMPTS[1], max_new_tokens=6, temperature=1.0, seed=5,
+                                  min_p=1.0).result(timeout=300)
+  assert top_only == expected[1][:6]
+
+
+class _OnlyTokens:
+  """A constraint allowing a fixed set of tokens (what a grammar's mask does), recording what
+  the engine reports."""
+
+  def __init__(self, allowed, vocab):
+    self.width = -(-vocab // 32)
+    self.allowed, self.accepted = allowed, []
+
+  def mask(self):
+    bits = np.zeros(self.width * 32, bool)
+    bits[list(self.allowed)] = True
+    return np.packbits(bits.reshape(-1, 32)[:, ::-1], axis=1).view(">u4").astype(np.uint32).view(
+        np.int32)[:, 0]
+
+  def accept(self, token):
+    self.accepted.append(token)
+    return token in self.allowed
+
+
+def test_a_constraint_masks_every_step_and_greedy_picks_its_best_allowed_token(
+    shared_engine, variants):
+  prompt = [int(t) for t in PROMPTS[2]]
+  allowed = {3, 17, 40}
+  constraint = _OnlyTokens(allowed, 128)
+  got = shared_engine.submit("v0", prompt, max_new_tokens=5,
+                             constraint=constraint).result(timeout=300)
+
+  def masked(logits, generated):
+    out = torch.full_like(logits, -torch.inf)
+    out[list(allowed)] = logits[list(allowed)]
+    return out
+
+  assert got == constraint.accepted == _greedy_reference(variants, prompt, 5, masked)
+
+
+def test_bad_sampling_controls_are_refused_naming_the_field(shared_engine):
+  for kwargs, field in (({"logprobs": 21}, "logprobs"), ({"presence_penalty": 3}, "presence_penalty"),
+                        ({"repetition_penalty": 0}, "repetition_penalty"),
+                        ({"logit_bias": {100000: 1}}, "logit_bias"),
+                        ({"logit_bias": {3: 101}}, "logit_bias"), ({"min_p": 1.5}, "min_p"),
+                        ({"min_tokens": 9, "max_new_tokens": 4}, "min_tokens")):
+    with pytest.raises(InvalidRequestError) as e:
+      shared_engine.submit("v0", [1, 2, 3], **kwargs)
+    assert e.value.field == field, kwargs
