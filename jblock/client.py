@@ -45,6 +45,10 @@ class GenerateChunk:
   finish_reason: str | None = None  # "stop" | "length" | "cancelled", on the last chunk
   usage: Usage | None = None  # on the last chunk
   request_id: str = ""
+  # With logprobs asked: per token, (token, logprob, ((top token, logprob), ...)); the prompt's
+  # on the first chunk (None for its first token).
+  logprobs: tuple = ()
+  prompt_logprobs: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +76,14 @@ def _chunk(response: pb.GenerateResponse) -> GenerateChunk:
     usage = Usage(response.usage.prompt_tokens, response.usage.completion_tokens)
   return GenerateChunk(token_ids=tuple(response.token_ids), text=response.text,
                        finish_reason=_FINISH_REASONS.get(response.finish_reason), usage=usage,
-                       request_id=response.request_id)
+                       request_id=response.request_id,
+                       logprobs=tuple(_logprob(e) for e in response.logprobs),
+                       prompt_logprobs=tuple(None if i == 0 else _logprob(e)  # nothing predicts
+                                             for i, e in enumerate(response.prompt_logprobs)))
+
+
+def _logprob(entry: pb.TokenLogprob):
+  return (entry.token_id, entry.logprob, tuple(zip(entry.top_token_ids, entry.top_logprobs)))
 
 
 # UNAVAILABLE with these words comes from a live server that refuses: retrying will not help.
@@ -234,10 +245,13 @@ class Client:
                top_k: int | None = None, seed: int | None = None,
                stop_token_ids: Sequence[int] = (), stop: Sequence[str] = (),
                messages: Sequence[dict] | None = None, request_id: str | None = None,
-               timeout: float | None = None) -> GenerateStream:
+               timeout: float | None = None, **controls) -> GenerateStream:
     """Streams a generation. Give `prompt` (text), `prompt_tokens` or chat `messages`
     ([{"role", "content"}]); unset sampling arguments take the server's defaults (32 tokens,
-    greedy). `stop`: stop strings (the text ends before the first one)."""
+    greedy). `stop`: stop strings (the text ends before the first one). `controls`: the
+    GenerateRequest's further fields (min_p, presence_penalty, frequency_penalty,
+    repetition_penalty, logit_bias {id: bias}, min_tokens, ignore_eos, logprobs,
+    prompt_logprobs, response_format as a dict)."""
     if sum(x is not None for x in (prompt, prompt_tokens, messages)) > 1:
       raise ValueError("give one of prompt, prompt_tokens and messages")
     request = pb.GenerateRequest(model=model, stop_token_ids=list(stop_token_ids),
@@ -255,6 +269,13 @@ class Client:
                          ("top_p", top_p), ("top_k", top_k), ("seed", seed),
                          ("request_id", request_id)):
       if value is not None:
+        setattr(request, field, value)
+    for field, value in controls.items():
+      if field == "logit_bias":
+        request.logit_bias.update({int(t): float(b) for t, b in value.items()})
+      elif field == "response_format":
+        request.response_format = json.dumps(value)
+      elif value is not None:
         setattr(request, field, value)
     return GenerateStream(
         lambda left, wait: self._inference.Generate(request, timeout=left,

@@ -20,9 +20,11 @@ from typing import Sequence
 
 import numpy as np
 
-from jblock.errors import NotFoundError, OverloadedError, UnavailableError
+from jblock.errors import InvalidRequestError, NotFoundError, OverloadedError, UnavailableError
 from jblock.runtime.engine_api import (ModelInfo, RequestHandle, SamplingParams,
-                                       new_request_id, validate_request)
+                                       new_request_id, sampling_params, validate_request)
+
+_PLAIN_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop_token_ids")
 
 
 def _emit_each_step(handles: list[RequestHandle], stop_ids: list[frozenset[int]],
@@ -86,13 +88,15 @@ class HFEngine:
 
   # ---- engine_api.Engine
 
-  def submit(self, model: str, prompt_tokens: Sequence[int], *, max_new_tokens: int = 32,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             stop_token_ids: Sequence[int] = (), request_id: str | None = None,
-             tenant: str | None = None, accuracy_budget: float | None = None) -> RequestHandle:
+  def submit(self, model: str, prompt_tokens: Sequence[int], *, request_id: str | None = None,
+             tenant: str | None = None, accuracy_budget: float | None = None,
+             constraint=None, **sampling) -> RequestHandle:
     del tenant, accuracy_budget  # one queue per model: static batching knows no tenants
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                            top_p=top_p, seed=seed, stop_token_ids=tuple(stop_token_ids))
+    params = sampling_params(**sampling)
+    plain = SamplingParams(**{f: getattr(params, f) for f in _PLAIN_FIELDS})
+    if constraint is not None or params != plain:
+      raise InvalidRequestError("sampling", "the transformers baseline samples with temperature, "
+                                "top-k, top-p, seed and stop ids only")
     prompt = [int(t) for t in prompt_tokens]
     with self._lock:
       if self._closed:

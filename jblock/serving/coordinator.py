@@ -159,7 +159,31 @@ def generation_request(request: pb.GenerateRequest) -> frontend_lib.GenerationRe
       setattr(out, field, getattr(request, field))
   if request.HasField("request_id") and request.request_id:
     out.request_id = request.request_id
+  for field in _SAMPLING_FIELDS:
+    if request.HasField(field):
+      out.sampling[field] = getattr(request, field)
+  if request.logit_bias:
+    out.sampling["logit_bias"] = dict(request.logit_bias)
+  if request.ignore_eos:
+    out.sampling["ignore_eos"] = True
+  if request.response_format:
+    try:
+      out.response_format = json.loads(request.response_format)
+    except ValueError as e:
+      raise InvalidRequestError("response_format", f"is not valid JSON: {e}") from None
   return out
+
+
+_SAMPLING_FIELDS = ("min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                    "min_tokens", "logprobs", "prompt_logprobs")
+
+
+def token_logprobs_proto(entries) -> list:
+  """engine_api.TokenLogprobs (None: no logprob, as for the first prompt token) as protos."""
+  return [pb.TokenLogprob() if e is None else
+          pb.TokenLogprob(token_id=e.token, logprob=e.logprob,
+                          top_token_ids=[t for t, _ in e.top], top_logprobs=[v for _, v in e.top])
+          for e in entries]
 
 
 def _gone_status(context: grpc.ServicerContext) -> grpc.StatusCode:
@@ -188,9 +212,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
       # The request id rides on the first and the last message only: on every message, a
       # long id would be multiplied by the length of the stream.
       request_id = generation.request_id
+      prompt_logprobs = generation.handle.params.prompt_logprobs is not None
       for delta in generation:
-        yield pb.GenerateResponse(request_id=request_id, token_ids=delta.token_ids,
-                                  text=delta.text)
+        message = pb.GenerateResponse(request_id=request_id, token_ids=delta.token_ids,
+                                      text=delta.text,
+                                      logprobs=token_logprobs_proto(delta.logprobs))
+        if prompt_logprobs:  # computed before the first token: sent with it
+          message.prompt_logprobs.extend(token_logprobs_proto(generation.handle.prompt_logprobs))
+          prompt_logprobs = False
+        yield message
         request_id = ""
       if not context.is_active():
         return  # the client is gone: nobody to send the last message to

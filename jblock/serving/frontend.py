@@ -20,6 +20,7 @@ not use get the same NOT_FOUND.
 import asyncio
 import concurrent.futures
 import dataclasses
+import hashlib
 import logging
 import threading
 from typing import Sequence
@@ -101,6 +102,12 @@ class GenerationRequest:
   stop: Sequence[str] = ()
   stop_token_ids: Sequence[int] = ()
   request_id: str | None = None
+  # Further SamplingParams fields as given (presence_penalty, logit_bias, min_p, min_tokens,
+  # ignore_eos, logprobs, prompt_logprobs, ...): the engine checks their ranges.
+  sampling: dict = dataclasses.field(default_factory=dict)
+  # OpenAI's response_format ({"type": "json_object" | "json_schema" | "text", ...}): the
+  # output follows it (jblock.serving.grammar).
+  response_format: dict | None = None
 
 
 class Frontend:
@@ -257,9 +264,12 @@ class Frontend:
     self.drain.exit()
 
   def _submit(self, principal: Principal, request: GenerationRequest, mt: ModelText,
-              prompt: list[int]) -> Generation:
+              prompt: list[int], choice: int = 0) -> Generation:
+    """Submits one choice of the request: choice i > 0 samples with its own seed, derived from
+    the request's (choice_seed)."""
     tenant = principal.tenant
-    kwargs = {"stop_token_ids": tuple(request.stop_token_ids) + mt.eos_ids,
+    eos = () if request.sampling.get("ignore_eos") else mt.eos_ids
+    kwargs = {**request.sampling, "stop_token_ids": tuple(request.stop_token_ids) + eos,
               "tenant": tenant.name if tenant is not None else None,  # fair scheduling
               "accuracy_budget": tenant.accuracy_budget if tenant is not None else None}
     for field, name in (("max_tokens", "max_new_tokens"), ("temperature", "temperature"),
@@ -270,6 +280,9 @@ class Frontend:
         kwargs[name] = value
     if request.max_tokens is None and request.max_tokens_to_context:
       kwargs["max_new_tokens"] = max(mt.info.max_seq_len - len(prompt), 1)
+    if choice:
+      kwargs["seed"] = choice_seed(request.seed or 0, choice)
+      kwargs.pop("request_id", None)  # the engine names the other choices
     try:
       handle = self.engine.submit(mt.info.name, prompt, **kwargs)
     except NotFoundError:
@@ -298,6 +311,36 @@ class Frontend:
       return self._submit(principal, request, mt, prompt)
     except BaseException as e:
       self._end(principal)
+      self._observe(principal, e)
+      raise
+
+  async def agenerate_choices(self, principal: Principal, request: GenerationRequest,
+                              n: int) -> list[Generation]:
+    """`n` generations of one prompt, tokenised once: choice i samples with choice_seed(seed,
+    i). Each is admitted (quota, in-flight slot) as a request of its own; the engine's prefix
+    cache lets the later choices adopt the KV of the prompt the first computes. On an error
+    the choices already submitted are closed."""
+    if n == 1:
+      return [await self.agenerate(principal, request)]
+    self._enter(principal)
+    out: list[Generation] = []
+    try:
+      mt, future = self._begin(principal, request)
+      prompt = await asyncio.wrap_future(future)
+      out.append(self._submit(principal, request, mt, prompt))
+      for i in range(1, n):
+        self._enter(principal)
+        try:
+          out.append(self._submit(principal, request, mt, prompt, choice=i))
+        except BaseException:
+          self._end(principal)
+          raise
+      return out
+    except BaseException as e:
+      if not out:
+        self._end(principal)
+      for generation in out:
+        generation.close("CANCELLED")
       self._observe(principal, e)
       raise
 
@@ -357,6 +400,13 @@ class Frontend:
     return self.engine.stats()
 
 
+def choice_seed(seed: int, choice: int) -> int:
+  """The seed of choice `choice` of a request seeded `seed` (choice 0 keeps it): distinct per
+  choice, and the same for the same request, so a seeded n > 1 request is reproducible."""
+  digest = hashlib.blake2b(f"{seed}:{choice}".encode(), digest_size=8).digest()
+  return int.from_bytes(digest, "little")
+
+
 def tenants_from_flag(path: str | None) -> Tenants | None:
   if not path:
     return None
@@ -366,4 +416,4 @@ def tenants_from_flag(path: str | None) -> Tenants | None:
 
 
 __all__ = ["DEFAULT_MAX_REQUEST_BYTES", "DrainState", "Frontend", "Generation",
-           "GenerationRequest", "MAX_MODEL_NAME_BYTES", "tenants_from_flag"]
+           "GenerationRequest", "MAX_MODEL_NAME_BYTES", "choice_seed", "tenants_from_flag"]

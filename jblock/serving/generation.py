@@ -28,6 +28,7 @@ _DECODE_CONTEXT_TOKENS = 6
 class Delta:
   token_ids: tuple[int, ...]
   text: str
+  logprobs: tuple = ()  # TokenLogprobs per token id, when the request asked for logprobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,17 @@ class Generation:
     self.finish_reason: str | None = None
 
   @property
+  def tokenizer(self):
+    """The model's tokenizers.Tokenizer (None: a model served by token ids)."""
+    return self._tokenizer
+
+  def decode(self, token_ids: Sequence[int]) -> str:
+    """The text of `token_ids` as a finished generation shows it ("" without a tokenizer)."""
+    if self._tokenizer is None:
+      return ""
+    return self._tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+  @property
   def usage(self) -> Usage:
     return Usage(len(self.prompt_tokens), self._consumed)
 
@@ -100,7 +112,7 @@ class Generation:
     """Turns engine tokens into a Delta; detects stop strings. None: nothing to send."""
     if self._stopped_by_string:
       return None
-    ids = []
+    ids, first = [], self._consumed
     for token in chunk:
       ids.append(int(token))
       self._consumed += 1
@@ -120,7 +132,10 @@ class Generation:
       keep = self._hold_back()
       cut = len(self._held) - keep
       out, self._held = self._held[:cut], self._held[cut:]
-    return Delta(tuple(ids), out) if ids or out else None
+    logprobs = ()
+    if ids and self.handle.params.logprobs is not None:
+      logprobs = tuple(self.handle.logprobs(first, first + len(ids)))
+    return Delta(tuple(ids), out, logprobs) if ids or out else None
 
   def _cut_at_stop(self) -> bool:
     """Cuts the held text before the first stop string in it; True if there was one."""

@@ -25,15 +25,15 @@ from prometheus_client import CONTENT_TYPE_LATEST
 import uvicorn
 
 from jblock.errors import InvalidRequestError, JBlockError
-from jblock.serving.frontend import Frontend, GenerationRequest
+from jblock.serving import openai_choices
+from jblock.serving.frontend import Frontend
+from jblock.serving.openai_requests import chat_request, completion_request
 from jblock.serving.status import HTTP_STATUS, error_code
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                 403: "permission_error", 404: "invalid_request_error", 429: "rate_limit_error",
                 503: "server_error", 500: "server_error", 504: "server_error"}
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-MAX_USER_CHARS = 256
 
 
 class BodyTooLargeError(InvalidRequestError):
@@ -81,126 +81,6 @@ async def _read_json(request: Request, limit: int) -> dict:
   if not isinstance(data, dict):
     raise InvalidRequestError("body", "must be a JSON object")
   return data
-
-
-# Only JSON types are checked here; the ranges are the engine's (engine_api.validate_request),
-# the same for gRPC.
-def _int(data: dict, key: str):
-  value = data.get(key)
-  if value is None:
-    return None
-  if isinstance(value, bool) or not isinstance(value, int):
-    raise InvalidRequestError(key, f"must be an integer, got {type(value).__name__}")
-  return value
-
-
-def _number(data: dict, key: str):
-  """A JSON number as parsed (NaN and Infinity too: the engine refuses them, naming `key`)."""
-  value = data.get(key)
-  if value is None:
-    return None
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
-    raise InvalidRequestError(key, f"must be a number, got {type(value).__name__}")
-  return value
-
-
-def _bool(data: dict, key: str) -> bool:
-  value = data.get(key, False)
-  if value is None:
-    return False
-  if not isinstance(value, bool):
-    raise InvalidRequestError(key, "must be true or false")
-  return value
-
-
-def _unsupported(data: dict, key: str, allowed=(False, 0)) -> None:
-  """Refuses a field set to anything but its no-op values (absent, null, empty, `allowed`)."""
-  value = data.get(key)
-  if value is None or value in ({}, [], ""):
-    return
-  if isinstance(value, (bool, int, float)) and value in allowed:
-    return
-  raise InvalidRequestError(key, "is not supported by this server")
-
-
-def _common(data: dict, *, chat: bool) -> tuple[GenerationRequest, dict]:
-  """The sampling fields both endpoints share; returns (request, options)."""
-  model = data.get("model")
-  if not isinstance(model, str) or not model:
-    raise InvalidRequestError("model", "is required (a model name from GET /v1/models)")
-  n = _int(data, "n")
-  if n not in (None, 1):
-    raise InvalidRequestError("n", "only n=1 is supported")
-  for key in ("presence_penalty", "frequency_penalty", "logit_bias", "suffix", "tools",
-              "functions", "tool_choice", "response_format", "echo"):
-    _unsupported(data, key)
-  _unsupported(data, "best_of", allowed=(1,))
-  logprobs = data.get("logprobs")
-  if logprobs not in (None, False) and not (isinstance(logprobs, int) and logprobs == 0
-                                            and not isinstance(logprobs, bool)):
-    raise InvalidRequestError("logprobs", "are not supported by this server")
-  stop = data.get("stop")
-  if isinstance(stop, str):
-    stop = [stop]
-  elif stop is None:
-    stop = []
-  elif not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-    raise InvalidRequestError("stop", "must be a string or a list of strings")
-  user = data.get("user")  # OpenAI's end-user id: accepted, not used
-  if user is not None and (not isinstance(user, str) or len(user) > MAX_USER_CHARS):
-    raise InvalidRequestError("user", f"must be a string of at most {MAX_USER_CHARS} characters")
-  max_tokens = _int(data, "max_completion_tokens") if chat else None
-  if max_tokens is None:
-    max_tokens = _int(data, "max_tokens")
-  request = GenerationRequest(
-      model=model, max_tokens=max_tokens, temperature=_number(data, "temperature"),
-      top_p=_number(data, "top_p"), top_k=_int(data, "top_k"), seed=_int(data, "seed"),
-      stop=tuple(stop))
-  stream = _bool(data, "stream")
-  options = data.get("stream_options")
-  if options is not None and not isinstance(options, dict):
-    raise InvalidRequestError("stream_options", "must be an object")
-  include_usage = bool(options and options.get("include_usage"))
-  return request, {"stream": stream, "include_usage": include_usage}
-
-
-def completion_request(data: dict) -> tuple[GenerationRequest, dict]:
-  request, options = _common(data, chat=False)
-  prompt = data.get("prompt")
-  if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-    prompt = prompt[0]  # a batch of one
-  if isinstance(prompt, str):
-    request.text = prompt
-  elif isinstance(prompt, list) and prompt and all(
-      isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-    request.token_ids = prompt
-  elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-    raise InvalidRequestError("prompt", "one prompt per request (n=1, no batches)")
-  else:
-    raise InvalidRequestError("prompt", "must be a string or a list of token ids")
-  if request.max_tokens is None:
-    request.max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS
-  return request, options
-
-
-def chat_request(data: dict) -> tuple[GenerationRequest, dict]:
-  request, options = _common(data, chat=True)
-  messages = data.get("messages")
-  if not isinstance(messages, list) or not messages:
-    raise InvalidRequestError("messages", "must be a non-empty list")
-  request.messages = messages
-  request.max_tokens_to_context = request.max_tokens is None
-  return request, options
-
-
-def _finish_reason(reason: str | None) -> str:
-  return "length" if reason == "length" else "stop"
-
-
-def _usage(generation) -> dict:
-  usage = generation.usage
-  return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-          "total_tokens": usage.total_tokens}
 
 
 def _sse(data: Any) -> bytes:
@@ -294,70 +174,37 @@ def build_app(frontend: Frontend, *, max_body_bytes: int | None = None) -> FastA
     try:
       principal = frontend.authenticate(_api_key(request))
       data = await _read_json(request, limit)
-      gen_request, options = chat_request(data) if chat else completion_request(data)
-      generation = await frontend.agenerate(principal, gen_request)
+      parsed = chat_request(data) if chat else completion_request(data)
+      choices = await openai_choices.start(frontend, principal, parsed)
     except Exception as e:
       frontend.observe_refused(e)  # no-op when the frontend counted it already
       return error_response(e)
-    prefix, kind = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
-    head = {"id": f"{prefix}-{generation.request_id}", "created": int(time.time()),
-            "model": generation.model}
-    if options["stream"]:
-      return StreamingResponse(_stream(generation, head, kind, chat, options["include_usage"]),
-                               media_type="text/event-stream", headers=_SSE_HEADERS)
-    return await _whole(request, generation, head, kind, chat)
-
-  async def _whole(request, generation, head, kind, chat):
-    parts = []
+    prefix = "chatcmpl" if chat else "cmpl"
+    head = {"id": f"{prefix}-{choices[0].generation.request_id}", "created": int(time.time()),
+            "model": choices[0].generation.model}
+    if parsed.stream:
+      return StreamingResponse(_stream(parsed, choices, head), media_type="text/event-stream",
+                               headers=_SSE_HEADERS)
     try:
-      async for delta in generation:
-        parts.append(delta.text)
-        if await request.is_disconnected():
-          generation.close("CANCELLED")
-          return JSONResponse({}, status_code=499)
+      if not await openai_choices.run_all(choices, request.is_disconnected):
+        return JSONResponse({}, status_code=499)
+      return openai_choices.body(parsed, choices, head)
     except Exception as e:
       return error_response(e)
     finally:
-      generation.close()
-    text = "".join(parts)
-    choice = {"index": 0, "logprobs": None, "finish_reason": _finish_reason(generation.finish_reason)}
-    if chat:
-      choice["message"] = {"role": "assistant", "content": text}
-    else:
-      choice["text"] = text
-    return {**head, "object": kind, "choices": [choice], "usage": _usage(generation)}
+      openai_choices.close(choices)
 
-  async def _stream(generation, head, kind, chat, include_usage):
-    kind = f"{kind}.chunk" if chat else kind
-
-    def chunk(delta_text: str | None, finish: str | None, first: bool = False) -> dict:
-      choice = {"index": 0, "logprobs": None, "finish_reason": finish}
-      if chat:
-        choice["delta"] = ({"role": "assistant", "content": ""} if first else
-                           {} if delta_text is None else {"content": delta_text})
-      else:
-        choice["text"] = delta_text or ""
-      out = {**head, "object": kind, "choices": [choice]}
-      if include_usage:
-        out["usage"] = None
-      return out
-
+  async def _stream(parsed, choices, head):
     try:
-      if chat:
-        yield _sse(chunk(None, None, first=True))
-      async for delta in generation:
-        if delta.text:
-          yield _sse(chunk(delta.text, None))
-      yield _sse(chunk(None, _finish_reason(generation.finish_reason)))
-      if include_usage:
-        yield _sse({**head, "object": kind, "choices": [], "usage": _usage(generation)})
+      async for chunk in openai_choices.chunks(parsed, choices, head):
+        yield _sse(chunk)
       yield b"data: [DONE]\n\n"
     except Exception as e:  # mid-stream: the status line is gone, so an error event
       response = error_response(e)
       yield b"data: " + response.body + b"\n\n"
     finally:
       # Client gone (the generator is closed or cancelled) or done: frees quota and KV.
-      generation.close()
+      openai_choices.close(choices)
 
   @app.post("/v1/completions")
   async def completions(request: Request):

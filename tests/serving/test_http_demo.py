@@ -59,3 +59,102 @@ def test_openai_greedy_text_equals_grpc(served):
       assert chat.usage.completion_tokens == 10 or chat.choices[0].finish_reason == "stop"
   finally:
     oa.close()
+
+
+@pytest.fixture
+def oa(served):
+  client = openai.OpenAI(base_url=served[1], api_key="unused", max_retries=0, timeout=120)
+  yield client
+  client.close()
+
+
+def test_completion_logprobs_echo_and_a_batch_of_prompts(served, oa):
+  target, _ = served
+  with Client(target) as client:
+    expected = [client.generate_text("base", p, max_tokens=6, timeout=120) for p in PROMPTS]
+  got = oa.completions.create(model="base", prompt=PROMPTS, max_tokens=6, logprobs=3)
+  assert [c.index for c in got.choices] == [0, 1]
+  assert [c.text for c in got.choices] == expected
+  for choice in got.choices:
+    lp = choice.logprobs
+    assert "".join(lp.tokens) == choice.text and len(lp.tokens) == 6
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+      assert value < 0 and len(top) <= 4 and token in top  # greedy: its token is the best
+      assert top[token] == value == max(top.values())
+  # lm-evaluation-harness's loglikelihood request: echo + logprobs, the prompt's logprobs first.
+  scored = oa.completions.create(model="base", prompt=PROMPTS[0], max_tokens=1, echo=True,
+                                 logprobs=1, temperature=0)
+  lp = scored.choices[0].logprobs
+  n_prompt = scored.usage.prompt_tokens
+  assert len(lp.tokens) == n_prompt + 1 and lp.token_logprobs[0] is None
+  assert scored.choices[0].text.startswith(PROMPTS[0])
+  assert all(v < 0 for v in lp.token_logprobs[1:])
+  only_prompt = oa.completions.create(model="base", prompt=PROMPTS[0], max_tokens=0, echo=True,
+                                      logprobs=0)
+  assert only_prompt.choices[0].text == PROMPTS[0] and only_prompt.usage.completion_tokens == 0
+  assert only_prompt.choices[0].logprobs.token_logprobs == lp.token_logprobs[:n_prompt]
+
+
+def test_n_choices_share_the_prompt_and_are_seeded_apart(served, oa):
+  args = dict(model="variant-1", prompt=PROMPTS[0], max_tokens=8, temperature=1.0, seed=7)
+  got = oa.completions.create(n=3, logprobs=0, **args)
+  assert [c.index for c in got.choices] == [0, 1, 2]
+  texts = [c.text for c in got.choices]
+  assert len(set(texts)) > 1  # each choice has its own seed
+  assert oa.completions.create(n=1, **args).choices[0].text == texts[0]  # choice 0 keeps the seed
+  streamed = {}
+  for chunk in oa.completions.create(n=3, stream=True, **args):
+    for c in chunk.choices:
+      streamed[c.index] = streamed.get(c.index, "") + c.text
+  assert [streamed[i] for i in range(3)] == texts  # the same seeds: reproducible
+  # best_of generates the same three choices and returns the one with the highest logprob.
+  best = oa.completions.create(n=1, best_of=3, **args)
+  assert best.choices[0].text == max(got.choices,
+                                     key=lambda c: sum(c.logprobs.token_logprobs)).text
+  assert best.usage.completion_tokens == got.usage.completion_tokens  # all three ran
+
+
+def test_chat_logprobs_streamed_and_whole(oa):
+  messages = [{"role": "user", "content": "Tell me about the garden"}]
+  whole = oa.chat.completions.create(model="variant-2", messages=messages, max_tokens=6,
+                                     logprobs=True, top_logprobs=2)
+  content = whole.choices[0].logprobs.content
+  assert "".join(t.token for t in content) == whole.choices[0].message.content
+  assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob == t.logprob and
+             bytes(t.bytes) == t.token.encode() for t in content)
+  streamed = []
+  for chunk in oa.chat.completions.create(model="variant-2", messages=messages, max_tokens=6,
+                                          logprobs=True, top_logprobs=2, stream=True):
+    if chunk.choices and chunk.choices[0].logprobs:
+      streamed.extend(chunk.choices[0].logprobs.content)
+  assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+
+
+def test_penalties_bias_and_extensions_reach_the_engine(oa):
+  plain = oa.completions.create(model="base", prompt=PROMPTS[0], max_tokens=6)
+  first = plain.choices[0].logprobs  # None: not asked
+  assert first is None
+  forced = oa.completions.create(model="base", prompt=PROMPTS[0], max_tokens=4,
+                                 logit_bias={"65": 100}, logprobs=0)
+  assert forced.choices[0].logprobs.tokens == [forced.choices[0].logprobs.tokens[0]] * 4
+  penalised = oa.completions.create(model="base", prompt=PROMPTS[0], max_tokens=6,
+                                    frequency_penalty=2.0, presence_penalty=2.0,
+                                    extra_body={"repetition_penalty": 1.5, "min_p": 0.5,
+                                                "min_tokens": 2})
+  assert penalised.usage.completion_tokens >= 2
+
+
+def test_grpc_logprobs_equal_the_http_ones(served, oa):
+  target, _ = served
+  http = oa.completions.create(model="variant-1", prompt=PROMPTS[1], max_tokens=4, logprobs=2,
+                               echo=True).choices[0].logprobs
+  with Client(target) as client:
+    chunks = list(client.generate("variant-1", PROMPTS[1], max_tokens=4, logprobs=2,
+                                  prompt_logprobs=2, timeout=120))
+  prompt = chunks[0].prompt_logprobs
+  out = [e for c in chunks for e in c.logprobs]
+  assert prompt[0] is None and len(prompt) + len(out) == len(http.token_logprobs)
+  assert [None] + [round(e[1], 5) for e in prompt[1:] + tuple(out)] == [
+      None] + [round(v, 5) for v in http.token_logprobs[1:]]
+  assert all(len(e[2]) == 2 for e in out)
