@@ -101,6 +101,10 @@ class TokenConstraint(Protocol):
     """Advances by the sampled token (False: it was not allowed); may start the next mask."""
     ...
 
+  def finished(self) -> bool:
+    """Complete: the request ends with "stop" after the token that completed it."""
+    ...
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:

@@ -393,7 +393,9 @@ class Scheduler:
       self.finish(req, "error", JBlockError(f"token {token} broke the request's grammar"))
       return
     self._outbox.append(RequestOutput(req.handle, token=token, logprobs=logprobs))
-    if len(req.generated) >= req.params.max_new_tokens:
+    if req.constraint is not None and req.constraint.finished():
+      self.finish(req, "stop")  # its grammar is complete: nothing else may follow
+    elif len(req.generated) >= req.params.max_new_tokens:
       self.finish(req, "length")
     elif req.cached and req.cached == req.recompute_at:
       self.resume(req)  # the whole sequence again (never cached: its KV depends on the length)

@@ -23,11 +23,13 @@ import dataclasses
 import hashlib
 import logging
 import threading
+import weakref
 from typing import Sequence
 
 from jblock.errors import InvalidRequestError, NotFoundError, OverloadedError
 from jblock.errors import UnavailableError
 from jblock.runtime.engine_api import Engine, ModelInfo, validate_request_id
+from jblock.serving import grammar as grammar_lib
 from jblock.serving import text
 from jblock.serving.generation import Generation
 from jblock.serving.prompts import ModelText, check_stop, utf8, validate_messages
@@ -108,6 +110,13 @@ class GenerationRequest:
   # OpenAI's response_format ({"type": "json_object" | "json_schema" | "text", ...}): the
   # output follows it (jblock.serving.grammar).
   response_format: dict | None = None
+  tools: list[dict] | None = None  # OpenAI tool dicts for the chat template (tool_calls.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+  tokens: list[int]
+  grammar: "grammar_lib.CompiledGrammar | None"
 
 
 class Frontend:
@@ -125,6 +134,7 @@ class Frontend:
     self._tokenizers = text.TokenizerCache()
     self._texts: dict[tuple, ModelText] = {}
     self._texts_lock = threading.Lock()
+    self._grammars = weakref.WeakKeyDictionary()  # ModelText -> its GrammarCompiler
     # Tokenising runs here, never on a request's own thread or the event loop: at most
     # `tokenize_workers` prompts at once, at most `tokenize_queue` waiting (then
     # RESOURCE_EXHAUSTED), so a burst of heavy prompts cannot take every core.
@@ -186,7 +196,7 @@ class Frontend:
       if mt.tokenizer is None:
         raise InvalidRequestError("messages", f"model {mt.info.name!r} has no tokenizer; "
                                   "send a prompt of token ids")
-      prompt = mt.chat_text(request.messages)
+      prompt = mt.chat_text(request.messages, tools=request.tools)
       mt.check_bytes(prompt, "messages")
       # The template already holds the special tokens (apply_chat_template's tokenize=True).
       return mt.tokenizer.encode(prompt, add_special_tokens=False).ids
@@ -222,12 +232,31 @@ class Frontend:
             f"{mt.info.max_seq_len} tokens (at most {mt.max_prompt_bytes} bytes); refused "
             "without tokenising them")
 
-  def _tokenize_async(self, request: GenerationRequest, mt: ModelText
+  def _prepare(self, request: GenerationRequest, mt: ModelText) -> "_Prepared":
+    """The prompt's token ids and, for a response_format, its compiled grammar (both can take
+    a while: they run in the pool)."""
+    grammar = None
+    if request.response_format is not None:
+      if mt.tokenizer is None:
+        raise InvalidRequestError("response_format", f"model {mt.info.name!r} has no tokenizer")
+      grammar = self._grammar_compiler(mt).compile(request.response_format)
+    return _Prepared(self._prompt_tokens(request, mt), grammar)
+
+  def _grammar_compiler(self, mt: ModelText) -> grammar_lib.GrammarCompiler:
+    with self._texts_lock:  # one per ModelText: a reloaded model gets a new one
+      compiler = self._grammars.get(mt)
+      if compiler is None:
+        compiler = grammar_lib.GrammarCompiler(mt.tokenizer, mt.info.vocab_size, mt.eos_ids)
+        self._grammars[mt] = compiler
+      return compiler
+
+  def _tokenize_async(self, request: GenerationRequest, mt: ModelText, work=None
                       ) -> concurrent.futures.Future:
+    """Runs `work(request, mt)` (default: the prompt's token ids) in the bounded pool."""
     if not self._pool_slots.acquire(blocking=False):
       raise OverloadedError("too many prompts waiting to be tokenised; retry shortly")
     try:
-      future = self._pool.submit(self._prompt_tokens, request, mt)
+      future = self._pool.submit(work or self._prompt_tokens, request, mt)
     except BaseException:
       self._pool_slots.release()
       raise
@@ -245,7 +274,7 @@ class Frontend:
       raise InvalidRequestError("stop", f"model {mt.info.name!r} has no tokenizer; use stop "
                                 "token ids")
     request.stop = stop
-    return mt, self._tokenize_async(request, mt)
+    return mt, self._tokenize_async(request, mt, self._prepare)
 
   def _enter(self, principal: Principal) -> None:
     if not self.drain.try_enter():
@@ -264,9 +293,10 @@ class Frontend:
     self.drain.exit()
 
   def _submit(self, principal: Principal, request: GenerationRequest, mt: ModelText,
-              prompt: list[int], choice: int = 0) -> Generation:
+              prepared: "_Prepared", choice: int = 0) -> Generation:
     """Submits one choice of the request: choice i > 0 samples with its own seed, derived from
     the request's (choice_seed)."""
+    prompt = prepared.tokens
     tenant = principal.tenant
     eos = () if request.sampling.get("ignore_eos") else mt.eos_ids
     kwargs = {**request.sampling, "stop_token_ids": tuple(request.stop_token_ids) + eos,
@@ -284,6 +314,8 @@ class Frontend:
       kwargs["seed"] = choice_seed(request.seed or 0, choice)
       kwargs.pop("request_id", None)  # the engine names the other choices
     try:
+      if prepared.grammar is not None:  # each choice follows the grammar on its own
+        kwargs["constraint"] = self._grammar_compiler(mt).constraint(prepared.grammar)
       handle = self.engine.submit(mt.info.name, prompt, **kwargs)
     except NotFoundError:
       raise NotFoundError(f"model {mt.info.name!r} not found") from None
@@ -295,8 +327,7 @@ class Frontend:
     self._enter(principal)
     try:
       mt, future = self._begin(principal, request)
-      prompt = future.result()
-      return self._submit(principal, request, mt, prompt)
+      return self._submit(principal, request, mt, future.result())
     except BaseException as e:
       self._end(principal)
       self._observe(principal, e)
@@ -307,8 +338,7 @@ class Frontend:
     self._enter(principal)
     try:
       mt, future = self._begin(principal, request)
-      prompt = await asyncio.wrap_future(future)
-      return self._submit(principal, request, mt, prompt)
+      return self._submit(principal, request, mt, await asyncio.wrap_future(future))
     except BaseException as e:
       self._end(principal)
       self._observe(principal, e)
@@ -326,12 +356,12 @@ class Frontend:
     out: list[Generation] = []
     try:
       mt, future = self._begin(principal, request)
-      prompt = await asyncio.wrap_future(future)
-      out.append(self._submit(principal, request, mt, prompt))
+      prepared = await asyncio.wrap_future(future)
+      out.append(self._submit(principal, request, mt, prepared))
       for i in range(1, n):
         self._enter(principal)
         try:
-          out.append(self._submit(principal, request, mt, prompt, choice=i))
+          out.append(self._submit(principal, request, mt, prepared, choice=i))
         except BaseException:
           self._end(principal)
           raise

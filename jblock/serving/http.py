@@ -28,6 +28,7 @@ from jblock.errors import InvalidRequestError, JBlockError
 from jblock.serving import openai_choices
 from jblock.serving.frontend import Frontend
 from jblock.serving.openai_requests import chat_request, completion_request
+from jblock.serving.tool_calls import DEFAULT_TOOL_CALL_PARSER
 from jblock.serving.status import HTTP_STATUS, error_code
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
@@ -87,7 +88,9 @@ def _sse(data: Any) -> bytes:
   return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode("utf-8")
 
 
-def build_app(frontend: Frontend, *, max_body_bytes: int | None = None) -> FastAPI:
+def build_app(frontend: Frontend, *, max_body_bytes: int | None = None,
+              tool_call_parser: str = DEFAULT_TOOL_CALL_PARSER) -> FastAPI:
+  """`tool_call_parser`: how chat outputs are read back as tool calls (tool_calls.py)."""
   limit = max_body_bytes or frontend.max_request_bytes
   app = FastAPI(title="jblock", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -175,6 +178,7 @@ def build_app(frontend: Frontend, *, max_body_bytes: int | None = None) -> FastA
       principal = frontend.authenticate(_api_key(request))
       data = await _read_json(request, limit)
       parsed = chat_request(data) if chat else completion_request(data)
+      parsed.tool_parser = tool_call_parser
       choices = await openai_choices.start(frontend, principal, parsed)
     except Exception as e:
       frontend.observe_refused(e)  # no-op when the frontend counted it already
@@ -222,8 +226,10 @@ class HttpServer:
 
   def __init__(self, frontend: Frontend, port: int = 0, host: str = "127.0.0.1", *,
                max_body_bytes: int | None = None, max_connections: int = 512,
-               tls_files: tuple[str, str] | None = None):
-    self.app = build_app(frontend, max_body_bytes=max_body_bytes)
+               tls_files: tuple[str, str] | None = None,
+               tool_call_parser: str = DEFAULT_TOOL_CALL_PARSER):
+    self.app = build_app(frontend, max_body_bytes=max_body_bytes,
+                         tool_call_parser=tool_call_parser)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     self._socket = socket.socket(family, socket.SOCK_STREAM)
     self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

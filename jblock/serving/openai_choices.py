@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 from typing import AsyncIterator
 
+from jblock.serving import tool_calls
 from jblock.serving.frontend import Frontend
 from jblock.serving.generation import Generation
 from jblock.serving.openai_logprobs import (TokenText, chat_logprobs, completion_logprobs,
@@ -78,8 +79,14 @@ async def run_all(choices: list[Choice], disconnected) -> bool:
       return False
 
 
-def finish_reason(choice: Choice) -> str:
+def finish_reason(choice: Choice, calls: bool = False) -> str:
+  if calls:
+    return tool_calls.TOOL_CALLS_FINISH_REASON
   return "length" if choice.generation.finish_reason == "length" else "stop"
+
+
+def _parses_calls(parsed: ParsedRequest) -> bool:
+  return parsed.chat and parsed.tools is not None and parsed.tools.choice != "none"
 
 
 def kept(parsed: ParsedRequest, choices: list[Choice]) -> list[Choice]:
@@ -122,8 +129,14 @@ def body(parsed: ParsedRequest, choices: list[Choice], head: dict) -> dict:
     token_text = TokenText(choice.generation.tokenizer)
     entry = {"index": index, "logprobs": None, "finish_reason": finish_reason(choice)}
     text = "" if parsed.drop_output else choice.text
-    if parsed.chat:
+    if _parses_calls(parsed):
+      content, calls = tool_calls.extract(text, parsed.tool_parser, parsed.tools)
+      entry["message"] = {"role": "assistant", "content": content,
+                          "tool_calls": [c.to_openai() for c in calls]}
+      entry["finish_reason"] = finish_reason(choice, bool(calls))
+    elif parsed.chat:
       entry["message"] = {"role": "assistant", "content": text}
+    if parsed.chat:
       if parsed.logprobs is not None:
         entry["logprobs"] = {"content": chat_logprobs(choice.logprobs, token_text,
                                                       parsed.logprobs)}
@@ -141,10 +154,10 @@ async def chunks(parsed: ParsedRequest, choices: list[Choice], head: dict) -> As
   kind = "chat.completion.chunk" if parsed.chat else "text_completion"
 
   def chunk(index: int, text: str | None, finish: str | None = None, logprobs=None,
-            first: bool = False) -> dict:
+            first: bool = False, delta: dict | None = None) -> dict:
     entry = {"index": index, "logprobs": logprobs, "finish_reason": finish}
     if parsed.chat:
-      entry["delta"] = ({"role": "assistant", "content": ""} if first else
+      entry["delta"] = ({"role": "assistant", "content": ""} if first else delta if delta else
                         {} if text is None else {"content": text})
     else:
       entry["text"] = text or ""
@@ -154,6 +167,8 @@ async def chunks(parsed: ParsedRequest, choices: list[Choice], head: dict) -> As
     return out
 
   texts = {index: TokenText(c.generation.tokenizer) for index, c in enumerate(choices)}
+  calls = ({index: tool_calls.ToolCallStream(parsed.tool_parser, parsed.tools)
+            for index in range(len(choices))} if _parses_calls(parsed) else None)
   offsets = {index: len(c.echo_text) for index, c in enumerate(choices)}
   for index, choice in enumerate(choices):
     if parsed.chat:
@@ -182,10 +197,17 @@ async def chunks(parsed: ParsedRequest, choices: list[Choice], head: dict) -> As
       choice = choices[index]
       if delta is None:
         remaining -= 1
-        yield chunk(index, None, finish_reason(choice))
+        if calls is not None:
+          for piece in calls[index].finish():
+            yield chunk(index, None, delta=piece)
+        yield chunk(index, None, finish_reason(choice, bool(calls and calls[index].calls)))
         continue
       choice.token_ids.extend(delta.token_ids)
       if parsed.drop_output or not (delta.text or delta.logprobs):
+        continue
+      if calls is not None:  # content and tool-call deltas as the parser sees them
+        for piece in calls[index].feed(delta.text):
+          yield chunk(index, None, delta=piece)
         continue
       logprobs = None
       if parsed.logprobs is not None and parsed.chat:

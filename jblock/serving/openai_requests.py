@@ -7,11 +7,14 @@ max_tokens 0 only with echo) and the bounds of what one HTTP request may fan out
 Fields beyond OpenAI's, as vLLM accepts them: top_k, min_p, repetition_penalty, min_tokens,
 ignore_eos, stop_token_ids. Refused with a 400 naming the field: suffix (no fill-in-the-middle
 model is served), chat `echo`, and `functions` / `function_call` (the legacy form of tools).
+Chat `tools` and `tool_choice` are checked by jblock.serving.tool_calls; "required" and a named
+function become a json_schema response_format, so the arguments follow the function's schema.
 """
 
 import dataclasses
 
 from jblock.errors import InvalidRequestError
+from jblock.serving import tool_calls
 from jblock.serving.frontend import GenerationRequest
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -34,7 +37,8 @@ class ParsedRequest:
   logprobs: int | None = None  # alternatives per token in the response (None: no logprobs)
   drop_output: bool = False  # max_tokens 0 with echo: one token is computed, none returned
   response_format: dict | None = None
-  tools: object = None  # jblock.serving.tool_calls' spec, when the request has tools
+  tools: object = None  # jblock.serving.tool_calls.ToolSpec, when the request has tools
+  tool_parser: str = tool_calls.DEFAULT_TOOL_CALL_PARSER  # the server's --tool_call_parser
 
 
 def _int(data: dict, key: str):
@@ -146,6 +150,7 @@ def _common(data: dict, *, chat: bool) -> tuple[GenerationRequest, ParsedRequest
   response_format = data.get("response_format")
   if response_format is not None and not isinstance(response_format, dict):
     raise InvalidRequestError("response_format", "must be an object")
+  request.response_format = response_format
   parsed = ParsedRequest([request], chat, stream=_bool(data, "stream"),
                          include_usage=bool(options and options.get("include_usage")), n=n,
                          best_of=n, response_format=response_format)
@@ -216,6 +221,16 @@ def chat_request(data: dict) -> ParsedRequest:
     raise InvalidRequestError("messages", "must be a non-empty list")
   request.messages = messages
   request.max_tokens_to_context = request.max_tokens is None
+  parsed.tools = tool_calls.parse_tools(data.get("tools"), data.get("tool_choice"),
+                                        parallel_tool_calls=data.get("parallel_tool_calls"))
+  if parsed.tools is not None:
+    request.tools = parsed.tools.template_tools
+    forced = tool_calls.forced_call_format(parsed.tools)
+    if forced is not None:  # "required" or a named function: the output is the call(s)
+      if parsed.response_format not in (None, {"type": "text"}):
+        raise InvalidRequestError("response_format", f"cannot be combined with tool_choice "
+                                  f"{data.get('tool_choice')!r}")
+      parsed.response_format = request.response_format = forced
   top = _int(data, "top_logprobs")
   if _bool(data, "logprobs"):
     if top is not None and not 0 <= top <= MAX_COMPLETION_LOGPROBS:

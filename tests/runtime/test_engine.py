@@ -305,6 +305,9 @@ class _OnlyTokens:
     self.accepted.append(token)
     return token in self.allowed
 
+  def finished(self):
+    return False
+
 
 def test_a_constraint_masks_every_step_and_greedy_picks_its_best_allowed_token(
     shared_engine, variants):

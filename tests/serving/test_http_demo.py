@@ -1,6 +1,8 @@
 """The official `openai` client against the real block engine on a demo-style zoo: greedy text
 over HTTP equals the gRPC path's, for completions and chat, streamed or not."""
 
+import json
+
 import openai
 import pytest
 
@@ -21,8 +23,8 @@ def served(tmp_path_factory):
   zoo_dir = str(tmp_path_factory.mktemp("http_demo") / "zoo")
   demo.build_demo_zoo(zoo_dir, num_variants=2, progress=lambda _: None, spec=TINY)
   engine = Engine.from_zoo(zoo_dir, ["base", "variant-1", "variant-2"],
-                           config=EngineConfig(batch_size=4, kv_slots=8, max_seq_len=64,
-                                               prefill_chunk=16, length_buckets=(16,),
+                           config=EngineConfig(batch_size=4, kv_slots=8, max_seq_len=1024,
+                                               prefill_chunk=64, length_buckets=(16, 64),
                                                warmup=False))
   frontend = Frontend(engine)
   grpc_server, grpc_port = coordinator.build_server(engine, 0, frontend=frontend)
@@ -158,3 +160,94 @@ def test_grpc_logprobs_equal_the_http_ones(served, oa):
   assert [None] + [round(e[1], 5) for e in prompt[1:] + tuple(out)] == [
       None] + [round(v, 5) for v in http.token_logprobs[1:]]
   assert all(len(e[2]) == 2 for e in out)
+
+
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                      "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+     "required": ["name", "age"], "additionalProperties": False},
+    {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
+                                      "ok": {"type": "boolean"}},
+     "required": ["color", "ok"], "additionalProperties": False},
+    {"type": "object", "properties": {"tags": {"type": "array", "maxItems": 3,
+                                               "items": {"type": "string", "maxLength": 3}}},
+     "required": ["tags"], "additionalProperties": False},
+    {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{2}$"},
+                                      "inner": {"type": "object",
+                                                "properties": {"x": {"type": "integer", "minimum": 0,
+                                                                   "maximum": 9}},
+                                                "required": ["x"], "additionalProperties": False}},
+     "required": ["code", "inner"], "additionalProperties": False},
+    {"anyOf": [{"type": "object", "properties": {"a": {"type": "null"}}, "required": ["a"],
+                "additionalProperties": False},
+               {"type": "object", "properties": {"b": {"enum": [1, 2]}}, "required": ["b"],
+                "additionalProperties": False}]},
+]
+
+
+def test_json_schema_outputs_always_parse_and_validate(oa):
+  import jsonschema
+  outputs = []
+  for i, schema in enumerate(SCHEMAS):
+    got = oa.chat.completions.create(
+        model="variant-1", messages=[{"role": "user", "content": "Describe it"}], max_tokens=48,
+        n=10, temperature=1.0, seed=i,
+        response_format={"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema}})
+    for choice in got.choices:
+      assert choice.finish_reason == "stop", choice.message.content
+      value = json.loads(choice.message.content)
+      jsonschema.validate(value, schema)
+      outputs.append(value)
+  assert len(outputs) == 50 and len({json.dumps(v) for v in outputs}) > 5
+  whole = oa.completions.create(model="base", prompt=PROMPTS[0], max_tokens=40, seed=1,
+                                temperature=1.0,
+                                extra_body={"response_format": {"type": "json_object"}})
+  assert isinstance(json.loads(whole.choices[0].text), dict)
+  for bad, field in (({"type": "json_schema", "json_schema": {"name": "x",
+                                                              "schema": {"type": "nonsense"}}},
+                      "response_format"), ({"type": "yaml"}, "response_format")):
+    with pytest.raises(openai.BadRequestError) as e:
+      oa.completions.create(model="base", prompt="x", max_tokens=4,
+                            extra_body={"response_format": bad})
+    assert e.value.body["param"].startswith(field)
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]},
+                                                    "days": {"type": "integer", "minimum": 1,
+                                                             "maximum": 7}},
+                   "required": ["city", "days"], "additionalProperties": False}}}
+
+
+def test_required_tools_come_back_as_calls_whose_arguments_follow_the_schema(oa):
+  import jsonschema
+  messages = [{"role": "user", "content": "Weather in Paris?"}]
+  got = oa.chat.completions.create(model="variant-2", messages=messages, tools=[WEATHER],
+                                   tool_choice="required", max_tokens=100, temperature=0,
+                                   parallel_tool_calls=False)
+  choice = got.choices[0]
+  assert choice.finish_reason == "tool_calls" and choice.message.content is None
+  [call] = choice.message.tool_calls
+  assert call.type == "function" and call.function.name == "get_weather"
+  jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+  named = oa.chat.completions.create(
+      model="variant-2", messages=messages, tools=[WEATHER], max_tokens=100, temperature=0,
+      tool_choice={"type": "function", "function": {"name": "get_weather"}})
+  assert named.choices[0].message.tool_calls[0].function.name == "get_weather"
+  # Streamed: OpenAI's tool-call deltas assemble into the same call.
+  name, arguments, finish = "", "", None
+  for chunk in oa.chat.completions.create(model="variant-2", messages=messages, tools=[WEATHER],
+                                          tool_choice="required", max_tokens=100, temperature=0,
+                                          parallel_tool_calls=False, stream=True):
+    for c in chunk.choices:
+      for delta in c.delta.tool_calls or ():
+        name += delta.function.name or ""
+        arguments += delta.function.arguments or ""
+      finish = c.finish_reason or finish
+  assert (name, json.loads(arguments), finish) == (
+      "get_weather", json.loads(call.function.arguments), "tool_calls")
+  with pytest.raises(openai.BadRequestError) as e:
+    oa.chat.completions.create(model="variant-2", messages=messages, tools=[WEATHER],
+                               tool_choice={"type": "function", "function": {"name": "nope"}})
+  assert e.value.body["param"].startswith("tool_choice")
