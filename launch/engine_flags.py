@@ -31,8 +31,8 @@ _FUSE_SHARED = flags.DEFINE_boolean("fuse_through_shared", False, "Fuse each mod
 _PREFIX_CACHING = flags.DEFINE_boolean(
     "enable_prefix_caching", True, "Reuse the KV of prefixes already computed (system prompts, "
     "earlier turns), across models wherever they share a block and everything below it.")
-_MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 256, "Prompt + generated tokens per request.",
-                                    lower_bound=2)
+_MAX_SEQ_LEN = flags.DEFINE_integer("max_seq_len", 2048, "Prompt + generated tokens per request "
+                                    "(at most the model's own maximum).", lower_bound=2)
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 64, "Longest prompt piece per step.",
                                       lower_bound=1)
 # One server (all-in-one or coordinator) holds >= 1,000 concurrent streams by default: a waiting

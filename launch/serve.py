@@ -43,6 +43,10 @@ _MAX_WORKERS = flags.DEFINE_integer(
     lower_bound=0)
 _DRAIN_TIMEOUT_S = flags.DEFINE_float("drain_timeout_s", 30.0,
                                       "On SIGTERM, how long in-flight requests may finish.")
+_TOOL_CALL_PARSER = flags.DEFINE_enum(
+    "tool_call_parser", "hermes", ["hermes", "llama3_json"],
+    "How chat outputs become tool_calls: hermes = <tool_call>{json}</tool_call> blocks (Qwen, "
+    "Hermes, the demo template); llama3_json = Llama 3's bare {\"name\", \"parameters\"} JSON.")
 flags.adopt_module_key_flags(engine_flags)  # the engine's flags show in --help too
 
 
@@ -64,7 +68,8 @@ def main(argv):
                max_workers=_MAX_WORKERS.value or None, drain_timeout_s=_DRAIN_TIMEOUT_S.value,
                http_port=None if _HTTP_PORT.value < 0 else _HTTP_PORT.value, tenants=tenants,
                max_request_bytes=_MAX_REQUEST_BYTES.value,
-               tokenize_workers=_TOKENIZE_WORKERS.value, tls=tls)
+               tokenize_workers=_TOKENIZE_WORKERS.value, tls=tls,
+               tool_call_parser=_TOOL_CALL_PARSER.value)
 
 
 def run():

@@ -3,6 +3,7 @@
 import logging
 import signal
 import threading
+import time
 
 from jblock.cluster.security import ClusterCredentials
 from jblock.runtime.engine_api import Engine
@@ -10,6 +11,7 @@ from jblock.serving.coordinator import build_server
 from jblock.serving.frontend import DEFAULT_MAX_REQUEST_BYTES, Frontend
 from jblock.serving.metrics import ServingMetrics
 from jblock.serving.tenants import Tenants
+from jblock.serving.tool_calls import DEFAULT_TOOL_CALL_PARSER
 
 # Printed (and flushed) once the server listens, the only line on stdout: scripts and tests
 # wait for it.
@@ -22,7 +24,8 @@ def serve(engine: Engine, port: int, metrics_port: int = 0, *, host: str = "127.
           stop: threading.Event | None = None, http_port: int | None = None,
           tenants: Tenants | None = None,
           max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, tokenize_workers: int = 2,
-          tls: ClusterCredentials | None = None) -> bool:
+          tls: ClusterCredentials | None = None,
+          tool_call_parser: str = DEFAULT_TOOL_CALL_PARSER) -> bool:
   """Serves `engine` over gRPC on host:port (0 = a free port), the OpenAI-compatible HTTP API
   on `http_port` (None = off, 0 = a free port) and Prometheus metrics on `metrics_port`
   (0 = off) until SIGTERM or SIGINT (or `stop` is set). With `tls` (certificate and key) the
@@ -69,7 +72,8 @@ def serve(engine: Engine, port: int, metrics_port: int = 0, *, host: str = "127.
     if http_port is not None:
       from jblock.serving.http import HttpServer  # FastAPI: only when HTTP is on
       http_server = HttpServer(frontend, http_port, host, max_body_bytes=max_request_bytes,
-                               tls_files=(tls.cert_path, tls.key_path) if tls and tls.tls else None)
+                               tls_files=(tls.cert_path, tls.key_path) if tls and tls.tls else None,
+                               tool_call_parser=tool_call_parser)
       http_server.start()
     metrics_bound = metrics.start_http(
         metrics_port, host, tls_files=(tls.cert_path, tls.key_path) if tls and tls.tls else None,
@@ -80,11 +84,16 @@ def serve(engine: Engine, port: int, metrics_port: int = 0, *, host: str = "127.
     # Short waits: the main thread must get back to the interpreter to run signal handlers.
     while not stop.wait(0.2):
       pass
-    logging.info("jblock: draining (up to %.1fs for %d in-flight requests)", drain_timeout_s,
-                 server.drain_state.in_flight)
+    # On stdout like the ready line: an operator watching a SIGTERM sees it start and end.
+    in_flight, started = server.drain_state.in_flight, time.monotonic()
+    print(f"jblock: draining: no new requests; waiting up to {drain_timeout_s:g}s for "
+          f"{in_flight} in flight", flush=True)
     drained = server.drain(drain_timeout_s)
-    if not drained:
-      logging.warning("jblock: drain timed out; the requests still running were cancelled")
+    if drained:
+      print(f"jblock: drained in {time.monotonic() - started:.1f}s; exiting", flush=True)
+    else:
+      print(f"jblock: drain timed out after {drain_timeout_s:g}s; the "
+            f"{server.drain_state.in_flight} requests still running were cancelled", flush=True)
   finally:
     server.stop(0)
     if http_server is not None:

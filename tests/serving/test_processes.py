@@ -90,6 +90,9 @@ def test_sigterm_drains_in_flight_requests_and_exits_0():
     assert tokens == mock_generate(info, [7, 8], SamplingParams(max_new_tokens=40))[0]
     assert chunks[-1].finish_reason == "length"
     assert proc.wait(timeout=30) == 0
+    said = proc.stdout.read()  # the operator sees the drain start and end
+    assert "draining: no new requests; waiting up to 20s for 1 in flight" in said
+    assert re.search(r"drained in \d+\.\ds; exiting", said), said
   finally:
     if proc.poll() is None:
       proc.kill()
