@@ -251,3 +251,25 @@ def test_required_tools_come_back_as_calls_whose_arguments_follow_the_schema(oa)
     oa.chat.completions.create(model="variant-2", messages=messages, tools=[WEATHER],
                                tool_choice={"type": "function", "function": {"name": "nope"}})
   assert e.value.body["param"].startswith("tool_choice")
+
+
+def test_n_choices_compute_the_prompt_once_and_only_their_last_page_again(served, oa):
+  target, _ = served
+  prompt = "On a clear night the garden and the sea were quiet, " * 4
+  with Client(target) as client:
+    def prompt_tokens_computed() -> int:
+      computed = client.stats()["prefix_cache"]["computed_tokens"]
+      return max([c["prompt"] for c in computed.values()] + [0])  # the embed: every chunk
+
+    # Compiles this length's shapes first: a waiting choice gives up after 5 s (a compile).
+    oa.completions.create(model="variant-2", prompt=prompt.upper(), max_tokens=2)
+    before = prompt_tokens_computed()
+    got = oa.completions.create(model="variant-2", prompt=prompt, max_tokens=2, n=4,
+                                temperature=1.0, seed=3)
+    computed = prompt_tokens_computed() - before
+  length, page = got.usage.prompt_tokens, 16  # EngineConfig's default page size
+  assert length > 3 * page
+  # Choice 0 computes the whole prompt; the others adopt its full pages and compute only the
+  # tokens after the last full page boundary below the prompt's end (at least its last token).
+  tail = length - (length - 1) // page * page
+  assert computed == length + 3 * tail < 4 * length, (computed, length)
