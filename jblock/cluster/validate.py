@@ -21,7 +21,7 @@ HEAD_PREFIX = "head."  # the optional head inputs (jblock.runtime.head_rows), by
 # name -> (dtype, trailing dims: "T" the batch's tokens, "W" mask words, an int a bound)
 _HEAD_INPUTS = {"logprobs": ("int32", ()), "targets": ("int32", ("T",)),
                 "penalties": ("float32", (3,)), "history": ("int32", (1 << 21,)),
-                "history_output": ("int32", ("history",)), "bias_ids": ("int32", (512,)),
+                "history_output": ("int32", ("history",)), "bias_ids": ("int32", (2048,)),
                 "bias": ("float32", ("bias_ids",)), "min_p": ("float32", ()),
                 "bitmask": ("int32", ("W",))}
 

@@ -163,6 +163,16 @@ def test_two_worker_processes_give_the_same_tokens_and_outlive_their_coordinator
     # cluster.token, made by the coordinator, read by the workers).
     assert os.stat(os.path.join(zoo_dir, "cluster.token")).st_mode & 0o777 == 0o600
     _rogue_calls_are_refused(f"127.0.0.1:{registry}", stats)
+    # Logprobs, penalties and bias reach the head on its worker as checked head inputs.
+    with Client(f"127.0.0.1:{port}") as client:
+      chunks = list(client.generate("v1", prompt_tokens=PROMPTS[1], max_tokens=NEW, logprobs=2,
+                                    prompt_logprobs=1, timeout=300))
+      forced = client.generate_tokens("v2", prompt_tokens=PROMPTS[1], max_tokens=NEW,
+                                      logit_bias={11: 100}, repetition_penalty=1.2, timeout=300)
+    steps = [e for c in chunks for e in c.logprobs]
+    assert [e[0] for e in steps] == [e[2][0][0] for e in steps] == expected["v1", 1]
+    assert all(e[1] < 0 and e[2][0][1] == e[1] >= e[2][1][1] for e in steps)
+    assert len(chunks[0].prompt_logprobs) == len(PROMPTS[1]) and forced == [11] * NEW
 
     # The coordinator is SIGKILLed mid-stream: that stream fails UNAVAILABLE; the workers keep
     # their blocks, and the coordinator restarted with the same flags adopts them (nothing is
