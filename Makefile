@@ -54,3 +54,21 @@ $(VLLM_VENV)/.installed: tools/vllm/constraints.txt
 # A fresh venv with only `pip install -c constraints.txt .` serves the demo zoo (CI runs it).
 install-check: $(STAMP)
 	bash .ci/install_check
+
+# lm-evaluation-harness in its own virtual environment (it is heavy: datasets, pandas, pyarrow,
+# scikit-learn, ...): tools/eval/requirements.txt pins it and every package it needs; jblock goes in
+# beside it (editable) so tests/eval serves a tiny model in-process and scores it through lm-eval's
+# local-completions model against lm-eval's own hf model.
+EVAL_VENV ?= .venv-eval
+.PHONY: eval-venv eval-check
+eval-venv: $(EVAL_VENV)/.installed
+$(EVAL_VENV)/.installed: tools/eval/requirements.txt pyproject.toml constraints.txt
+	test -x $(EVAL_VENV)/bin/python || $(PY) -m venv $(EVAL_VENV)
+	$(EVAL_VENV)/bin/pip install --quiet --upgrade pip
+	$(EVAL_VENV)/bin/pip install --quiet torch==2.13.0
+	$(EVAL_VENV)/bin/pip install --quiet -r tools/eval/requirements.txt
+	$(EVAL_VENV)/bin/pip install --quiet -c constraints.txt -e .
+	touch $@
+
+eval-check: $(EVAL_VENV)/.installed
+	$(TEST_ENV) $(EVAL_VENV)/bin/python -m pytest -q tests/eval $(ARGS)
