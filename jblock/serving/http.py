@@ -5,10 +5,15 @@
   GET  /health                                 (200 serving, 503 draining; no key needed)
   GET  /metrics                                (Prometheus, as vLLM serves it on its API port;
                                                 per-tenant series only with the admin key)
+  GET  /openapi.json                           (the OpenAPI document: openai_schema's bodies)
 
 Errors come in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with the
 HTTP status of the error (400/401/403/404/429/503); 429 carries a Retry-After header. A
 client that disconnects cancels its request, which frees its KV at once.
+
+Request bodies are read by _read_json (the size limit holds before anything is parsed) and
+checked by openai_requests and the engine; the typed bodies of openai_schema only describe them
+in /openapi.json (each route's openapi_extra), so every rule keeps one place and one message.
 """
 
 import json
@@ -20,12 +25,14 @@ import time
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 import uvicorn
 
 from jblock.errors import InvalidRequestError, JBlockError
-from jblock.serving import openai_choices
+from jblock.serving import openai_choices, openai_schema
 from jblock.serving.frontend import Frontend
 from jblock.serving.openai_requests import chat_request, completion_request
 from jblock.serving.tool_calls import DEFAULT_TOOL_CALL_PARSER
@@ -92,11 +99,28 @@ def build_app(frontend: Frontend, *, max_body_bytes: int | None = None,
               tool_call_parser: str = DEFAULT_TOOL_CALL_PARSER) -> FastAPI:
   """`tool_call_parser`: how chat outputs are read back as tool calls (tool_calls.py)."""
   limit = max_body_bytes or frontend.max_request_bytes
-  app = FastAPI(title="jblock", docs_url=None, redoc_url=None, openapi_url=None)
+  app = FastAPI(title="jblock", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+
+  def openapi() -> dict:  # FastAPI's document, with the bodies the routes refer to
+    if app.openapi_schema is None:
+      document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+      document.setdefault("components", {}).setdefault("schemas", {}).update(
+          openai_schema.components())
+      app.openapi_schema = document
+    return app.openapi_schema
+
+  app.openapi = openapi
 
   @app.exception_handler(Exception)
   async def _any_error(request, error):  # what escaped a handler: never a crash
     return error_response(error)
+
+  @app.exception_handler(RequestValidationError)
+  async def _invalid(request, error):  # a typed parameter (none today): 400 as OpenAI's, not 422
+    first = next(iter(error.errors()), {})
+    loc = tuple(first.get("loc", ()))
+    where = ".".join(str(part) for part in (loc[1:] if loc[:1] == ("body",) else loc))
+    return error_response(InvalidRequestError(where or "body", first.get("msg", "is invalid")))
 
   @app.exception_handler(404)
   async def _no_route(request, error):
@@ -210,11 +234,15 @@ def build_app(frontend: Frontend, *, max_body_bytes: int | None = None,
       # Client gone (the generator is closed or cancelled) or done: frees quota and KV.
       openai_choices.close(choices)
 
-  @app.post("/v1/completions")
+  @app.post("/v1/completions", openapi_extra=openai_schema.operation(
+      openai_schema.CompletionRequest, openai_schema.CompletionResponse,
+      openai_schema.CompletionChunk))
   async def completions(request: Request):
     return await _generate(request, chat=False)
 
-  @app.post("/v1/chat/completions")
+  @app.post("/v1/chat/completions", openapi_extra=openai_schema.operation(
+      openai_schema.ChatCompletionRequest, openai_schema.ChatCompletionResponse,
+      openai_schema.ChatCompletionChunk))
   async def chat_completions(request: Request):
     return await _generate(request, chat=True)
 

@@ -124,9 +124,9 @@ def _common(data: dict, *, chat: bool) -> tuple[GenerationRequest, ParsedRequest
   user = data.get("user")  # OpenAI's end-user id: accepted, not used
   if user is not None and (not isinstance(user, str) or len(user) > MAX_USER_CHARS):
     raise InvalidRequestError("user", f"must be a string of at most {MAX_USER_CHARS} characters")
-  max_tokens = _int(data, "max_completion_tokens") if chat else None
-  if max_tokens is None:
-    max_tokens = _int(data, "max_tokens")
+  max_tokens = _int(data, "max_tokens")
+  if chat and _int(data, "max_completion_tokens") is not None:  # OpenAI's newer name wins
+    max_tokens = data["max_completion_tokens"]
   sampling = {}
   for key in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
     if _number(data, key) is not None:
@@ -143,16 +143,19 @@ def _common(data: dict, *, chat: bool) -> tuple[GenerationRequest, ParsedRequest
       model=model, max_tokens=max_tokens, temperature=_number(data, "temperature"),
       top_p=_number(data, "top_p"), top_k=_int(data, "top_k"), seed=_int(data, "seed"),
       stop=tuple(stop), sampling=sampling,
-      stop_token_ids=tuple(_token_ids(stop_ids, "stop_token_ids")) if stop_ids else ())
+      stop_token_ids=() if stop_ids is None else tuple(_token_ids(stop_ids, "stop_token_ids")))
   options = data.get("stream_options")
   if options is not None and not isinstance(options, dict):
     raise InvalidRequestError("stream_options", "must be an object")
+  include_usage = (options or {}).get("include_usage")
+  if include_usage is not None and not isinstance(include_usage, bool):
+    raise InvalidRequestError("stream_options.include_usage", "must be true or false")
   response_format = data.get("response_format")
   if response_format is not None and not isinstance(response_format, dict):
     raise InvalidRequestError("response_format", "must be an object")
   request.response_format = response_format
   parsed = ParsedRequest([request], chat, stream=_bool(data, "stream"),
-                         include_usage=bool(options and options.get("include_usage")), n=n,
+                         include_usage=bool(include_usage), n=n,
                          best_of=n, response_format=response_format)
   return request, parsed
 
