@@ -236,9 +236,12 @@ class Frontend:
     """The prompt's token ids and, for a response_format, its compiled grammar (both can take
     a while: they run in the pool)."""
     grammar = None
-    if request.response_format is not None:
+    if request.response_format not in (None, {"type": "text"}):
       if mt.tokenizer is None:
         raise InvalidRequestError("response_format", f"model {mt.info.name!r} has no tokenizer")
+      if not mt.eos_ids:  # the grammar engine ends a value with an EOS token
+        raise InvalidRequestError("response_format", f"model {mt.info.name!r} has no EOS token "
+                                  "id, which structured output needs")
       grammar = self._grammar_compiler(mt).compile(request.response_format)
     return _Prepared(self._prompt_tokens(request, mt), grammar)
 

@@ -177,6 +177,8 @@ def validate_messages(messages) -> list[dict]:
     if role not in _ROLES:
       raise InvalidRequestError(f"messages[{i}].role", f"must be one of {list(_ROLES)}")
     calls = message.get("tool_calls")
+    if calls is not None and not isinstance(calls, list):
+      raise InvalidRequestError(f"messages[{i}].tool_calls", "must be a list of tool calls or null")
     if calls and role != "assistant":
       raise InvalidRequestError(f"messages[{i}].tool_calls", "only assistant messages have them")
     calls = _tool_calls(calls, f"messages[{i}].tool_calls") if calls else None
