@@ -21,16 +21,18 @@ venv: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/python -m launch.serve --demo $(ARGS)
 
-# Four pytest processes in two lanes at once (tests/lanes.sh): lane A the transformers parity suite
-# (tests/models: dozens of models), then the engine and cluster suites; lane B the serving suite,
-# then the rest (zoo, conversion, training, benches). Most of the suite runs on one thread at a
-# time (imports, tracing, compiling, subprocesses starting, tiny models' steps), so two lanes use
-# the 2 cores. In one process the compiled executables of all exhausted the kernel's 65530 memory
-# mappings per process ("LLVM compilation error: Cannot allocate memory", then a segfault in XLA).
-# tests/conftest.py also drops the jit caches after each test module. tests/eval runs in its own
-# environment (make eval-check).
+# Four pytest processes: the transformers parity suite (tests/models: dozens of models), the serving
+# suite, the engine and cluster suites, and the rest (zoo, conversion, training, benches). In one
+# process the compiled executables of all exhausted the kernel's 65530 memory mappings per process
+# ("LLVM compilation error: Cannot allocate memory", then a segfault in XLA). tests/conftest.py
+# also drops the jit caches after each test module: the zoo/train part then peaked at 5.7k mappings.
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8
+ENGINE_TESTS := tests/runtime tests/cluster tests/proto
 test: $(STAMP)
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 bash tests/lanes.sh $(VENV)/bin/python $(ARGS)
+	$(TEST_ENV) $(VENV)/bin/python -m pytest -q tests/models $(ARGS)
+	$(TEST_ENV) $(VENV)/bin/python -m pytest -q tests/serving $(ARGS)
+	$(TEST_ENV) $(VENV)/bin/python -m pytest -q $(ENGINE_TESTS) $(ARGS)
+	$(TEST_ENV) $(VENV)/bin/python -m pytest -q tests --ignore=tests/models --ignore=tests/serving $(ENGINE_TESTS:%=--ignore=%) $(ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m tools.bench $(ARGS)
