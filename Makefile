@@ -26,7 +26,14 @@ serve: $(STAMP)
 # process the compiled executables of all exhausted the kernel's 65530 memory mappings per process
 # ("LLVM compilation error: Cannot allocate memory", then a segfault in XLA). tests/conftest.py
 # also drops the jit caches after each test module: the zoo/train part then peaked at 5.7k mappings.
-TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8
+# XLA's persistent compilation cache, shared by the four processes (and by the worker processes
+# tests start): the suite compiles the same tiny models' steps in many modules, and compiling is
+# most of its time (tests/runtime/test_replay.py: 38 s cold, 13 s warm). Keyed by the program and
+# jax's version, so an entry is never stale.
+TEST_XLA_CACHE := $(CURDIR)/checkpoints/test_xla_cache
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+	JAX_COMPILATION_CACHE_DIR=$(TEST_XLA_CACHE) JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0 \
+	JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0
 ENGINE_TESTS := tests/runtime tests/cluster tests/proto
 test: $(STAMP)
 	$(TEST_ENV) $(VENV)/bin/python -m pytest -q tests/models $(ARGS)
