@@ -74,8 +74,8 @@ def test_compressed_finetunes_batch_with_base_adapter_and_partial_finetune(setup
       for i in range(3):
         assert solo[m, i] == _materialised_tokens(zoo, m, PROMPTS[i]), (m, i)
     misses = engine.stats()["adapters"]["misses"]
-    # Everything at once: three delta models over two slots swap while rows run.
-    jobs = [(m, i) for i in range(3) for m in MODELS]
+    # Everything at once, twice over: three delta models over two slots swap while rows run.
+    jobs = [(m, i) for _ in range(2) for i in range(3) for m in MODELS]
     handles = [(m, i, engine.submit(m, PROMPTS[i], max_new_tokens=NEW)) for m, i in jobs]
     for m, i, h in handles:
       assert h.result(timeout=300) == solo[m, i], (m, i)
