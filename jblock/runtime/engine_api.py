@@ -14,6 +14,7 @@ Conventions every engine follows:
 """
 
 import dataclasses
+import functools
 import math
 import numbers
 import operator
@@ -61,6 +62,13 @@ class SamplingParams:
   @property
   def uses_penalties(self) -> bool:
     return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+  @functools.cached_property
+  def uses_head_inputs(self) -> bool:
+    """Whether the head needs more than the packed sampling fields for this request
+    (jblock.runtime.head_rows); once per request, not per step."""
+    return (self.uses_penalties or bool(self.logit_bias) or self.min_tokens > 0
+            or self.min_p > 0 or self.logprobs is not None or self.prompt_logprobs is not None)
 
 
 def sampling_params(**fields) -> SamplingParams:

@@ -42,6 +42,8 @@ def _wants_prompt_logprobs(req, item: StepItem) -> bool:
 def build(items: list[StepItem], b_pad: int, t_pad: int, vocab_size: int) -> dict | None:
   """The optional head inputs of a batch's rows (see the module docstring); None if no row
   uses any."""
+  if not any(it.req.params.uses_head_inputs or it.req.constraint is not None for it in items):
+    return None  # the plain step: most decode batches stop here
   rows = [(row, it, it.req, it.req.params) for row, it in enumerate(items)]
   out: dict[str, np.ndarray] = {}
   if any(p.logprobs is not None and it.final for _, it, _, p in rows):

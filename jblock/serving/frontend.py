@@ -338,14 +338,7 @@ class Frontend:
 
   async def agenerate(self, principal: Principal, request: GenerationRequest) -> Generation:
     """generate() for an event loop: tokenising never blocks the loop."""
-    self._enter(principal)
-    try:
-      mt, future = self._begin(principal, request)
-      return self._submit(principal, request, mt, await asyncio.wrap_future(future))
-    except BaseException as e:
-      self._end(principal)
-      self._observe(principal, e)
-      raise
+    return (await self.agenerate_choices(principal, request, 1))[0]
 
   async def agenerate_choices(self, principal: Principal, request: GenerationRequest,
                               n: int) -> list[Generation]:
@@ -353,8 +346,6 @@ class Frontend:
     i). Each is admitted (quota, in-flight slot) as a request of its own; the engine's prefix
     cache lets the later choices adopt the KV of the prompt the first computes. On an error
     the choices already submitted are closed."""
-    if n == 1:
-      return [await self.agenerate(principal, request)]
     self._enter(principal)
     out: list[Generation] = []
     try:
